@@ -1,0 +1,44 @@
+# SPDX-License-Identifier: Apache-2.0
+"""kvkern: KV-cache compression for LLM inference as PyTorch custom ops.
+
+Public ops live in ``kvkern.ops`` and are re-exported here; every one is also
+``torch.ops.kvkern.<name>``. ``kvkern.reference`` holds the plain-PyTorch oracles.
+``python -m kvkern info`` prints what a bug report needs.
+"""
+
+from ._version import __version__
+
+try:
+    from ._build_info import BUILD_INFO
+except ImportError:  # a source tree that was never built
+    BUILD_INFO = None
+
+
+def _load_extension():
+    import torch
+
+    try:
+        from . import _C  # noqa: F401  (its static initializers register the ops)
+    except ImportError as err:
+        hint = "build it with: pip install --no-build-isolation -e ."
+        if BUILD_INFO and BUILD_INFO.get("with_cuda") and torch.version.cuda is None:
+            hint = (f"this kvkern was built with CUDA {BUILD_INFO['cuda_version']} but torch "
+                    f"{torch.__version__} has no CUDA; rebuild with KVKERN_CUDA=0 or install a CUDA torch")
+        raise ImportError(f"kvkern: the compiled extension kvkern._C failed to load ({err}); {hint}") from err
+    if BUILD_INFO and BUILD_INFO.get("with_cuda") and torch.version.cuda:
+        built, running = BUILD_INFO["cuda_version"].split(".")[0], torch.version.cuda.split(".")[0]
+        if built != running:
+            raise ImportError(
+                f"kvkern: built for CUDA {BUILD_INFO['cuda_version']} but torch {torch.__version__} uses CUDA "
+                f"{torch.version.cuda}; install the kvkern wheel for CUDA {running}"
+            )
+
+
+_load_extension()
+
+from . import _fake  # noqa: E402,F401  (registers the fake impls)
+from . import reference  # noqa: E402,F401
+from . import triton as _triton_backend  # noqa: E402,F401  (registers the Triton kernels)
+from .ops import decode_attention  # noqa: E402
+
+__all__ = ["__version__", "decode_attention", "reference"]
