@@ -66,3 +66,51 @@ def require_lengths_in_range(op: str, lengths: torch.Tensor, capacity: int) -> N
     if lo < 0 or hi > capacity:
         bad = lo if lo < 0 else hi
         raise ValueError(f"{op}: lengths: expected every value in [0, C] = [0, {capacity}], got {bad}")
+
+
+def check_decode_attention_args(op, q, k_cache, v_cache, lengths, log_w, sm_scale):
+    """Checks decode_attention's arguments; returns sm_scale as a float or None.
+
+    Shapes: q [B, Hq, D], k_cache / v_cache [B, Hkv, C, D], lengths [B, Hkv] int32,
+    log_w [B, Hkv, C] float32 or None. Values of ``lengths`` are checked only where
+    that costs no host sync.
+    """
+    require_tensor(op, "q", q, 3, "[B, Hq, D]")
+    require_tensor(op, "k_cache", k_cache, 4, "[B, Hkv, C, D]")
+    require_tensor(op, "v_cache", v_cache, 4, "[B, Hkv, C, D]")
+    require_tensor(op, "lengths", lengths, 2, "[B, Hkv]")
+    require_dtype(op, "q", q, FLOAT_DTYPES)
+    require_dtype(op, "k_cache", k_cache, (q.dtype,))
+    require_dtype(op, "v_cache", v_cache, (q.dtype,))
+    require_dtype(op, "lengths", lengths, (torch.int32,))
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("lengths", lengths)):
+        require_same_device(op, name, t, q, "q")
+    B, Hq, D = q.shape
+    Hkv, C = k_cache.shape[1], k_cache.shape[2]
+    if D not in HEAD_DIMS:
+        raise ValueError(f"{op}: q: expected head dim D in {{64, 128, 256}}, got {D} (shape {list(q.shape)})")
+    if Hkv < 1:
+        raise ValueError(f"{op}: k_cache: expected at least one kv head, got shape {list(k_cache.shape)}")
+    if Hq < 1 or Hq % Hkv != 0:
+        raise ValueError(
+            f"{op}: q: expected the number of query heads ({Hq}) to be a positive multiple of "
+            f"the number of kv heads ({Hkv})"
+        )
+    require_shape(op, "k_cache", k_cache, (B, Hkv, C, D), "[B, Hkv, C, D]")
+    require_shape(op, "v_cache", v_cache, (B, Hkv, C, D), "[B, Hkv, C, D]")
+    require_shape(op, "lengths", lengths, (B, Hkv), "[B, Hkv]")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        require_last_dim_contiguous(op, name, t)
+    if log_w is not None:
+        require_tensor(op, "log_w", log_w, 3, "[B, Hkv, C]")
+        require_dtype(op, "log_w", log_w, (torch.float32,))
+        require_same_device(op, "log_w", log_w, q, "q")
+        require_shape(op, "log_w", log_w, (B, Hkv, C), "[B, Hkv, C]")
+        require_last_dim_contiguous(op, "log_w", log_w)
+    if sm_scale is not None:
+        sm_scale = float(sm_scale)
+        if sm_scale != sm_scale or sm_scale in (float("inf"), float("-inf")):
+            raise ValueError(f"{op}: sm_scale: expected a finite number, got {sm_scale}")
+    if should_check_values(lengths):
+        require_lengths_in_range(op, lengths, C)
+    return sm_scale

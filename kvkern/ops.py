@@ -125,46 +125,11 @@ def decode_attention(
         ``out [B, Hq, D]`` in q's dtype, or ``(out, lse)`` if ``return_lse``.
     """
     op = "kvkern.decode_attention"
-    V.require_tensor(op, "q", q, 3, "[B, Hq, D]")
-    V.require_tensor(op, "k_cache", k_cache, 4, "[B, Hkv, C, D]")
-    V.require_tensor(op, "v_cache", v_cache, 4, "[B, Hkv, C, D]")
-    V.require_tensor(op, "lengths", lengths, 2, "[B, Hkv]")
-    V.require_dtype(op, "q", q, V.FLOAT_DTYPES)
-    V.require_dtype(op, "k_cache", k_cache, (q.dtype,))
-    V.require_dtype(op, "v_cache", v_cache, (q.dtype,))
-    V.require_dtype(op, "lengths", lengths, (torch.int32,))
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("lengths", lengths)):
-        V.require_same_device(op, name, t, q, "q")
+    sm_scale = V.check_decode_attention_args(op, q, k_cache, v_cache, lengths, log_w, sm_scale)
     B, Hq, D = q.shape
     Hkv, C = k_cache.shape[1], k_cache.shape[2]
-    if D not in V.HEAD_DIMS:
-        raise ValueError(f"{op}: q: expected head dim D in {{64, 128, 256}}, got {D} (shape {list(q.shape)})")
-    if Hkv < 1:
-        raise ValueError(f"{op}: k_cache: expected at least one kv head, got shape {list(k_cache.shape)}")
-    if Hq < 1 or Hq % Hkv != 0:
-        raise ValueError(
-            f"{op}: q: expected the number of query heads ({Hq}) to be a positive multiple of "
-            f"the number of kv heads ({Hkv})"
-        )
-    V.require_shape(op, "k_cache", k_cache, (B, Hkv, C, D), "[B, Hkv, C, D]")
-    V.require_shape(op, "v_cache", v_cache, (B, Hkv, C, D), "[B, Hkv, C, D]")
-    V.require_shape(op, "lengths", lengths, (B, Hkv), "[B, Hkv]")
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        V.require_last_dim_contiguous(op, name, t)
-    if log_w is not None:
-        V.require_tensor(op, "log_w", log_w, 3, "[B, Hkv, C]")
-        V.require_dtype(op, "log_w", log_w, (torch.float32,))
-        V.require_same_device(op, "log_w", log_w, q, "q")
-        V.require_shape(op, "log_w", log_w, (B, Hkv, C), "[B, Hkv, C]")
-        V.require_last_dim_contiguous(op, "log_w", log_w)
-    if sm_scale is not None:
-        sm_scale = float(sm_scale)
-        if sm_scale != sm_scale or sm_scale in (float("inf"), float("-inf")):
-            raise ValueError(f"{op}: sm_scale: expected a finite number, got {sm_scale}")
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend: expected one of {list(BACKENDS)}, got {backend!r}")
-    if V.should_check_values(lengths):
-        V.require_lengths_in_range(op, lengths, C)
 
     static_dims = isinstance(B, int) and isinstance(Hkv, int) and isinstance(C, int)
     choice = _choose_decode_attention(

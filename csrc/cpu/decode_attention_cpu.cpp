@@ -21,7 +21,7 @@ constexpr int kCpuDefaultBlockN = 64;
 // splitting a head into pieces shorter than four tiles.
 int64_t cpu_default_num_splits(int64_t items, int64_t capacity, int64_t block_n) {
   const int64_t threads = static_cast<int64_t>(torch::stable::get_num_threads());
-  if (items >= 2 * threads) return 1;
+  if (items == 0 || items >= 2 * threads) return 1;
   int64_t want = (2 * threads + items - 1) / items;
   int64_t most = capacity / (4 * block_n);
   if (most < 1) most = 1;
