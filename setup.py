@@ -31,7 +31,18 @@ ROOT = Path(__file__).resolve().parent
 os.environ.setdefault("MAX_JOBS", "2")
 
 import torch  # noqa: E402  (after MAX_JOBS: cpp_extension reads it at import)
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+import torch.utils.cpp_extension as cpp_extension  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+# A CPU build of torch never looks for a CUDA toolkit (its CUDA_HOME is None), but
+# KVKERN_CUDA=1 compiles the CUDA sources against it as a check: point it at the
+# toolkit. BuildExtension reads the module global.
+if cpp_extension.CUDA_HOME is None:
+    for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if candidate and (Path(candidate) / "bin" / "nvcc").exists():
+            cpp_extension.CUDA_HOME = candidate
+            break
+CUDA_HOME = cpp_extension.CUDA_HOME
 
 # The stable-ABI version kvkern compiles against: the oldest torch it supports.
 TORCH_TARGET_VERSION = "0x020b000000000000"  # 2.11
@@ -132,8 +143,13 @@ def extension():
     # USE_CUDA exposes the CUDA entry points (current stream) of the stable C shim.
     cxx += ["-DUSE_CUDA", "-DKVKERN_WITH_CUDA"]
     nvcc = opt + ["-std=c++17", "-lineinfo", "-DKVKERN_WITH_CUDA", "--expt-relaxed-constexpr"]
-    return CUDAExtension("kvkern._C", sources, include_dirs=include_dirs, py_limited_api=True,
-                         extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+    ext = CUDAExtension("kvkern._C", sources, include_dirs=include_dirs, py_limited_api=True,
+                        extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+    if torch.version.cuda is None:
+        # A CPU torch has no CUDA libraries to link: this build is a compile check
+        # whose library loads only next to a CUDA torch (which provides them).
+        ext.libraries = [lib for lib in ext.libraries if lib not in ("c10_cuda", "torch_cuda")]
+    return ext
 
 
 class BuildExtWithInfo(BuildExtension):

@@ -1,0 +1,169 @@
+// SPDX-License-Identifier: Apache-2.0
+// Torch-free CUDA helpers shared by kvkern's kernels: dtype traits (storage
+// type <-> fp32), 16-byte vector unpacking, ceil_div, warp reductions and the
+// cp.async primitives of the multi-stage copy pipelines.
+//
+// Only the CUDA runtime and cuda_fp16.h / cuda_bf16.h are included, so plain
+// `nvcc -c` checks every kernel on a machine without torch or a GPU.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+// Returns a failing cudaError_t from the enclosing function (launchers return
+// cudaError_t; the torch glue turns it into one exception).
+#define KVKERN_CUDA_TRY(expr)                           \
+  do {                                                  \
+    const cudaError_t kvkern_err_ = (expr);             \
+    if (kvkern_err_ != cudaSuccess) return kvkern_err_; \
+  } while (0)
+
+namespace kvkern {
+
+constexpr float kLog2e = 1.4426950408889634f;  // log2(e)
+constexpr float kLn2 = 0.6931471805599453f;    // ln(2)
+
+template <typename I>
+__host__ __device__ constexpr I ceil_div(I a, I b) {
+  return (a + b - 1) / b;
+}
+
+// ---------------------------------------------------------------------------
+// Storage dtype traits. kVec: elements of T in one 16-byte vector (uint4).
+// unpack16 widens one uint4 of T to kVec floats, in memory order.
+// ---------------------------------------------------------------------------
+template <typename T>
+struct DtypeTraits;
+
+template <>
+struct DtypeTraits<float> {
+  static constexpr int kVec = 4;
+  __device__ __forceinline__ static float to_float(float x) { return x; }
+  __device__ __forceinline__ static float from_float(float x) { return x; }
+  __device__ __forceinline__ static void unpack16(const uint4& raw, float* out) {
+    out[0] = __uint_as_float(raw.x);
+    out[1] = __uint_as_float(raw.y);
+    out[2] = __uint_as_float(raw.z);
+    out[3] = __uint_as_float(raw.w);
+  }
+};
+
+template <>
+struct DtypeTraits<__half> {
+  static constexpr int kVec = 8;
+  __device__ __forceinline__ static float to_float(__half x) { return __half2float(x); }
+  __device__ __forceinline__ static __half from_float(float x) { return __float2half_rn(x); }
+  __device__ __forceinline__ static void unpack16(const uint4& raw, float* out) {
+    const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      __half2 h2;
+      static_assert(sizeof(h2) == sizeof(uint32_t), "half2 is 4 bytes");
+      __builtin_memcpy(&h2, &w[i], sizeof(h2));
+      const float2 f = __half22float2(h2);
+      out[2 * i] = f.x;
+      out[2 * i + 1] = f.y;
+    }
+  }
+};
+
+template <>
+struct DtypeTraits<__nv_bfloat16> {
+  static constexpr int kVec = 8;
+  __device__ __forceinline__ static float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  __device__ __forceinline__ static __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+  __device__ __forceinline__ static void unpack16(const uint4& raw, float* out) {
+    // bf16 is the high half of an fp32: widening is a shift or a mask (exact).
+    const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      out[2 * i] = __uint_as_float(w[i] << 16);
+      out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------
+// Warp reductions over aligned groups of WIDTH lanes (WIDTH a power of two,
+// <= 32). Every lane of the warp must call them (full mask). The xor
+// butterfly leaves the same bits in every lane of a group: each level adds the
+// same two values, and fp32 addition is commutative.
+// ---------------------------------------------------------------------------
+template <int WIDTH>
+__device__ __forceinline__ float group_sum(float x) {
+  static_assert(WIDTH >= 1 && WIDTH <= 32 && (WIDTH & (WIDTH - 1)) == 0, "WIDTH: power of two <= 32");
+#pragma unroll
+  for (int off = WIDTH / 2; off > 0; off /= 2) x += __shfl_xor_sync(0xffffffffu, x, off);
+  return x;
+}
+
+template <int WIDTH>
+__device__ __forceinline__ float group_max(float x) {
+  static_assert(WIDTH >= 1 && WIDTH <= 32 && (WIDTH & (WIDTH - 1)) == 0, "WIDTH: power of two <= 32");
+#pragma unroll
+  for (int off = WIDTH / 2; off > 0; off /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, off));
+  return x;
+}
+
+// ---------------------------------------------------------------------------
+// cp.async (sm_80+): global -> shared copies that bypass registers, grouped
+// into commit groups. On older architectures they fall back to plain copies
+// (then every wait is a no-op), so the kernels stay correct everywhere.
+// ---------------------------------------------------------------------------
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes; both addresses 16-byte aligned. .cg: cache in L2 only (streamed once).
+__device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem_dst)), "l"(gmem_src)
+               : "memory");
+#else
+  *static_cast<uint4*>(smem_dst) = *static_cast<const uint4*>(gmem_src);
+#endif
+}
+
+// 4 bytes; both addresses 4-byte aligned (.ca: the only variant for < 16 bytes).
+__device__ __forceinline__ void cp_async_4(void* smem_dst, const void* gmem_src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(smem_dst)), "l"(gmem_src)
+               : "memory");
+#else
+  *static_cast<uint32_t*>(smem_dst) = *static_cast<const uint32_t*>(gmem_src);
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+// The same with a run-time N (the pipeline depth is a launch parameter). The
+// switch is uniform across the block; N beyond the cases waits for everything,
+// which is always correct (only slower).
+__device__ __forceinline__ void cp_async_wait_dynamic(int n) {
+  switch (n) {
+    case 1: cp_async_wait<1>(); break;
+    case 2: cp_async_wait<2>(); break;
+    case 3: cp_async_wait<3>(); break;
+    case 4: cp_async_wait<4>(); break;
+    case 5: cp_async_wait<5>(); break;
+    case 6: cp_async_wait<6>(); break;
+    default: cp_async_wait<0>(); break;
+  }
+}
+
+}  // namespace kvkern

@@ -1,0 +1,206 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The GPU check: everything that needs a GPU, in one command, with a JSON report.
+
+    python tools/gpu_check.py [--steps build,info,test,sanitize,tune,bench] [--out DIR]
+
+Steps (each recorded with its status, duration and output tail; a failed step does
+not stop the others):
+  build     KVKERN_CUDA=1 editable install for this GPU's architecture
+  info      python -m kvkern info --json
+  test      the whole test suite on CUDA tensors (junit XML kept)
+  sanitize  compute-sanitizer memcheck (and racecheck on the CUDA kernel) over
+            tools/sanitizer_cases.py
+  tune      the tuner on a few buckets (files kept under OUT/configs)
+  bench     the benchmarks (pytest-benchmark JSON kept; every figure copied in)
+
+The report goes to OUT/gpu_report.json and to bench/results/gpu_report_<device>.json.
+Steps run in several calls merge into the same report file (same commit only), so
+the work can be split across commands on a machine that stays warm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ALL_STEPS = ("build", "info", "test", "sanitize", "tune", "bench")
+
+
+def sh(cmd, *, env=None, timeout=None, log=None) -> dict:
+    t0 = time.time()
+    merged = dict(os.environ, **(env or {}))
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=merged, capture_output=True, text=True, timeout=timeout,
+                              shell=isinstance(cmd, str))
+        rc, out = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as err:
+        rc, out = 124, f"timed out after {timeout}s\n{(err.stdout or b'')[-4000:]!r}"
+    if log:
+        Path(log).write_text(out)
+    print(out[-3000:], flush=True)
+    return {"cmd": cmd if isinstance(cmd, str) else " ".join(cmd), "rc": rc, "seconds": round(time.time() - t0, 1),
+            "tail": out[-4000:]}
+
+
+def commit() -> str:
+    if os.environ.get("KVKERN_COMMIT"):
+        return os.environ["KVKERN_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def device_summary() -> dict:
+    import torch
+
+    info = {"torch": torch.__version__, "torch_cuda": torch.version.cuda, "python": platform.python_version()}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except Exception as err:
+        info["triton"] = f"unavailable: {err}"
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info.update(gpu=p.name, cc=f"{p.major}.{p.minor}", sm_count=p.multi_processor_count,
+                    memory_gib=round(p.total_memory / 2**30, 1))
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        info["nvidia_smi"] = subprocess.run([smi, "--query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem",
+                                             "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+    return info
+
+
+def junit_summary(path: Path) -> dict:
+    try:
+        root = ET.parse(path).getroot()
+    except Exception as err:
+        return {"error": f"no junit xml: {err}"}
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    counts["failed_tests"] = [f"{c.get('classname')}::{c.get('name')}" for c in suite.iter("testcase")
+                              if c.find("failure") is not None or c.find("error") is not None][:50]
+    return counts
+
+
+def step_build(out: Path) -> dict:
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(0)
+    env = {"KVKERN_CUDA": "1", "TORCH_CUDA_ARCH_LIST": f"{major}.{minor}",
+           "MAX_JOBS": os.environ.get("MAX_JOBS", str(os.cpu_count() or 4))}
+    return sh([sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."],
+              env=env, timeout=900, log=out / "build.log")
+
+
+def step_info(out: Path) -> dict:
+    res = sh([sys.executable, "-m", "kvkern", "info", "--json"], timeout=120)
+    try:
+        res["info"] = json.loads(res["tail"][res["tail"].index("{"):])
+    except Exception:
+        pass
+    return res
+
+
+def step_test(out: Path) -> dict:
+    junit = out / "junit.xml"
+    res = sh([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", f"--junitxml={junit}"],
+             env={"TRITON_INTERPRET": "0"}, timeout=1500, log=out / "test.log")
+    res["summary"] = junit_summary(junit)
+    return res
+
+
+def step_sanitize(out: Path) -> dict:
+    tool = shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer"
+    results = {}
+    for name, args in (("memcheck", ["--tool", "memcheck", "--leak-check", "no"]),
+                       ("racecheck", ["--tool", "racecheck", "--racecheck-report", "hazard"]),
+                       ("initcheck", ["--tool", "initcheck"])):
+        cases = "all" if name == "memcheck" else "cuda"
+        results[name] = sh([tool, *args, "--error-exitcode", "99", sys.executable, "tools/sanitizer_cases.py",
+                            cases], timeout=900, log=out / f"sanitize_{name}.log")
+    rc = max(r["rc"] for r in results.values())
+    return {"rc": rc, "tools": results, "seconds": sum(r["seconds"] for r in results.values())}
+
+
+def step_tune(out: Path) -> dict:
+    cfg_dir = out / "configs"
+    res = sh([sys.executable, "-m", "autotune", "--op", "decode_attention", "--buckets", "quick",
+              "--dtype", "bf16", "--head-dim", "128", "--group", "4", "--out-dir", str(cfg_dir)],
+             timeout=900, log=out / "tune.log")
+    res["files"] = {str(p.relative_to(cfg_dir)): json.loads(p.read_text()) for p in sorted(cfg_dir.rglob("*.json"))}
+    return res
+
+
+def step_bench(out: Path) -> dict:
+    bench_json = out / "bench.json"
+    res = sh([sys.executable, "-m", "pytest", "bench", "-q", "-p", "no:cacheprovider",
+              f"--benchmark-json={bench_json}"], timeout=1200, log=out / "bench.log")
+    try:
+        data = json.loads(bench_json.read_text())
+        res["figures"] = [dict(b["extra_info"], name=b["name"], pytest_benchmark_median_s=b["stats"]["median"])
+                          for b in data["benchmarks"]]
+    except Exception as err:
+        res["figures_error"] = str(err)
+    return res
+
+
+STEPS = {"build": step_build, "info": step_info, "test": step_test, "sanitize": step_sanitize,
+         "tune": step_tune, "bench": step_bench}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", default=",".join(ALL_STEPS))
+    parser.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "build" / "gpu_check")))
+    args = parser.parse_args()
+    steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+    unknown = set(steps) - set(STEPS)
+    if unknown:
+        parser.error(f"--steps: unknown {sorted(unknown)}; expected among {list(ALL_STEPS)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu_check: no CUDA device here", file=sys.stderr)
+        return 2
+    device = torch.cuda.get_device_name(0).replace(" ", "_")
+    kept = ROOT / "bench" / "results" / f"gpu_report_{device}.json"
+    report = {}
+    if kept.exists():
+        report = json.loads(kept.read_text())
+        if report.get("commit") != commit():
+            report = {}
+    report.update(commit=commit(), device=device_summary(), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+    report.setdefault("steps", {})
+    for name in steps:
+        print(f"=== gpu_check: {name}", flush=True)
+        report["steps"][name] = STEPS[name](out)
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        for path in (kept, out / "gpu_report.json"):
+            path.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    print("=== gpu_check summary")
+    for name, res in report["steps"].items():
+        extra = res.get("summary", "")
+        print(f"{name:9} rc={res['rc']:<4} {res['seconds']:>7}s {extra}")
+    for fig in report["steps"].get("bench", {}).get("figures", []):
+        print(f"{fig.get('case', ''):32} {fig.get('impl', ''):14} {fig.get('median_us', float('nan')):>10.1f}us "
+              f"{100 * fig.get('fraction_of_copy_bw', float('nan')):6.1f}% of copy")
+    return max(r["rc"] for r in report["steps"].values())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Small CUDA cases for compute-sanitizer (run by tools/gpu_check.py).
+
+    compute-sanitizer --tool memcheck python tools/sanitizer_cases.py [all|cuda|triton]
+
+Covers odd lengths, empty heads, out-of-range lengths (must never become an
+address), every split rule path, log_w, strided views, each dtype and head dim.
+Each output is also checked against the reference, so the run fails on wrong
+numbers as well as on bad memory accesses.
+"""
+
+import sys
+
+import torch
+
+import kvkern
+from kvkern import reference
+
+
+def cases():
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for D in (64, 128, 256):
+            for G, Hkv in ((1, 2), (3, 2), (8, 1)):
+                yield dict(B=2, Hkv=Hkv, G=G, C=97, D=D, dtype=dtype)
+
+
+def run(backend: str) -> int:
+    failures = 0
+    for c in cases():
+        B, Hkv, G, C, D, dtype = c["B"], c["Hkv"], c["G"], c["C"], c["D"], c["dtype"]
+        q = torch.randn(B, G * Hkv, D, device="cuda", dtype=dtype)
+        # Allocate exactly C slots so any read past the cache is outside the allocation.
+        k = torch.randn(B, Hkv, C, D, device="cuda", dtype=dtype)
+        v = torch.randn(B, Hkv, C, D, device="cuda", dtype=dtype)
+        log_w = torch.randn(B, Hkv, C, device="cuda")
+        lengths = torch.randint(0, C + 1, (B, Hkv), device="cuda", dtype=torch.int32)
+        lengths[0, 0] = 0
+        lengths[-1, -1] = C
+        for config in ({}, {"num_splits": 1}, {"num_splits": 3}, {"num_splits": 16}):
+            out = kvkern.decode_attention(q, k, v, lengths, log_w, backend=backend, config=config)
+            ref, _ = reference.decode_attention(q, k, v, lengths, log_w)
+            err = (out.double() - ref).abs().max().item()
+            if not err < 3e-2:
+                print(f"FAIL {backend} {c} {config}: max error {err}")
+                failures += 1
+        bad = lengths.clone()
+        bad[0, 0], bad[-1, -1] = C + 5, -3
+        op = torch.ops.kvkern.decode_attention_triton if backend == "triton" else torch.ops.kvkern.decode_attention
+        out, _ = op(q, k, v, bad)
+        torch.cuda.synchronize()
+        if not torch.isnan(out[0, :G]).all():
+            print(f"FAIL {backend} {c}: out-of-range length did not give NaN")
+            failures += 1
+    return failures
+
+
+def main() -> int:
+    which = sys.argv[1] if len(sys.argv) > 1 else "all"
+    backends = [b for b in kvkern.ops.available_backends("decode_attention", "cuda")
+                if which == "all" or b == which]
+    failures = sum(run(b) for b in backends)
+    torch.cuda.synchronize()
+    print(f"sanitizer cases: backends {backends}, {failures} failures")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
