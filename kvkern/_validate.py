@@ -62,7 +62,7 @@ def should_check_values(x: torch.Tensor) -> bool:
 def require_lengths_in_range(op: str, lengths: torch.Tensor, capacity: int) -> None:
     if lengths.numel() == 0:
         return
-    lo, hi = int(lengths.min()), int(lengths.max())
+    lo, hi = (int(x) for x in torch.aminmax(lengths))
     if lo < 0 or hi > capacity:
         bad = lo if lo < 0 else hi
         raise ValueError(f"{op}: lengths: expected every value in [0, C] = [0, {capacity}], got {bad}")

@@ -10,6 +10,8 @@ directly works too: it runs the C++ kernel with its own heuristics.
 from __future__ import annotations
 
 
+import functools
+
 import torch
 
 from . import _validate as V
@@ -47,12 +49,14 @@ def available_backends(op: str, device_type: str) -> tuple[str, ...]:
 
 
 @torch.compiler.assume_constant_result
+@functools.lru_cache(maxsize=4096)
 def _choose_decode_attention(
     device_type: str, device_index: int, backend: str, head_dim: int, dtype_key: str, group: int,
     batch_heads: int, capacity: int,
 ) -> tuple:
-    # NOTE: a pure function of shapes and device, evaluated once at trace time
-    # under torch.compile (so its file reads and warnings stay out of the graph).
+    # NOTE: a pure function of shapes and device: cached in eager mode, and
+    # evaluated once at trace time under torch.compile (so its file reads and
+    # warnings stay out of the graph).
     # batch_heads / capacity of -1 mean "symbolic under compile": then the kernel's
     # own run-time heuristic picks the split count.
     op = "decode_attention"
