@@ -11,6 +11,7 @@ from __future__ import annotations
 
 
 import functools
+import os
 
 import torch
 
@@ -49,14 +50,18 @@ def available_backends(op: str, device_type: str) -> tuple[str, ...]:
 
 
 @torch.compiler.assume_constant_result
+def _choose_decode_attention(*key) -> tuple:
+    # Marked constant for torch.compile (dynamo does not trace into it: its file
+    # reads and warnings stay out of the graph); cached for eager calls.
+    return _choose_decode_attention_cached(*key)
+
+
 @functools.lru_cache(maxsize=4096)
-def _choose_decode_attention(
+def _choose_decode_attention_cached(
     device_type: str, device_index: int, backend: str, head_dim: int, dtype_key: str, group: int,
-    batch_heads: int, capacity: int,
+    batch_heads: int, capacity: int, tuned_dir: str | None,
 ) -> tuple:
-    # NOTE: a pure function of shapes and device: cached in eager mode, and
-    # evaluated once at trace time under torch.compile (so its file reads and
-    # warnings stay out of the graph).
+    # A pure function of shapes, device and the user's tuning directory.
     # batch_heads / capacity of -1 mean "symbolic under compile": then the kernel's
     # own run-time heuristic picks the split count.
     op = "decode_attention"
@@ -139,6 +144,7 @@ def decode_attention(
     choice = _choose_decode_attention(
         q.device.type, q.device.index if q.device.index is not None else -1, backend, int(D),
         _DTYPE_KEYS[q.dtype], int(Hq // Hkv), int(B * Hkv) if static_dims else -1, int(C) if static_dims else -1,
+        os.environ.get(tuning.ENV_DIR),
     )
     if choice[0] == "error":
         raise RuntimeError(f"{op}: {choice[1]}")
