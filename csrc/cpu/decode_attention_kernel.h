@@ -19,6 +19,16 @@
 
 #include "float_convert.h"
 
+// The work-item loops are compiled once per x86-64 level (AVX-512, AVX2+FMA,
+// baseline SSE2) and picked at load time (GCC/Clang function multiversioning):
+// the small inline helpers below are inlined into each clone with its ISA. The
+// kernel is compute-bound at the baseline ISA on a few cores.
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define KVKERN_CPU_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define KVKERN_CPU_MULTIVERSION
+#endif
+
 namespace kvkern::cpu {
 
 constexpr int kLanes = 16;  // fp32 lanes per partial-sum vector (one AVX-512 register)
@@ -71,7 +81,7 @@ struct Scratch {
 
 // Processes work items [item_begin, item_end) of the flattened (b, j, s) grid.
 template <typename T>
-void decode_attention_items(const DecodeAttentionParams& p, int64_t item_begin, int64_t item_end) {
+KVKERN_CPU_MULTIVERSION void decode_attention_items(const DecodeAttentionParams& p, int64_t item_begin, int64_t item_end) {
   const int64_t G = p.group_size(), D = p.head_dim, S = p.num_splits, BN = p.block_n;
   const float neg_inf = -std::numeric_limits<float>::infinity();
   const float nan = std::numeric_limits<float>::quiet_NaN();
@@ -152,7 +162,7 @@ void decode_attention_items(const DecodeAttentionParams& p, int64_t item_begin, 
 // Combines the S partial states of rows [row_begin, row_end) of the flattened
 // (b, h) grid: out = sum_s exp(lse_s - lse) * out_s, lse = log sum_s exp(lse_s).
 template <typename T>
-void merge_states_rows(const float* partial_out, const float* partial_lse, T* out, float* lse,
+KVKERN_CPU_MULTIVERSION void merge_states_rows(const float* partial_out, const float* partial_lse, T* out, float* lse,
                        int64_t S, int64_t D, int64_t row_begin, int64_t row_end) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
   std::vector<float> acc(D);
