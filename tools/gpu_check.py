@@ -136,8 +136,11 @@ def step_sanitize(out: Path) -> dict:
 
 def step_tune(out: Path) -> dict:
     cfg_dir = out / "configs"
-    res = sh([sys.executable, "-m", "autotune", "--op", "decode_attention", "--buckets", "quick",
-              "--dtype", "bf16", "--head-dim", "128", "--group", "4", "--out-dir", str(cfg_dir)],
+    # A few buckets around the benchmark shapes (B*Hkv = 8 and 128; C = 4K and 32K), so the
+    # step fits one command; a full tuning run is `python -m autotune --buckets full`.
+    res = sh([sys.executable, "-m", "autotune", "--op", "decode_attention", "--batch-heads", "8", "128",
+              "--capacity", "4096", "32768", "--dtype", "bf16", "--head-dim", "128", "--group", "4",
+              "--out-dir", str(cfg_dir)],
              timeout=900, log=out / "tune.log")
     res["files"] = {str(p.relative_to(cfg_dir)): json.loads(p.read_text()) for p in sorted(cfg_dir.rglob("*.json"))}
     return res
