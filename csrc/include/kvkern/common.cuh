@@ -33,7 +33,8 @@ __host__ __device__ constexpr I ceil_div(I a, I b) {
 
 // ---------------------------------------------------------------------------
 // Storage dtype traits. kVec: elements of T in one 16-byte vector (uint4).
-// unpack16 widens one uint4 of T to kVec floats, in memory order.
+// unpack16 widens one uint4 of T to kVec floats, in memory order; pack2 (16-bit
+// types) narrows two floats into one 32-bit word.
 // ---------------------------------------------------------------------------
 template <typename T>
 struct DtypeTraits;
@@ -56,6 +57,13 @@ struct DtypeTraits<__half> {
   static constexpr int kVec = 8;
   __device__ __forceinline__ static float to_float(__half x) { return __half2float(x); }
   __device__ __forceinline__ static __half from_float(float x) { return __float2half_rn(x); }
+  // Two values rounded to nearest and packed as one 32-bit word (a first, in memory order).
+  __device__ __forceinline__ static uint32_t pack2(float a, float b) {
+    const __half2 h2 = __floats2half2_rn(a, b);
+    uint32_t w;
+    __builtin_memcpy(&w, &h2, sizeof(w));
+    return w;
+  }
   __device__ __forceinline__ static void unpack16(const uint4& raw, float* out) {
     const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
@@ -75,6 +83,12 @@ struct DtypeTraits<__nv_bfloat16> {
   static constexpr int kVec = 8;
   __device__ __forceinline__ static float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
   __device__ __forceinline__ static __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+  __device__ __forceinline__ static uint32_t pack2(float a, float b) {
+    const __nv_bfloat162 h2 = __floats2bfloat162_rn(a, b);
+    uint32_t w;
+    __builtin_memcpy(&w, &h2, sizeof(w));
+    return w;
+  }
   __device__ __forceinline__ static void unpack16(const uint4& raw, float* out) {
     // bf16 is the high half of an fp32: widening is a shift or a mask (exact).
     const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};

@@ -387,21 +387,9 @@ __global__ void __launch_bounds__(NUM_WARPS * 32,
 constexpr int kMergeThreads = 128;
 
 __device__ __forceinline__ void store4(float* dst, float4 v) { *reinterpret_cast<float4*>(dst) = v; }
-__device__ __forceinline__ void store4(__half* dst, float4 v) {
-  const __half2 a = __floats2half2_rn(v.x, v.y);
-  const __half2 b = __floats2half2_rn(v.z, v.w);
-  uint2 packed;
-  __builtin_memcpy(&packed.x, &a, 4);
-  __builtin_memcpy(&packed.y, &b, 4);
-  *reinterpret_cast<uint2*>(dst) = packed;
-}
-__device__ __forceinline__ void store4(__nv_bfloat16* dst, float4 v) {
-  const __nv_bfloat162 a = __floats2bfloat162_rn(v.x, v.y);
-  const __nv_bfloat162 b = __floats2bfloat162_rn(v.z, v.w);
-  uint2 packed;
-  __builtin_memcpy(&packed.x, &a, 4);
-  __builtin_memcpy(&packed.y, &b, 4);
-  *reinterpret_cast<uint2*>(dst) = packed;
+template <typename T>  // fp16 / bf16: four values as one 8-byte store
+__device__ __forceinline__ void store4(T* dst, float4 v) {
+  *reinterpret_cast<uint2*>(dst) = make_uint2(DtypeTraits<T>::pack2(v.x, v.y), DtypeTraits<T>::pack2(v.z, v.w));
 }
 
 template <typename OutT, int HEAD_DIM>
