@@ -457,6 +457,18 @@ cudaError_t launch_merge_attention_states_typed(const float* partial_out, const 
   return cudaGetLastError();
 }
 
+// Dynamic shared memory of the split-kernel variant for p, and the opt-in
+// attribute a launch (or an occupancy query) needs above 48 KiB.
+template <typename T, int HEAD_DIM, int HEADS_TILE, int BLOCK_N, int NUM_WARPS>
+cudaError_t prepare_split_kernel(const DecodeAttentionParams& p, size_t* smem) {
+  *smem = decode_attention_smem_bytes(HEAD_DIM, KvDtypeOf<T>::value, p.group_size(), BLOCK_N, NUM_WARPS,
+                                      p.num_stages);
+  if (*smem <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(decode_attention_detail::decode_attention_split_kernel<T, HEAD_DIM, HEADS_TILE,
+                                                                                     BLOCK_N, NUM_WARPS>,
+                              cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(*smem));
+}
+
 // Launches one split-kernel variant for p (and the merge when
 // p.num_splits > 1). The configuration checks mirror the torch glue's, so a
 // direct C++ caller gets cudaErrorInvalidValue rather than a bad launch.
@@ -473,12 +485,9 @@ cudaError_t launch_decode_attention_split(const DecodeAttentionParams& p, cudaSt
   const int64_t blocks = decode_attention_num_blocks(p);
   if (blocks == 0) return cudaSuccess;  // never launch an empty grid
   if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
-  const size_t smem = decode_attention_smem_bytes(HEAD_DIM, KvDtypeOf<T>::value, p.group_size(), BLOCK_N,
-                                                  NUM_WARPS, p.num_stages);
+  size_t smem = 0;
+  KVKERN_CUDA_TRY((prepare_split_kernel<T, HEAD_DIM, HEADS_TILE, BLOCK_N, NUM_WARPS>(p, &smem)));
   auto kernel = decode_attention_split_kernel<T, HEAD_DIM, HEADS_TILE, BLOCK_N, NUM_WARPS>;
-  if (smem > 48 * 1024)
-    KVKERN_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem)));
   kernel<<<static_cast<unsigned>(blocks), Cfg::kThreads, smem, stream>>>(p);
   KVKERN_CUDA_TRY(cudaGetLastError());
   if (p.num_splits > 1)
@@ -495,12 +504,9 @@ cudaError_t decode_attention_split_blocks_per_sm(const DecodeAttentionParams& p,
   using Cfg = SplitConfig<T, HEAD_DIM, HEADS_TILE, BLOCK_N, NUM_WARPS>;
   if (p.num_stages < kDecodeAttentionMinStages || p.num_stages > kDecodeAttentionMaxStages)
     return cudaErrorInvalidValue;
-  const size_t smem = decode_attention_smem_bytes(HEAD_DIM, KvDtypeOf<T>::value, p.group_size(), BLOCK_N,
-                                                  NUM_WARPS, p.num_stages);
+  size_t smem = 0;
+  KVKERN_CUDA_TRY((prepare_split_kernel<T, HEAD_DIM, HEADS_TILE, BLOCK_N, NUM_WARPS>(p, &smem)));
   auto kernel = decode_attention_split_kernel<T, HEAD_DIM, HEADS_TILE, BLOCK_N, NUM_WARPS>;
-  if (smem > 48 * 1024)
-    KVKERN_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem)));
   return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, kernel, Cfg::kThreads, smem);
 }
 
