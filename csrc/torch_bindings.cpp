@@ -10,6 +10,8 @@
 
 #include <torch/csrc/stable/library.h>
 
+#include <string>
+
 STABLE_TORCH_LIBRARY(kvkern, m) {
   // Single-token decode attention over a static-capacity cache with per-(batch,
   // kv-head) lengths and an optional additive logit bias per slot.
@@ -27,6 +29,51 @@ STABLE_TORCH_LIBRARY(kvkern, m) {
       "decode_attention_triton(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lengths, "
       "Tensor? log_w=None, float? sm_scale=None, int num_splits=0, int block_n=0, "
       "int num_warps=0, int num_stages=0) -> (Tensor, Tensor)");
+
+  // ---- score-and-evict (kvkern/reference.py holds the exact semantics) ----
+  // Every scorer returns fp32 scores [B, Hkv, C], 0 past lengths; higher = keep.
+  // Each op X has a twin X_triton with the same schema (kernel registered from Python).
+  const char* eviction_schemas[] = {
+      // q_win [B, Hq, W, D], k_cache [B, Hkv, C, D], lengths [B, Hkv] int32.
+      // query_reduce: mean|sum; group_reduce: mean|max|mean_all; pool: none|avg|max.
+      "window_scores{T}(Tensor q_win, Tensor k_cache, Tensor lengths, float? sm_scale=None, "
+      "str query_reduce=\"mean\", str group_reduce=\"mean\", bool normalize=False, str pool=\"none\", "
+      "int pool_kernel=1) -> Tensor",
+      // mean [B, Hq, D] fp32, cov [B, Hq, D, D] fp32 (both future-RoPE averaged).
+      "expected_attention_scores{T}(Tensor mean, Tensor? cov, Tensor k_cache, Tensor? v_cache, "
+      "Tensor lengths, int n_sink=4, float epsilon=0., float? sm_scale=None) -> Tensor",
+      // kind: key_norm|value_norm|keydiff|recency|random.
+      "slot_scores{T}(Tensor k_cache, Tensor? v_cache, Tensor lengths, str kind, int seed=0) -> Tensor",
+      "key_redundancy{T}(Tensor k_cache, Tensor lengths, int n_window, float threshold=0.5) -> Tensor",
+      // mode: max|ema|sum. hist [B, Hkv, C] fp32 is updated in place.
+      "update_scores{T}_(Tensor(a!) hist, Tensor new, Tensor lengths, Tensor hist_lengths, float decay, "
+      "str mode=\"max\") -> ()",
+      // budgets [B, Hkv] int32 overrides budget. Returns (keep [B, Hkv, C] bool, new_lengths int32).
+      "select_keep{T}(Tensor scores, Tensor lengths, Tensor? positions, Tensor? budgets, int budget, "
+      "int n_sink=0, int n_recent=0, Tensor? protect_ranges=None, Tensor? keep_mask=None, "
+      "Tensor? segment_cuts=None, Tensor? segment_min=None) -> (Tensor, Tensor)",
+      "compact{T}_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) lengths, Tensor keep, "
+      "Tensor(d!)? positions=None, Tensor(e!)? hist=None, Tensor(f!)? log_w=None) -> ()",
+      // select_keep + compact_; returns the keep mask taken before compaction.
+      "evict{T}_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) lengths, Tensor(d!)? positions, "
+      "Tensor scores, Tensor? budgets, int budget, int n_sink=0, int n_recent=0, "
+      "Tensor? protect_ranges=None, Tensor? keep_mask=None, Tensor? segment_cuts=None, "
+      "Tensor? segment_min=None, Tensor(e!)? hist=None, Tensor(f!)? log_w=None) -> Tensor",
+      "allocate_head_budgets{T}(Tensor scores, Tensor lengths, int budget, float safeguard=0.2, "
+      "int n_sink=0, int n_recent=0) -> Tensor",
+      "score_evict{T}_(Tensor q_win, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) lengths, "
+      "Tensor(d!)? positions, Tensor? budgets, int budget, int n_sink=0, int n_recent=0, "
+      "float? sm_scale=None, str query_reduce=\"mean\", str group_reduce=\"max\", bool normalize=True, "
+      "str pool=\"none\", int pool_kernel=1, Tensor(e!)? hist=None, Tensor(g!)? hist_lengths=None, "
+      "float decay=0.8, str hist_mode=\"max\", float mix_lambda=1., float redundancy_threshold=0.5, "
+      "Tensor? protect_ranges=None, Tensor? keep_mask=None, Tensor(f!)? log_w=None) -> Tensor",
+  };
+  for (const char* schema : eviction_schemas) {
+    std::string s(schema);
+    const auto at = s.find("{T}");
+    m.def((s.substr(0, at) + s.substr(at + 3)).c_str());
+    m.def((s.substr(0, at) + "_triton" + s.substr(at + 3)).c_str());
+  }
 }
 
 #ifdef KVKERN_PYTHON_MODULE

@@ -14,6 +14,12 @@ OPS = {
     "decode_attention": "cpp",
     "decode_attention_triton": "triton",
 }
+for _op in ("window_scores", "expected_attention_scores", "slot_scores", "key_redundancy", "update_scores_",
+            "select_keep", "compact_", "evict_", "allocate_head_budgets", "score_evict_"):
+    OPS[_op] = "cpp"
+    OPS[_op[:-1] + "_triton_" if _op.endswith("_") else _op + "_triton"] = "triton"
+# CUDA C++ kernels exist only on the hot paths; the other ops run on CUDA through their Triton twin.
+CUDA_CPP_OPS = {"decode_attention", "window_scores", "select_keep", "compact_", "evict_", "score_evict_"}
 
 
 def expected_dispatch_keys(op: str, *, with_cuda: bool, triton_available: bool,
@@ -25,7 +31,7 @@ def expected_dispatch_keys(op: str, *, with_cuda: bool, triton_available: bool,
     family = OPS[op]
     if family == "cpp":
         keys.add("CPU")
-        if with_cuda:
+        if with_cuda and op in CUDA_CPP_OPS:
             keys.add("CUDA")
     elif family == "triton" and triton_available:
         keys.add("CUDA")

@@ -60,7 +60,7 @@ OPCHECK_CASES = {
 }
 
 
-@pytest.mark.parametrize("op", sorted(_manifest.OPS))
+@pytest.mark.parametrize("op", ["decode_attention", "decode_attention_triton"])
 @pytest.mark.parametrize("with_log_w", [True, False])
 def test_opcheck(op, with_log_w):
     base = op[: -len("_triton")] if op.endswith("_triton") else op

@@ -28,3 +28,10 @@ if AVAILABLE:
     from .decode_attention import decode_attention_triton
 
     torch.library.register_kernel("kvkern::decode_attention_triton", DEVICES, decode_attention_triton)
+
+    # Each module maps the ops it implements (the *_triton twins' names) to launchers.
+    from . import evict, score_evict, scorers, window_scores
+
+    for _module in (window_scores, scorers, evict, score_evict):
+        for _name, _fn in _module.KERNELS.items():
+            torch.library.register_kernel(f"kvkern::{_name}", DEVICES, _fn)
