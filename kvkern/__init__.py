@@ -39,6 +39,13 @@ _load_extension()
 from . import _fake  # noqa: E402,F401  (registers the fake impls)
 from . import reference  # noqa: E402,F401
 from . import triton as _triton_backend  # noqa: E402,F401  (registers the Triton kernels)
+from . import ops  # noqa: E402
 from .ops import decode_attention  # noqa: E402
+from .eviction_ops import (  # noqa: E402
+    allocate_head_budgets, average_rope, compact_, evict_, expected_attention_scores, key_redundancy,
+    query_statistics, score_evict_, select_keep, slot_scores, update_scores_, window_scores,
+)
 
-__all__ = ["__version__", "decode_attention", "reference"]
+__all__ = ["__version__", "decode_attention", "reference", "ops", "window_scores", "expected_attention_scores",
+           "query_statistics", "average_rope", "slot_scores", "key_redundancy", "update_scores_", "select_keep",
+           "compact_", "evict_", "allocate_head_budgets", "score_evict_"]

@@ -18,7 +18,10 @@ import torch
 from . import _validate as V
 from . import tuning
 
-__all__ = ["decode_attention", "BACKENDS"]
+from .eviction_ops import *  # noqa: E402,F401,F403  (the score-and-evict front doors)
+from .eviction_ops import __all__ as _EVICTION_ALL
+
+__all__ = ["decode_attention", "BACKENDS", *_EVICTION_ALL]
 
 BACKENDS = ("auto", "cpu", "cuda", "triton")
 _CONFIG_KEYS = ("num_splits", "block_n", "num_warps", "num_stages")
