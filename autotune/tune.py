@@ -226,7 +226,127 @@ def _decode_attention_tuner() -> OpTuner:
     )
 
 
-OPS: dict[str, OpTuner] = {"decode_attention": _decode_attention_tuner()}
+# --- score-and-evict: the tuner picks the backend (CUDA C++ or Triton) per bucket ---
+
+def _eviction_backends(op: str):
+    def backends(device_type: str) -> tuple[list[str], list[str]]:
+        from kvkern.ops import available_backends
+
+        have = available_backends(op, device_type)
+        if device_type == "cpu":
+            return (["cpu"], []) if "cpu" in have else ([], [f"no CPU kernel for {op}"])
+        found = [b for b in ("cuda", "triton") if b in have]
+        notes = [f"backend {b}: no kernel for {device_type} tensors in this build; skipped"
+                 for b in ("cuda", "triton") if b not in have]
+        return found, notes
+    return backends
+
+
+def _eviction_op(op: str, backend: str):
+    from kvkern._fake import triton_twin
+
+    return getattr(torch.ops.kvkern, triton_twin(op) if backend == "triton" else op)
+
+
+@dataclass
+class _WindowInputs:
+    q_win: torch.Tensor
+    k: torch.Tensor
+    lengths: torch.Tensor
+
+
+def _ws_inputs(static: dict, dims: dict, device: torch.device, gen: torch.Generator) -> _WindowInputs:
+    B, Hkv = _da_layout(dims["batch_heads"])
+    C, D, G, W = dims["capacity"], static["head_dim"], static["group"], static["window"]
+    dtype = _DTYPES[static["dtype"]]
+    return _WindowInputs(
+        q_win=torch.randn(B, Hkv * G, W, D, generator=gen, device=device, dtype=dtype),
+        k=torch.randn(B, Hkv, C, D, generator=gen, device=device, dtype=dtype),
+        lengths=torch.full((B, Hkv), C, dtype=torch.int32, device=device),
+    )
+
+
+def _ws_reference(x: _WindowInputs) -> tuple:
+    from kvkern import reference
+
+    # One kv head at a time keeps the fp64 [G, W, C] logits of the largest buckets small.
+    G = x.q_win.shape[1] // x.k.shape[1]
+    cols = [reference.window_scores(x.q_win[:, j * G:(j + 1) * G], x.k[:, j:j + 1], x.lengths[:, j:j + 1],
+                                    group_reduce="max", normalize=True)
+            for j in range(x.k.shape[1])]
+    return (torch.cat(cols, dim=1),)
+
+
+def _window_scores_tuner() -> OpTuner:
+    from kvkern.eviction_ops import EVICTION_TUNING
+
+    return OpTuner(
+        spec=EVICTION_TUNING["window_scores"],
+        static_args=(
+            StaticArg("head_dim", int, (64, 128, 256), (128,)),
+            StaticArg("dtype", str, tuple(_DTYPES), ("bf16",)),
+            StaticArg("group", int, None, (4,)),
+            StaticArg("window", int, None, (16, 32)),
+        ),
+        grids={
+            "tiny": {"batch_heads": (1, 8), "capacity": (256, 1024)},
+            "quick": {"batch_heads": (8, 64), "capacity": (4096, 32768)},
+            "full": {"batch_heads": (1, 8, 32, 64, 256), "capacity": (1024, 4096, 16384, 32768, 131072)},
+        },
+        backends=_eviction_backends("window_scores"),
+        candidates=lambda backend, static, dims: [{}],
+        make_inputs=_ws_inputs,
+        input_bytes=lambda static, dims: dims["batch_heads"] * dims["capacity"] * static["head_dim"]
+        * _DTYPES[static["dtype"]].itemsize,
+        run=lambda backend, x, cfg: (_eviction_op("window_scores", backend)(
+            x.q_win, x.k, x.lengths, None, "mean", "max", True, "none", 1),),
+        reference=_ws_reference,
+        tolerance=lambda static: {"fp32": (1e-5, 1e-4), "fp16": (2e-3, 1e-2), "bf16": (1.6e-2, 3e-2)}[static["dtype"]],
+    )
+
+
+@dataclass
+class _SelectInputs:
+    scores: torch.Tensor
+    lengths: torch.Tensor
+    budget: int
+
+
+def _sk_inputs(static: dict, dims: dict, device: torch.device, gen: torch.Generator) -> _SelectInputs:
+    B, Hkv = _da_layout(dims["batch_heads"])
+    C = dims["capacity"]
+    return _SelectInputs(scores=torch.rand(B, Hkv, C, generator=gen, device=device),
+                         lengths=torch.full((B, Hkv), C, dtype=torch.int32, device=device), budget=max(1, C // 16))
+
+
+def _select_keep_tuner() -> OpTuner:
+    from kvkern.eviction_ops import EVICTION_TUNING
+
+    return OpTuner(
+        spec=EVICTION_TUNING["select_keep"],
+        static_args=(),
+        grids={
+            "tiny": {"batch_heads": (1, 8), "capacity": (256, 4096)},
+            "quick": {"batch_heads": (8, 64), "capacity": (4096, 32768)},
+            "full": {"batch_heads": (1, 8, 32, 64, 256), "capacity": (1024, 4096, 16384, 32768, 131072)},
+        },
+        backends=_eviction_backends("select_keep"),
+        candidates=lambda backend, static, dims: [{}],
+        make_inputs=_sk_inputs,
+        input_bytes=lambda static, dims: 4 * dims["batch_heads"] * dims["capacity"],
+        run=lambda backend, x, cfg: tuple(t.to(torch.int32) for t in _eviction_op("select_keep", backend)(
+            x.scores, x.lengths, None, None, x.budget, 4, 32)),
+        reference=lambda x: tuple(t.to(torch.int32) for t in __import__("kvkern").reference.select_keep(
+            x.scores.cpu(), x.lengths.cpu(), None, x.budget, 4, 32)),
+        tolerance=lambda static: (0.0, 0.0),
+    )
+
+
+OPS: dict[str, OpTuner] = {
+    "decode_attention": _decode_attention_tuner(),
+    "window_scores": _window_scores_tuner(),
+    "select_keep": _select_keep_tuner(),
+}
 
 
 # ---------------------------------------------------------------------------

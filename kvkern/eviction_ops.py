@@ -37,10 +37,12 @@ __all__ = [
 
 _BACKENDS = ("auto", "cpu", "cuda", "triton")
 
-# The tuner picks the faster backend per (dtype, batch_heads, capacity) bucket on each GPU.
+# The tuner picks the faster backend (CUDA C++ or Triton) per shape bucket on each GPU for the
+# pure ops that dominate the cost; the in-place ops follow the default preference (C++ first).
 EVICTION_TUNING = {
-    op: tuning.OpSpec(op=op, static=("dtype",), dims=("batch_heads", "capacity"), config=())
-    for op in ("window_scores", "select_keep", "compact_", "evict_", "score_evict_")
+    "window_scores": tuning.OpSpec(op="window_scores", static=("head_dim", "dtype", "group", "window"),
+                                   dims=("batch_heads", "capacity"), config=()),
+    "select_keep": tuning.OpSpec(op="select_keep", static=(), dims=("batch_heads", "capacity"), config=()),
 }
 for _spec in EVICTION_TUNING.values():
     tuning.register_spec(_spec)
@@ -57,7 +59,7 @@ def _choose(*key) -> str:
 
 
 @functools.lru_cache(maxsize=4096)
-def _choose_cached(op: str, device_type: str, device_index: int, backend: str, dtype_key: str, batch_heads: int,
+def _choose_cached(op: str, device_type: str, device_index: int, backend: str, static: tuple, batch_heads: int,
                    capacity: int, tuned_dir: str | None) -> str:
     # Returns the dispatcher op name to call, or "error:<message>".
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
@@ -72,7 +74,7 @@ def _choose_cached(op: str, device_type: str, device_index: int, backend: str, d
         spec = EVICTION_TUNING.get(op)
         if device_type == "cuda" and spec is not None and batch_heads >= 0:
             entry = tuning.lookup(spec, tuning.device_name(torch.device("cuda", max(device_index, 0))),
-                                  {"dtype": dtype_key}, {"batch_heads": batch_heads, "capacity": capacity})
+                                  dict(static), {"batch_heads": batch_heads, "capacity": capacity})
             if entry is not None and entry.get("backend") in have:
                 return have[entry["backend"]]
         for b in (device_type, "triton"):
@@ -85,13 +87,13 @@ def _choose_cached(op: str, device_type: str, device_index: int, backend: str, d
     return have[backend]
 
 
-def _run(op: str, public: str, ref: torch.Tensor, cache: torch.Tensor, backend: str, *args):
+def _run(op: str, public: str, ref: torch.Tensor, cache: torch.Tensor, backend: str, *args, static: tuple = ()):
     if backend not in _BACKENDS:
         raise ValueError(f"{public}: backend: expected one of {list(_BACKENDS)}, got {backend!r}")
     B, H, C = cache.shape[0], cache.shape[1], cache.shape[2]
-    static = all(isinstance(x, int) for x in (B, H, C))
+    concrete = all(isinstance(x, int) for x in (B, H, C))
     name = _choose(op, ref.device.type, ref.device.index if ref.device.index is not None else -1, backend,
-                   _DTYPE_KEYS.get(cache.dtype, "fp32"), int(B * H) if static else -1, int(C) if static else -1,
+                   static, int(B * H) if concrete else -1, int(C) if concrete else -1,
                    os.environ.get(tuning.ENV_DIR))
     if name.startswith("error:"):
         raise RuntimeError(f"{public}: {name[6:]}")
@@ -190,9 +192,13 @@ def window_scores(q_win, k_cache, lengths, sm_scale=None, *, query_reduce="mean"
     _choice(public, "group_reduce", group_reduce, ("mean", "max", "mean_all"))
     _choice(public, "pool", pool, ("none", "avg", "max"))
     _int(public, "pool_kernel", pool_kernel, 1)
+    static = ()
+    if q_win.dtype in _DTYPE_KEYS and k_cache.shape[1] > 0:
+        static = (("head_dim", int(q_win.shape[3])), ("dtype", _DTYPE_KEYS[q_win.dtype]),
+                  ("group", int(q_win.shape[1] // k_cache.shape[1])), ("window", int(q_win.shape[2])))
     return _run("window_scores", public, q_win, k_cache, backend, q_win, k_cache, lengths,
                 None if sm_scale is None else float(sm_scale), query_reduce, group_reduce, bool(normalize), pool,
-                pool_kernel)
+                pool_kernel, static=static)
 
 
 def query_statistics(q_prerope: torch.Tensor, n_sink: int = 4) -> tuple[torch.Tensor, torch.Tensor]:

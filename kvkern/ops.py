@@ -16,6 +16,7 @@ import os
 import torch
 
 from . import _validate as V
+from ._fake import triton_twin
 from . import tuning
 
 from .eviction_ops import *  # noqa: E402,F401,F403  (the score-and-evict front doors)
@@ -47,7 +48,7 @@ def available_backends(op: str, device_type: str) -> tuple[str, ...]:
     found = []
     if _has_kernel(op, key):
         found.append(device_type)
-    if _has_kernel(f"{op}_triton", key):
+    if _has_kernel(triton_twin(op), key):
         found.append("triton")
     return tuple(found)
 

@@ -54,11 +54,53 @@ def run(backend: str) -> int:
     return failures
 
 
+def run_eviction(backend: str) -> int:
+    """score_evict_ (window scores, update, select, compact) and evict_ with every protection kind,
+    on caches allocated to exactly C slots, checked against the reference."""
+    failures = 0
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for G, Hkv, D, C, W in ((1, 2, 64, 97, 5), (4, 2, 128, 300, 32), (3, 3, 64, 1025, 16)):
+            B, budget = 2, C // 3
+            k = torch.randn(B, Hkv, C, D, device="cuda", dtype=dtype)
+            v = torch.randn(B, Hkv, C, D, device="cuda", dtype=dtype)
+            q_win = torch.randn(B, G * Hkv, W, D, device="cuda", dtype=dtype)
+            lengths = torch.randint(W + 4, C + 1, (B, Hkv), device="cuda", dtype=torch.int32)
+            lengths[0, 0] = budget  # within budget: untouched
+            positions = torch.arange(C, device="cuda", dtype=torch.int32).view(1, 1, C).repeat(B, Hkv, 1)
+            hist = torch.rand(B, Hkv, C, device="cuda")
+            hist_lengths = torch.randint(0, budget, (B, Hkv), device="cuda", dtype=torch.int32)
+            ref = [t.cpu().clone() for t in (k, v, lengths, positions, hist, hist_lengths)]
+            keep = kvkern.score_evict_(q_win, k, v, lengths, budget, positions=positions, n_sink=2, hist=hist,
+                                       hist_lengths=hist_lengths, backend=backend)
+            keep_ref = reference.score_evict_(q_win.cpu(), ref[0], ref[1], ref[2], ref[3], budget, n_sink=2,
+                                              hist=ref[4], hist_lengths=ref[5])
+            torch.cuda.synchronize()
+            if not (torch.equal(keep.cpu(), keep_ref) and torch.equal(lengths.cpu(), ref[2])):
+                print(f"FAIL score_evict_ {backend} {dtype} G={G} C={C}: kept sets differ from the reference")
+                failures += 1
+            scores = torch.rand(B, Hkv, C, device="cuda")
+            ranges = torch.tensor([[3, 9]], device="cuda", dtype=torch.int32)
+            cuts = torch.tensor([C // 2], device="cuda", dtype=torch.int32)
+            ref = [t.cpu().clone() for t in (k, v, lengths, positions)]
+            keep = kvkern.evict_(k, v, lengths, scores, max(budget // 2, 12), positions=positions, n_sink=1,
+                                 n_recent=2, protect_ranges=ranges, segment_cuts=cuts, backend=backend)
+            keep_ref = reference.evict_(ref[0], ref[1], ref[2], ref[3], scores.cpu(), max(budget // 2, 12), 1, 2,
+                                        ranges.cpu(), None, cuts.cpu())
+            torch.cuda.synchronize()
+            if not torch.equal(keep.cpu(), keep_ref):
+                print(f"FAIL evict_ {backend} {dtype} G={G} C={C}: kept sets differ from the reference")
+                failures += 1
+    return failures
+
+
 def main() -> int:
     which = sys.argv[1] if len(sys.argv) > 1 else "all"
     backends = [b for b in kvkern.ops.available_backends("decode_attention", "cuda")
                 if which == "all" or b == which]
     failures = sum(run(b) for b in backends)
+    for b in kvkern.ops.available_backends("score_evict_", "cuda"):
+        if which in ("all", b):
+            failures += run_eviction(b)
     torch.cuda.synchronize()
     print(f"sanitizer cases: backends {backends}, {failures} failures")
     return 1 if failures else 0

@@ -1,0 +1,102 @@
+# SPDX-License-Identifier: Apache-2.0
+"""score_evict_ (the fused decode-time path) on every backend against the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvkern
+from kvkern import reference
+
+from eviction_utils import DEVICE, call, make_cache, op_backends, valid_mask
+from utils import randn
+
+BACKENDS = op_backends("score_evict_")
+
+
+def _clone(*ts):
+    return [None if t is None else t.clone() for t in ts]
+
+
+def _assert_same_cache(got, want, lengths, what):
+    k, v, pos, hist, log_w = got
+    rk, rv, rpos, rhist, rlog_w = want
+    C = k.shape[2]
+    valid = valid_mask(lengths, C)
+    for name, a, b in (("k", k, rk), ("v", v, rv)):
+        assert torch.equal(torch.where(valid.unsqueeze(-1), a, 0), torch.where(valid.unsqueeze(-1), b, 0)), \
+            f"{what}: {name} differs after compaction"
+    assert torch.equal(torch.where(valid, pos, 0), torch.where(valid, rpos, 0)), f"{what}: positions differ"
+    if log_w is not None:
+        assert torch.equal(torch.where(valid, log_w, 0), torch.where(valid, rlog_w, 0)), f"{what}: log_w differs"
+
+
+CONFIGS = {
+    "gkv": dict(group_reduce="max", normalize=True, hist_mode="max", decay=0.8, with_hist=True),
+    "gkv_redundancy": dict(group_reduce="max", normalize=True, hist_mode="max", decay=0.8, with_hist=True,
+                           mix_lambda=0.5),
+    "snapkv": dict(group_reduce="mean", normalize=False, pool="avg", pool_kernel=5, with_hist=False),
+    "h2o_sum": dict(group_reduce="mean", normalize=False, hist_mode="sum", decay=1.0, with_hist=True, pool="max",
+                    pool_kernel=3),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+@pytest.mark.parametrize("G", [1, 3, 4])
+def test_matches_reference(backend, config, G):
+    cfg = dict(CONFIGS[config])
+    with_hist = cfg.pop("with_hist")
+    B, Hkv, C, D, W, budget = 2, 2, 53, 32 if backend == "triton" else 64, 5, 20
+    lengths = torch.tensor([[53, 30], [12, 41]], dtype=torch.int32)  # one head within budget
+    k, v, lengths, positions = make_cache(B, Hkv, C, D, lengths=lengths)
+    q_win = randn(B, G * Hkv, W, D, device=DEVICE)
+    log_w = randn(B, Hkv, C, device=DEVICE)
+    hist = torch.rand(B, Hkv, C, device=DEVICE) if with_hist else None
+    hist_lengths = torch.tensor([[30, 10], [5, 0]], dtype=torch.int32, device=DEVICE) if with_hist else None
+    ref = _clone(k, v, lengths, positions, hist, hist_lengths, log_w)
+    keep_ref = reference.score_evict_(q_win, ref[0], ref[1], ref[2], ref[3], budget, n_sink=2, hist=ref[4],
+                                      hist_lengths=ref[5], log_w=ref[6], **cfg)
+    keep = kvkern.score_evict_(q_win, k, v, lengths, budget, positions=positions, n_sink=2, hist=hist,
+                               hist_lengths=hist_lengths, log_w=log_w, backend={"cpp": DEVICE}.get(backend, backend),
+                               **cfg)
+    assert torch.equal(keep.cpu(), keep_ref.cpu()), f"{backend}/{config}: kept sets differ"
+    assert torch.equal(lengths.cpu(), ref[2].cpu())
+    _assert_same_cache((k, v, positions, hist, log_w), (ref[0], ref[1], ref[3], ref[4], ref[6]), lengths, config)
+    if with_hist:
+        assert torch.equal(hist_lengths.cpu(), ref[5].cpu())
+        valid = valid_mask(hist_lengths, C)
+        torch.testing.assert_close(torch.where(valid, hist, 0), torch.where(valid, ref[4].to(hist.dtype), 0),
+                                   atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_window_always_kept_and_budget_exact(backend):
+    B, Hkv, G, C, D, W, budget = 1, 3, 4, 97, 64, 8, 24
+    k, v, lengths, positions = make_cache(B, Hkv, C, D, lengths=C)
+    q_win = randn(B, G * Hkv, W, D, device=DEVICE)
+    keep = call("score_evict_", backend, q_win, k, v, lengths, positions, None, budget)
+    assert keep[..., C - W:].all()
+    assert (lengths == budget).all()
+    assert (positions[..., :budget].diff(dim=-1) > 0).all(), "order is not preserved"
+    assert (positions[..., budget - W:budget] == torch.arange(C - W, C, device=DEVICE, dtype=torch.int32)).all()
+
+
+def test_compiles_fullgraph():
+    B, Hkv, G, C, D, W, budget = 1, 2, 2, 40, 64, 4, 16
+    k, v, lengths, positions = make_cache(B, Hkv, C, D, lengths=C)
+    q_win = randn(B, G * Hkv, W, D, device=DEVICE)
+    hist = torch.rand(B, Hkv, C, device=DEVICE)
+    hist_lengths = torch.zeros(B, Hkv, dtype=torch.int32, device=DEVICE)
+
+    def step(q_win, k, v, lengths, positions, hist, hist_lengths):
+        return kvkern.score_evict_(q_win, k, v, lengths, budget, positions=positions, hist=hist,
+                                   hist_lengths=hist_lengths)
+
+    ref = _clone(k, v, lengths, positions, hist, hist_lengths)
+    keep = torch.compile(step, fullgraph=True, backend="aot_eager")(q_win, k, v, lengths, positions, hist,
+                                                                      hist_lengths)
+    keep_ref = step(q_win, *ref)
+    assert torch.equal(keep, keep_ref)
+    assert torch.equal(lengths, ref[2]) and torch.equal(hist_lengths, ref[5])
