@@ -29,6 +29,13 @@ def backend(request, monkeypatch):
     return select_backend(request.param, monkeypatch)
 
 
+@pytest.fixture(autouse=True)
+def _on_device():
+    # Every tensor a test makes lives where the kernels run.
+    with torch.device(DEV):
+        yield
+
+
 # --------------------------------------------------------------------------- helpers
 
 def prefill(B=2, Hkv=2, G=2, T=80, D=16, C=None, dtype=torch.float32, with_hist=False):
@@ -608,3 +615,22 @@ def test_low_precision_caches_and_ragged_lengths(backend, dtype):
     P.KNorm(budget=16).compress(cache)
     assert cache.lengths.tolist() == [[16, 16], [12, 0]]
     assert not torch.isnan(cache.k[0, 0, :16].float()).any()
+
+
+def test_policies_compile_fullgraph(backend):
+    """A policy's compress traces into one graph (no host sync, no data-dependent shape)."""
+    if backend == "reference":
+        pytest.skip("the reference ops loop in Python; compile covers the kernels")
+    cache, q = prefill(B=1, Hkv=2, T=40, C=48)
+    expected = cache.clone()
+    P.SnapKV(budget=20, window=8).compress(expected, q_win=q)
+
+    def run(k, v, lengths, positions, q_win):
+        c = P.LayerCache(k, v, lengths, positions, next_position=40)
+        P.SnapKV(budget=20, window=8).compress(c, q_win=q_win)
+        return c.lengths
+
+    torch._dynamo.reset()
+    c = cache.clone()
+    torch.compile(run, fullgraph=True)(c.k, c.v, c.lengths, c.positions, q)
+    assert kept_positions(c) == kept_positions(expected)

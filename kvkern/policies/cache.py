@@ -112,9 +112,9 @@ class LayerCache:
             raise ValueError(f"LayerCache.append_: positions_new: expected [B, T] = [{B}, {T}], "
                              f"got {list(positions_new.shape)}")
         idx = self.lengths.to(torch.int64).unsqueeze(-1) + torch.arange(T, device=self.k.device)  # [B, H, T]
-        self.k.scatter_(2, idx.unsqueeze(-1).expand(B, H, T, D), k_new.to(self.k.dtype))
-        self.v.scatter_(2, idx.unsqueeze(-1).expand(B, H, T, D), v_new.to(self.v.dtype))
-        self.positions.scatter_(2, idx, positions_new.to(torch.int32).unsqueeze(1).expand(B, H, T))
+        self.k.scatter_(2, idx.unsqueeze(-1).expand(B, H, T, D), k_new.to(self.k.device, self.k.dtype))
+        self.v.scatter_(2, idx.unsqueeze(-1).expand(B, H, T, D), v_new.to(self.v.device, self.v.dtype))
+        self.positions.scatter_(2, idx, positions_new.to(self.k.device, torch.int32).unsqueeze(1).expand(B, H, T))
         if self.log_w is not None:
             self.log_w.scatter_(2, idx, torch.zeros(B, H, T, dtype=self.log_w.dtype, device=self.k.device))
         self.lengths += T
