@@ -172,7 +172,7 @@ inline UpdateMode parse_update_mode(const char* op, const std::string& mode) {
   if (mode == "max") return UpdateMode::kMax;
   if (mode == "ema") return UpdateMode::kEma;
   if (mode == "sum") return UpdateMode::kSum;
-  STD_TORCH_CHECK(false, op, ": mode: expected one of 'max', 'ema', 'sum', got '", mode, "'");
+  STD_TORCH_CHECK(false, op, ": hist_mode: expected one of 'max', 'ema', 'sum', got '", mode, "'");
   return UpdateMode::kMax;
 }
 

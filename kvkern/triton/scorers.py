@@ -286,10 +286,10 @@ def slot_scores_triton(k_cache, v_cache, lengths, kind, seed=0):
 # ---------------------------------------------------------------------------
 
 
-def check_update_scores_args(op, hist, new, lengths, hist_lengths, decay, mode):
+def check_update_scores_args(op, hist, new, lengths, hist_lengths, decay, hist_mode):
     """Checks the arguments; returns ``(decay as a float, the mode's code)``."""
-    if mode not in UPDATE_MODES:
-        raise ValueError(f"{op}: mode: expected one of {list(UPDATE_MODES)}, got {mode!r}")
+    if hist_mode not in UPDATE_MODES:
+        raise ValueError(f"{op}: hist_mode: expected one of {list(UPDATE_MODES)}, got {hist_mode!r}")
     _validate.require_tensor(op, "hist", hist, 3, "[B, Hkv, C]")
     _validate.require_dtype(op, "hist", hist, (torch.float32,))
     _validate.require_last_dim_contiguous(op, "hist", hist)
@@ -308,22 +308,22 @@ def check_update_scores_args(op, hist, new, lengths, hist_lengths, decay, mode):
     # Both before anything is written: a bad call leaves hist as it was.
     _check_values_in_range(op, "lengths", lengths, C)
     _check_values_in_range(op, "hist_lengths", hist_lengths, C)
-    return decay, UPDATE_MODES[mode]
+    return decay, UPDATE_MODES[hist_mode]
 
 
-def update_scores_triton_(hist, new, lengths, hist_lengths, decay, mode="max"):
+def update_scores_triton_(hist, new, lengths, hist_lengths, decay, hist_mode="max"):
     """Triton kernel of ``kvkern::update_scores_triton_`` (semantics: ``kvkern.reference.update_scores_``).
 
     Args:
         hist: ``[B, Hkv, C]`` float32, last dim contiguous. **Mutated** on slots ``i < lengths``.
         new: ``[B, Hkv, C]`` float32, last dim contiguous (may be hist itself).
         lengths, hist_lengths: ``[B, Hkv]`` int32.
-        decay: finite float.   mode: max | ema | sum.
+        decay: finite float.   hist_mode: max | ema | sum (the reference's ``mode``).
 
     The combination is computed in fp64 and rounded once, as the reference does, so
     results match it bit for bit. Returns None.
     """
-    decay, code = check_update_scores_args(UPDATE_OP, hist, new, lengths, hist_lengths, decay, mode)
+    decay, code = check_update_scores_args(UPDATE_OP, hist, new, lengths, hist_lengths, decay, hist_mode)
     B, Hkv, C = hist.shape
     if hist.numel() == 0:
         return None
