@@ -49,14 +49,14 @@ def expected_attention_logits_kernel(
     HAS_COV: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    COV_CHUNK: tl.constexpr,
+    DOT_K: tl.constexpr,
 ):
     """Grid (cdiv(C, BLOCK_N), B * Hq): slots [t * BLOCK_N, (t + 1) * BLOCK_N) of query head
     (b, h). Writes ``z = <s * mean, k> + s^2 / 2 * k^T cov k`` to z [B * Hq, C] for the scored
     slots ``[min(n_sink, L), L)`` of the tile; writes nothing else.
 
-    The quadratic form is (K_tile @ cov[:, chunk]) summed against K_tile[:, chunk],
-    chunk by chunk of COV_CHUNK columns, so cov is never held whole.
+    The quadratic form is one small GEMM per tile, (K_tile @ cov), reduced over slices
+    of DOT_K channels, then summed against K_tile row by row.
     """
     tile = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)  # b * Hq + h
@@ -76,18 +76,19 @@ def expected_attention_logits_kernel(
         k = tl.load(k_rows + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
         z = tl.sum(k * mu[None, :], 1)
         if HAS_COV:
+            # (K_tile @ cov) accumulated over DOT_K-wide slices of the reduction dim in a
+            # loop that is not unrolled: a whole-D fp32 dot would unroll into register
+            # spills. Then the row-wise dot with K_tile.
             cov_head = cov_ptr + b * stride_sb + h * stride_sh
-            quad = tl.zeros([BLOCK_N], tl.float32)
-            for c in tl.static_range(0, BLOCK_D, COV_CHUNK):
-                offs_e = c + tl.arange(0, COV_CHUNK)
-                mask_e = offs_e < head_dim
-                sig = tl.load(cov_head + offs_d[:, None] * stride_sr + offs_e[None, :],
-                              mask=mask_d[:, None] & mask_e[None, :], other=0.0)
-                ks = tl.dot(k, sig, input_precision="ieee", out_dtype=tl.float32)  # [BLOCK_N, COV_CHUNK]
-                kc = tl.load(k_rows + offs_e[None, :], mask=mask_n[:, None] & mask_e[None, :],
-                             other=0.0).to(tl.float32)
-                quad += tl.sum(ks * kc, 1)
-            z += half_s2 * quad
+            ks = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+            for c in range(0, BLOCK_D, DOT_K):
+                offs_c = c + tl.arange(0, DOT_K)
+                mask_c = offs_c < head_dim
+                kc = tl.load(k_rows + offs_c[None, :], mask=mask_n[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+                sig = tl.load(cov_head + offs_c[:, None] * stride_sr + offs_d[None, :],
+                              mask=mask_c[:, None] & mask_d[None, :], other=0.0)
+                ks = tl.dot(kc, sig, ks, input_precision="ieee", out_dtype=tl.float32)
+            z += half_s2 * tl.sum(ks * k, 1)
         tl.store(z_ptr + row * capacity + offs_n, z, mask=mask_n)
 
 
