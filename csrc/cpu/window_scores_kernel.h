@@ -64,6 +64,7 @@ KVKERN_WS_INLINE void vistore(int32_t* p, vi v) { *reinterpret_cast<vi_u*>(p) = 
 // A shuffle of lane 0 compiles to one broadcast (vf{} + x adds +0, which is not
 // a no-op for -0, and a 16-lane initializer list is built lane by lane).
 KVKERN_WS_INLINE vf vsplat(float x) { return __builtin_shuffle(vf{x}, vi{}); }
+KVKERN_WS_INLINE vi vsplat_i(int32_t x) { return __builtin_shuffle(vi{x}, vi{}); }
 KVKERN_WS_INLINE vf vmax(vf a, vf b) { return a > b ? a : b; }
 
 // exp for fp32 lanes: Cody-Waite range reduction and cephes' degree-6
@@ -267,6 +268,14 @@ struct TileGemm {
         f = row_to_float(src, rowbuf.data(), D);
       }
       for (int64_t d = 0; d < D; ++d) qt[d * Rp + r] = f[d];
+    }
+  }
+
+  void zero_row(int64_t r) {
+    if (native_bf16) {
+      for (int64_t dd = 0; dd < D / 2; ++dd) qv[dd * Rp + r] = 0u;
+    } else {
+      for (int64_t d = 0; d < D; ++d) qt[d * Rp + r] = 0.f;
     }
   }
 
