@@ -21,18 +21,22 @@
 
 namespace kvkern::cpu {
 
-// a > b as floats <=> order_key(a) > order_key(b). NaN maps to the key of -inf
-// (the reference ranks NaN as -inf, so the two tie and the later slot wins) and
-// -0 to the key of +0 (they compare equal as floats).
+// a > b as floats <=> order_key(a) > order_key(b); -0 maps to the key of +0 (they
+// compare equal as floats) and every NaN to 0, below -inf: the reference ranks
+// through nan_to_num(nan=-inf), which also turns -inf into the lowest finite
+// double, so there NaN ranks (and ties) below -inf.
 inline uint32_t order_key(float x) {
   uint32_t u;
   std::memcpy(&u, &x, sizeof(u));
-  if ((u & 0x7fffffffu) > 0x7f800000u) u = 0xff800000u;
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0u;
   if (u == 0x80000000u) u = 0u;
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-constexpr uint32_t kKeyPosInf = 0xff800000u;  // order_key(+inf)
+// allocate_head_budgets' pinned slots: above every score, +inf included (the
+// reference pins with +inf after nan_to_num has turned a +inf score into the
+// largest finite double).
+constexpr uint32_t kKeyPinned = 0xffffffffu;
 
 inline uint64_t rank_key(uint32_t key, int64_t slot) {
   return (static_cast<uint64_t>(key) << 32) | static_cast<uint64_t>(slot);
@@ -272,7 +276,7 @@ inline void allocate_batch(const HeadBudgetParams& p, int64_t b, BudgetScratch& 
     keep_best(s.cand, std::min<int64_t>(p.n_safe, L), s.safe);
     for (int64_t i = 0; i < L; ++i) {
       const bool pinned = s.safe[i] || i < p.n_sink || (p.n_recent > 0 && i >= L - p.n_recent);
-      s.entries.emplace_back(rank_key(pinned ? kKeyPosInf : s.key[i], i),
+      s.entries.emplace_back(rank_key(pinned ? kKeyPinned : s.key[i], i),
                              static_cast<uint32_t>(j));
     }
   }
