@@ -308,7 +308,8 @@ def compact_kernel(
         dst64 = dest.to(tl.int64)
         k_tile = tl.load(k_row + src64[:, None] * stride_kc + d_offs[None, :], mask=mm)
         v_tile = tl.load(v_row + src64[:, None] * stride_vc + d_offs[None, :], mask=mm)
-        side = move & first
+        # (A block-shaped test: the interpreter rejects a mask made with a scalar bool.)
+        side = move & ((offs * 0 + chunk) == 0)
         if HAS_POS:
             pos = tl.load(pos_ptr + b * stride_pb + j * stride_ph + offs, mask=side)
         if HAS_HIST:
