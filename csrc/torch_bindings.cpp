@@ -45,9 +45,10 @@ STABLE_TORCH_LIBRARY(kvkern, m) {
       // kind: key_norm|value_norm|keydiff|recency|random.
       "slot_scores{T}(Tensor k_cache, Tensor? v_cache, Tensor lengths, str kind, int seed=0) -> Tensor",
       "key_redundancy{T}(Tensor k_cache, Tensor lengths, int n_window, float threshold=0.5) -> Tensor",
-      // mode: max|ema|sum. hist [B, Hkv, C] fp32 is updated in place.
+      // hist_mode: max|ema|sum. hist [B, Hkv, C] fp32 is updated in place. (Not "mode": a
+      // mutable op's argument named mode collides with torch.compile's auto_functionalized.)
       "update_scores{T}_(Tensor(a!) hist, Tensor new, Tensor lengths, Tensor hist_lengths, float decay, "
-      "str mode=\"max\") -> ()",
+      "str hist_mode=\"max\") -> ()",
       // budgets [B, Hkv] int32 overrides budget. Returns (keep [B, Hkv, C] bool, new_lengths int32).
       "select_keep{T}(Tensor scores, Tensor lengths, Tensor? positions, Tensor? budgets, int budget, "
       "int n_sink=0, int n_recent=0, Tensor? protect_ranges=None, Tensor? keep_mask=None, "

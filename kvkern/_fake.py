@@ -49,7 +49,7 @@ def _key_redundancy_fake(k_cache, lengths, n_window, threshold=0.5):
     return _scores_like(k_cache)
 
 
-def _update_scores_fake(hist, new, lengths, hist_lengths, decay, mode="max"):
+def _update_scores_fake(hist, new, lengths, hist_lengths, decay, hist_mode="max"):
     return None
 
 

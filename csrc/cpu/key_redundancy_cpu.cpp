@@ -1,0 +1,64 @@
+// SPDX-License-Identifier: Apache-2.0
+// CPU glue for key_redundancy: checks and the parallel loops of the kernel's
+// stages (csrc/cpu/key_redundancy_kernel.h).
+
+// 64-byte vector helpers are always inlined into ISA-specific clones.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+
+#include <vector>
+
+#include "cpu/key_redundancy_kernel.h"
+#include "torch/key_redundancy_args.h"
+
+namespace kvkern::torch_glue {
+namespace {
+
+namespace rk = kvkern::cpu::redundancy;
+
+template <typename T>
+void run(const KeyRedundancyParams& p) {
+  const int64_t heads = p.batch * p.num_kv_heads, C = p.capacity;
+  std::vector<float> inv(heads * C), rowsum(heads * C), val(heads * C);
+  std::vector<int32_t> latest(heads * C);
+  torch::stable::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
+    rk::inverse_norms<T>(p, inv.data(), begin, end);
+  });
+  const int64_t blocks = (C + rk::kRows - 1) / rk::kRows;
+  torch::stable::parallel_for(0, heads * blocks, 1, [&](int64_t begin, int64_t end) {
+    rk::row_items<T>(p, inv.data(), rowsum.data(), latest.data(), val.data(), begin, end);
+  });
+  torch::stable::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
+    rk::finish_heads(p, rowsum.data(), latest.data(), val.data(), begin, end);
+  });
+}
+
+Tensor key_redundancy_cpu(const Tensor& k_cache, const Tensor& lengths, int64_t n_window, double threshold) {
+  const char* op = "kvkern::key_redundancy";
+  KeyRedundancyParams p = make_key_redundancy_params(op, k_cache, lengths, n_window, threshold);
+  STD_TORCH_CHECK(k_cache.is_cpu(), op, ": k_cache: expected a CPU tensor here");
+  window_args::check_host_lengths(op, p.lengths, p.lengths_stride_b, p.lengths_stride_h, p.batch,
+                                  p.num_kv_heads, p.capacity);
+  Tensor out = torch::stable::new_empty(k_cache, {p.batch, p.num_kv_heads, p.capacity}, ScalarType::Float);
+  p.out = static_cast<float*>(out.mutable_data_ptr());
+  if (out.numel() == 0) return out;
+  switch (k_cache.scalar_type()) {
+    case ScalarType::Float: run<float>(p); break;
+    case ScalarType::Half: run<cpu::Half>(p); break;
+    case ScalarType::BFloat16: run<cpu::BFloat16>(p); break;
+    default: STD_TORCH_CHECK(false, op, ": unreachable dtype");
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace kvkern::torch_glue
+
+STABLE_TORCH_LIBRARY_IMPL(kvkern, CPU, m) {
+  m.impl("key_redundancy", TORCH_BOX(&kvkern::torch_glue::key_redundancy_cpu));
+}
