@@ -84,6 +84,9 @@ class AdaKV(EvictionPolicy):
     ``floor(n_kept * safeguard)``; then ``evict_`` with those per-head budgets really frees the
     others (KVPress only masks them with fake keys: no memory saved). As in KVPress, the
     scorer's protected slots (sinks, window) rank first and count toward a head's safeguard.
+    While decoding (``every=`` on the scorer) heads have different lengths; a head shorter than
+    ``n_kept`` keeps all its slots and does not lend its unused share, so a layer keeps
+    ``sum_j min(n_kept, L_j)`` (``Hkv * n_kept`` once every head holds ``n_kept``).
 
     Args: scorer: any :class:`EvictionPolicy` with a per-head ``scores`` (its budget/ratio,
     protections and observations are used); safeguard: 0.2 (KVPress's ``alpha_safeguard``).
