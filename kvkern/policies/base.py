@@ -168,7 +168,15 @@ class EvictionPolicy:
         return None
 
     # -- helpers --------------------------------------------------------------------------
+    def _check_budget(self, budget) -> None:
+        # A budget below what the method protects can never be met (the op would say so too,
+        # but naming the policy and its window helps more).
+        if isinstance(budget, int) and budget < self.n_sink + self.n_recent:
+            raise ValueError(f"{type(self).__name__}: budget {budget} is smaller than the {self.n_sink} sink and "
+                             f"{self.n_recent} recent slots the method always keeps")
+
     def _evict(self, cache: LayerCache, scores: torch.Tensor, budget, **overrides) -> torch.Tensor:
+        self._check_budget(budget)
         kw = self.selection_kwargs(cache)
         kw.update(overrides)
         old_hist_len = cache.hist_lengths.clone() if cache.hist_lengths is not None else None

@@ -62,6 +62,7 @@ class GKV(EvictionPolicy):
         if not self.needs_compression(cache):
             return None
         q = _check_window(type(self).__name__, q_win, self.window)
+        self._check_budget(self.target(cache))
         if self.use_history:
             cache.ensure_hist()
         kw = self.selection_kwargs(cache)
