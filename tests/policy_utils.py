@@ -105,15 +105,5 @@ def select_backend(name: str, monkeypatch) -> str:
     return name
 
 
-def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """HF rotate-half RoPE of ``x [..., T, D]`` at ``positions [T]``."""
-    ang = positions.to(torch.float64).unsqueeze(-1) * inv_freq.to(torch.float64).unsqueeze(0)  # [T, D/2]
-    cos = torch.cat([ang.cos(), ang.cos()], -1)
-    sin = torch.cat([ang.sin(), ang.sin()], -1)
-    half = x.shape[-1] // 2
-    rot = torch.cat([-x[..., half:], x[..., :half]], -1)
-    return (x.double() * cos + rot.double() * sin).to(x.dtype)
-
-
 def inv_freq(D: int, theta: float = 10000.0) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D))

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import kvkern
 import kvkern.reference as R
 from kvkern import policies as P
-from policy_utils import inv_freq, rope, select_backend
+from policy_utils import inv_freq, select_backend
 from utils import TOLERANCES, assert_verbose_allclose, poison_past_lengths
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

@@ -108,7 +108,8 @@ class InfiniPotV:
         kh = k / k.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         # anchor[p] = mean over the query frames holding patch p of the normalised keys.
         idx = patch.unsqueeze(-1).expand(B, H, C, D)
-        anchor = torch.zeros(B, H, self.P, D, device=dev).scatter_add_(2, idx, torch.where(query.unsqueeze(-1), kh, 0.0))
+        qk = torch.where(query.unsqueeze(-1), kh, 0.0)
+        anchor = torch.zeros(B, H, self.P, D, device=dev).scatter_add_(2, idx, qk)
         count = torch.zeros(B, H, self.P, device=dev).scatter_add_(2, patch, query.float())
         anchor = anchor / count.clamp_min(1.0).unsqueeze(-1)
         tar = -(kh * anchor.gather(2, idx)).sum(-1)
