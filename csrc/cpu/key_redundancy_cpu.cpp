@@ -8,6 +8,8 @@
 #endif
 
 #include <torch/csrc/stable/library.h>
+
+#include "cpu/eviction_cpu_ops.h"
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
 
@@ -38,6 +40,9 @@ void run(const KeyRedundancyParams& p) {
   });
 }
 
+}  // namespace
+
+// The op implementations: external linkage, declared in cpu/eviction_cpu_ops.h.
 Tensor key_redundancy_cpu(const Tensor& k_cache, const Tensor& lengths, int64_t n_window, double threshold) {
   const char* op = "kvkern::key_redundancy";
   KeyRedundancyParams p = make_key_redundancy_params(op, k_cache, lengths, n_window, threshold);
@@ -56,7 +61,6 @@ Tensor key_redundancy_cpu(const Tensor& k_cache, const Tensor& lengths, int64_t 
   return out;
 }
 
-}  // namespace
 }  // namespace kvkern::torch_glue
 
 STABLE_TORCH_LIBRARY_IMPL(kvkern, CPU, m) {

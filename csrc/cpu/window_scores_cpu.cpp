@@ -8,6 +8,8 @@
 #endif
 
 #include <torch/csrc/stable/library.h>
+
+#include "cpu/eviction_cpu_ops.h"
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
 
@@ -72,6 +74,9 @@ void run(const WindowScoresParams& p) {
   });
 }
 
+}  // namespace
+
+// The op implementations: external linkage, declared in cpu/eviction_cpu_ops.h.
 Tensor window_scores_cpu(const Tensor& q_win, const Tensor& k_cache, const Tensor& lengths,
                          std::optional<double> sm_scale, std::string query_reduce, std::string group_reduce,
                          bool normalize, std::string pool, int64_t pool_kernel) {
@@ -93,7 +98,6 @@ Tensor window_scores_cpu(const Tensor& q_win, const Tensor& k_cache, const Tenso
   return out;
 }
 
-}  // namespace
 }  // namespace kvkern::torch_glue
 
 STABLE_TORCH_LIBRARY_IMPL(kvkern, CPU, m) {
