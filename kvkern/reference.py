@@ -592,7 +592,7 @@ def allocate_head_budgets(scores, lengths, budget: int, safeguard: float = 0.2, 
             if L == 0:
                 continue
             s = torch.nan_to_num(scores[b, j, :L].to(torch.float64), nan=-math.inf).clone()
-            order = _rank_order(s)
+            order = _rank_order(scores[b, j, :L])  # not s: a second nan_to_num would tie NaN with -inf
             s[order[: min(n_safe, L)]] = math.inf
             s[: min(n_sink, L)] = math.inf
             if n_recent > 0:
