@@ -424,3 +424,27 @@ def test_torch_compile_fullgraph(backend):
     compiled = torch.compile(step, fullgraph=True)
     args = (a["mean"], a["cov"], a["k_cache"], a["v_cache"], a["lengths"])
     assert_verbose_allclose(compiled(*args), step(*args), 1e-6, 1e-6)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="no Triton backend here")
+def test_triton_unchecked_bad_lengths_give_nan():
+    # On CUDA lengths values are never read on the host: a length outside [0, C] makes the
+    # kernels write NaN for that head (and read nothing of it) instead of raising.
+    B, Hkv, G, C, D = 2, 2, 2, 21, 64
+    lengths = torch.tensor([[C, -1], [C + 5, 7]], dtype=torch.int32, device=DEVICE)
+    k, v, _, _ = make_cache(B, Hkv, C, D, torch.float32, lengths=lengths.clamp(0, C))
+    mean, cov = make_stats(B, Hkv * G, D)
+    out = triton_scorers.launch_expected_attention(mean, cov, k, v, lengths, 4, 1e-3, D ** -0.5)
+    bad = (lengths < 0) | (lengths > C)
+    assert out[bad].isnan().all()
+    ref = reference.expected_attention_scores(mean, cov, k, v, lengths.clamp(0, C), 4, 1e-3)
+    assert_verbose_allclose(out[~bad], ref[~bad], *SCORE_TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_logits(backend):
+    # Logits in the hundreds: the max-subtracted softmax keeps full fp32 accuracy.
+    B, Hkv, G, C, D = 1, 2, 3, 150, 128
+    k, v, lengths, _ = make_cache(B, Hkv, C, D, torch.float32, lengths=torch.tensor([[150, 97]]))
+    mean, cov = make_stats(B, Hkv * G, D, mean_scale=20.0)
+    check(backend, mean, cov * 30, k, v, lengths, 4, 0.0, what=f"{backend} large logits")
