@@ -319,6 +319,8 @@ def test_real_activations():
         k[:, :, T0:] = float("nan")
         v[:, :, T0:] = float("nan")
         for backend in BACKENDS:
+            if backend == "triton" and DEVICE == "cpu" and dtype != torch.bfloat16:
+                continue  # the interpreter is slow: one dtype is enough there
             check(backend, mean, cov, k, v, lengths, n_sink, what=f"real {backend} {dtype}")
 
     # The scores predict where the next 64 queries attend: the best quarter of the
