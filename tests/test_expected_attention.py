@@ -55,19 +55,28 @@ def check(backend, mean, cov, k, v, lengths, n_sink=4, epsilon=0.0, sm_scale=Non
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", ["cov_v", "cov", "v"])
 @pytest.mark.parametrize("G", GROUPS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_matches_reference(backend, dtype, G, variant):
+def test_matches_reference(backend, dtype, G):
     B, Hkv, C, D = 2, 2, 37, 64
-    lengths = ragged_lengths(B, Hkv, C)
-    k, v, lengths, _ = make_cache(B, Hkv, C, D, dtype, lengths=lengths)
-    mean, cov = make_stats(B, Hkv * G, D, cov="cov" in variant)
+    k, v, lengths, _ = make_cache(B, Hkv, C, D, dtype, lengths=ragged_lengths(B, Hkv, C))
+    mean, cov = make_stats(B, Hkv * G, D)
     n_sink = int(torch.randint(0, 6, ()))
     epsilon = float(torch.rand(())) * 1e-2
-    check(backend, mean, cov, k, v if "v" in variant else None, lengths, n_sink, epsilon,
-          what=f"{backend} {dtype} G={G} {variant} n_sink={n_sink}")
+    check(backend, mean, cov, k, v, lengths, n_sink, epsilon, what=f"{backend} {dtype} G={G} n_sink={n_sink}")
+
+
+@pytest.mark.parametrize("variant", ["no_cov", "no_v", "neither"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_optional_terms(backend, dtype, variant):
+    # cov=None drops the quadratic term; v_cache=None the value-norm weighting.
+    B, Hkv, G, C, D = 2, 2, 3, 37, 64
+    k, v, lengths, _ = make_cache(B, Hkv, C, D, dtype, lengths=ragged_lengths(B, Hkv, C))
+    mean, cov = make_stats(B, Hkv * G, D, cov=variant == "no_v")
+    check(backend, mean, cov, k, None if variant != "no_cov" else v, lengths, 4, 1e-3,
+          what=f"{backend} {dtype} {variant}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

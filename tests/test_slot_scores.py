@@ -104,7 +104,8 @@ def test_random_is_bit_exact_for_many_seeds(backend):
 
 
 def test_random_key_helper_matches_reference():
-    assert triton_scorers.random_key(seed_with_key(1)) == 1 and triton_scorers.random_key(seed_with_key(2**31)) == -2**31
+    assert triton_scorers.random_key(seed_with_key(1)) == 1
+    assert triton_scorers.random_key(seed_with_key(2**31)) == -2**31
     for seed in (0, 1, -1, 2**31, 2**32 + 5, -2**40, 123456789):
         ref = int(reference._lowbias32(torch.tensor((seed + 0x9E3779B9) & 0xFFFFFFFF, dtype=torch.int64)))
         assert triton_scorers.random_key(seed) % 2**32 == ref

@@ -334,7 +334,8 @@ void slot_scores_items(const SlotScoresParams& p, int64_t begin, int64_t end) {
 // ---------------------------------------------------------------------------
 
 // In double, rounded once to fp32, with the reference's operation order: the
-// result is the reference's bit for bit.
+// result is the reference's bit for bit. (Not multiversioned on purpose: the
+// baseline ISA has no FMA, so no product can be fused into an add.)
 inline void update_scores_items(const UpdateScoresParams& p, int64_t begin, int64_t end) {
   const double decay = p.decay, keep = 1.0 - p.decay;
   for (int64_t item = begin; item < end; ++item) {
