@@ -149,6 +149,23 @@ inline void finish_heads(const KeyRedundancyParams& p, float* rowsum, const int3
   }
 }
 
+// The whole op (p.out set, lengths in [0, C]); parallel_for as for window_scores_run.
+template <typename T, typename ParallelFor>
+void key_redundancy_run(const KeyRedundancyParams& p, ParallelFor&& parallel_for) {
+  const int64_t heads = p.batch * p.num_kv_heads, C = p.capacity;
+  if (heads * C == 0) return;
+  std::vector<float> inv(heads * C), rowsum(heads * C), val(heads * C);
+  std::vector<int32_t> latest(heads * C);
+  parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) { inverse_norms<T>(p, inv.data(), begin, end); });
+  const int64_t blocks = (C + kRows - 1) / kRows;
+  parallel_for(0, heads * blocks, 1, [&](int64_t begin, int64_t end) {
+    row_items<T>(p, inv.data(), rowsum.data(), latest.data(), val.data(), begin, end);
+  });
+  parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
+    finish_heads(p, rowsum.data(), latest.data(), val.data(), begin, end);
+  });
+}
+
 }  // namespace kvkern::cpu::redundancy
 
 #if defined(__GNUC__) && !defined(__clang__)

@@ -477,14 +477,53 @@ inline void window_combine_mean_all(const WindowScoresParams& p, float* comb, in
   }
 }
 
+// Scratch of pool_candidates, reused across calls.
+struct PoolScratch {
+  std::vector<double> prefix;
+  std::vector<int64_t> deque;
+};
+
+// out[i] for i < M: the pool of in over [i - kernel/2, i + kernel/2] inside [0, M)
+// (kvkern.reference.pool_scores): avg = the in-region sum / kernel (padding counts
+// as 0), max = the in-region max. Pool::kNone or kernel 1 copies. No overlap of in and out.
+inline void pool_candidates(const float* in, float* out, int64_t M, Pool pool, int64_t kernel, PoolScratch& scratch) {
+  const int64_t reach = pool == Pool::kNone ? 0 : std::min(kernel / 2, M);  // padding past the region adds nothing
+  if (reach == 0) {
+    std::copy(in, in + M, out);
+    return;
+  }
+  if (pool == Pool::kAvg) {
+    // Prefix sums in double: the differences of nearby prefixes stay exact to fp32.
+    std::vector<double>& prefix = scratch.prefix;
+    prefix.assign(M + 1, 0.0);
+    for (int64_t i = 0; i < M; ++i) prefix[i + 1] = prefix[i] + in[i];
+    const double inv_k = 1.0 / static_cast<double>(kernel);
+    for (int64_t i = 0; i < M; ++i) {
+      const int64_t a = std::max<int64_t>(0, i - reach), z = std::min(M, i + reach + 1);
+      out[i] = static_cast<float>((prefix[z] - prefix[a]) * inv_k);
+    }
+    return;
+  }
+  // Windows [i - r, i + r] slide right by one: a deque of slot indices with decreasing values.
+  std::vector<int64_t>& dq = scratch.deque;
+  dq.assign(M, 0);
+  int64_t head = 0, tail = 0, next = 0;
+  for (int64_t i = 0; i < M; ++i) {
+    for (const int64_t z = std::min(M, i + reach + 1); next < z; ++next) {
+      while (tail > head && !(in[dq[tail - 1]] > in[next])) --tail;
+      dq[tail++] = next;
+    }
+    while (dq[head] < i - reach) ++head;
+    out[i] = in[dq[head]];
+  }
+}
+
 // Normalize and pool the heads [begin, end) of the (b, j) grid, in place in out
 // (or from comb for mean_all). Pooling covers the candidate slots [0, M).
 inline void window_finish_heads(const WindowScoresParams& p, const float* comb, int64_t begin, int64_t end) {
   const int64_t C = p.capacity, W = p.window;
-  const int64_t r = p.pool == Pool::kNone ? 0 : p.pool_kernel / 2;
   std::vector<float> row(C);
-  std::vector<double> prefix;
-  std::vector<int64_t> dq;  // sliding-max deque of slot indices
+  PoolScratch scratch;
   for (int64_t bj = begin; bj < end; ++bj) {
     const int64_t b = bj / p.num_kv_heads, j = bj % p.num_kv_heads;
     const int64_t len = p.lengths[b * p.lengths_stride_b + j * p.lengths_stride_h];
@@ -493,41 +532,60 @@ inline void window_finish_heads(const WindowScoresParams& p, const float* comb, 
     const float* src = p.group_reduce == GroupReduce::kMeanAll ? comb + b * C : out;
     for (int64_t i = 0; i < C; ++i) row[i] = i < len ? src[i] : 0.f;
     if (p.normalize && M > 0) {
-      float top = row[0];
-      for (int64_t i = 1; i < M; ++i) top = std::max(top, row[i]);
+      const float top = *std::max_element(row.begin(), row.begin() + M);
       if (top > 0.f)
         for (int64_t i = 0; i < M; ++i) row[i] /= top;
     }
-    for (int64_t i = M; i < C; ++i) out[i] = row[i];
-    if (r == 0 || M == 0) {
-      for (int64_t i = 0; i < M; ++i) out[i] = row[i];
-      continue;
-    }
-    const int64_t reach = std::min(r, M);  // neighbours past the region are padding
-    if (p.pool == Pool::kAvg) {
-      // count_include_pad: the sum over in-region neighbours divided by the kernel size
-      prefix.assign(M + 1, 0.0);
-      for (int64_t i = 0; i < M; ++i) prefix[i + 1] = prefix[i] + row[i];
-      const double inv_k = 1.0 / static_cast<double>(p.pool_kernel);
-      for (int64_t i = 0; i < M; ++i) {
-        const int64_t a = std::max<int64_t>(0, i - reach), z = std::min(M, i + reach + 1);
-        out[i] = static_cast<float>((prefix[z] - prefix[a]) * inv_k);
-      }
-    } else {
-      // Windows [i - r, i + r] slide right by one: a deque of decreasing values.
-      dq.assign(M, 0);
-      int64_t head = 0, tail = 0, next = 0;
-      for (int64_t i = 0; i < M; ++i) {
-        const int64_t z = std::min(M, i + reach + 1);
-        for (; next < z; ++next) {
-          while (tail > head && !(row[dq[tail - 1]] > row[next])) --tail;
-          dq[tail++] = next;
-        }
-        while (dq[head] < i - reach) ++head;
-        out[i] = row[dq[head]];
-      }
-    }
+    std::copy(row.begin() + M, row.end(), out + M);
+    pool_candidates(row.data(), out, M, p.pool, p.pool_kernel, scratch);
   }
+}
+
+// Pass 1 splits each head's slots when there are fewer heads than twice the
+// threads, keeping at least four tiles per split.
+inline int64_t pass1_splits(int64_t heads, int64_t capacity, int64_t threads) {
+  if (heads == 0 || heads >= 2 * threads) return 1;
+  const int64_t want = (2 * threads + heads - 1) / heads;
+  const int64_t most = std::max<int64_t>(1, capacity / (4 * kTile));
+  return std::min(want, most);
+}
+
+// Pass 2 chunks: whole tiles, at most 16 per chunk, and enough chunks for four
+// items per thread.
+inline int64_t pass2_chunk(int64_t heads, int64_t capacity, int64_t threads) {
+  const int64_t per_head = std::max<int64_t>(1, (4 * threads + heads - 1) / std::max<int64_t>(heads, 1));
+  const int64_t chunk = round_up((capacity + per_head - 1) / per_head, kTile);
+  return std::clamp<int64_t>(chunk, kTile, 16 * kTile);
+}
+
+// The whole op (p.out set, lengths in [0, C]). `parallel_for(begin, end, grain, fn)`
+// runs fn(b, e) over chunks [b, e) of [begin, end) on `threads` threads.
+template <typename T, typename ParallelFor>
+void window_scores_run(const WindowScoresParams& p, int64_t threads, ParallelFor&& parallel_for) {
+  const int64_t heads = p.batch * p.num_kv_heads, C = p.capacity, R = p.group_size() * p.window;
+  if (heads * C == 0) return;
+  const int64_t splits = pass1_splits(heads, C, threads);
+  std::vector<float> pm(heads * splits * R), pl(heads * splits * R);
+  parallel_for(0, heads * splits, 1, [&](int64_t begin, int64_t end) {
+    window_pass1_items<T>(p, splits, pm.data(), pl.data(), begin, end);
+  });
+  const int64_t chunk = pass2_chunk(heads, C, threads);
+  const int64_t chunks = (C + chunk - 1) / chunk;
+  parallel_for(0, heads * chunks, 1, [&](int64_t begin, int64_t end) {
+    window_pass2_items<T>(p, splits, pm.data(), pl.data(), chunk, begin, end);
+  });
+
+  const bool mean_all = p.group_reduce == GroupReduce::kMeanAll;
+  const bool pooled = p.pool != Pool::kNone && p.pool_kernel > 1;
+  if (!mean_all && !pooled && !p.normalize) return;
+  std::vector<float> comb;
+  if (mean_all) {
+    comb.resize(p.batch * C);
+    parallel_for(0, p.batch * C, 4096, [&](int64_t begin, int64_t end) {
+      window_combine_mean_all(p, comb.data(), begin, end);
+    });
+  }
+  parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) { window_finish_heads(p, comb.data(), begin, end); });
 }
 
 }  // namespace kvkern::cpu::window
