@@ -13,8 +13,6 @@
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
 
-#include <vector>
-
 #include "cpu/key_redundancy_kernel.h"
 #include "torch/key_redundancy_args.h"
 
@@ -25,18 +23,8 @@ namespace rk = kvkern::cpu::redundancy;
 
 template <typename T>
 void run(const KeyRedundancyParams& p) {
-  const int64_t heads = p.batch * p.num_kv_heads, C = p.capacity;
-  std::vector<float> inv(heads * C), rowsum(heads * C), val(heads * C);
-  std::vector<int32_t> latest(heads * C);
-  torch::stable::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
-    rk::inverse_norms<T>(p, inv.data(), begin, end);
-  });
-  const int64_t blocks = (C + rk::kRows - 1) / rk::kRows;
-  torch::stable::parallel_for(0, heads * blocks, 1, [&](int64_t begin, int64_t end) {
-    rk::row_items<T>(p, inv.data(), rowsum.data(), latest.data(), val.data(), begin, end);
-  });
-  torch::stable::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
-    rk::finish_heads(p, rowsum.data(), latest.data(), val.data(), begin, end);
+  rk::key_redundancy_run<T>(p, [](int64_t begin, int64_t end, int64_t grain, const auto& fn) {
+    torch::stable::parallel_for(begin, end, grain, fn);
   });
 }
 
