@@ -201,7 +201,11 @@ def bench_eviction(benchmark, case, impl):
         idx = fn()[0]
         reference_fn = (kvkern_snapkv if case.kind == "snapkv" else kvkern_select_compact)(case, "auto")
         keep = reference_fn()
-        assert torch.equal(_kept_mask(idx, case.L), keep), f"eager and kvkern keep different slots on {case.name}"
+        differ = int((_kept_mask(idx, case.L) != keep).sum()) // 2
+        # The eager composite rounds its logits to the cache dtype (KVPress's matmul); kvkern
+        # accumulates in fp32. Slots near the cut may swap in 16-bit, never in fp32.
+        allowed = 0 if case.dtype == torch.float32 else case.B * case.Hkv * case.budget // 50
+        assert differ <= allowed, f"eager and kvkern keep {differ} different slots on {case.name}"
     if case.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()

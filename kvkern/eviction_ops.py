@@ -12,8 +12,8 @@ docstrings below summarise it.
 
 Shapes/dtypes/devices are checked by the ops themselves (one clear error each, before
 anything is written); these wrappers add the checks that need Python (argument types,
-the budget's form) and, on GPU tensors in eager mode, the feasibility checks that read
-values (a GPU kernel cannot raise without a host sync).
+the budget's form) and, in eager mode, the feasibility checks that read values (a GPU
+kernel cannot raise without a host sync, so it would leave an infeasible head untouched).
 """
 
 from __future__ import annotations
@@ -136,14 +136,15 @@ def _budget(public: str, budget, lengths: torch.Tensor):
     return None, _int(public, "budget", budget)
 
 
-def _eager_gpu(x: torch.Tensor) -> bool:
-    return x.device.type != "cpu" and not torch.compiler.is_compiling()
+def _eager(x: torch.Tensor) -> bool:
+    return not torch.compiler.is_compiling()
 
 
 def _check_feasible(public, lengths, positions, budgets, budget, n_sink, n_recent, protect_ranges, keep_mask,
                     segment_cuts, segment_min, C: int) -> None:
-    """GPU tensors, eager mode: the value checks the CPU kernels make, done here with one sync,
-    so an infeasible request raises instead of leaving heads untouched."""
+    """Eager mode: the value checks that read data, done here for every backend (one host sync
+    on a GPU), so an infeasible request raises the same ValueError everywhere instead of a GPU
+    kernel leaving the head untouched. Under torch.compile they are skipped (documented)."""
     from .reference import protected_mask
 
     if positions is None:
@@ -339,7 +340,7 @@ def _selection_args(public, scores, lengths, budget, positions, n_sink, n_recent
     budgets, budget_int = _budget(public, budget, lengths)
     _int(public, "n_sink", n_sink)
     _int(public, "n_recent", n_recent)
-    if _eager_gpu(lengths):
+    if _eager(lengths):
         _check_feasible(public, lengths, positions, budgets, budget_int, n_sink, n_recent, protect_ranges, keep_mask,
                         segment_cuts, segment_min, C)
     return budgets, budget_int
@@ -353,7 +354,7 @@ def select_keep(scores, lengths, budget, *, positions=None, n_sink=0, n_recent=0
     Protected: the first ``n_sink`` slots, the last ``n_recent`` valid slots, slots whose position
     lies in a ``[start, end)`` row of ``protect_ranges`` (int32 ``[R, 2]`` or ``[B, R, 2]``: system
     prompts, instructions — the Pitfalls whitelist) and ``keep_mask``. Ranking: higher score first,
-    ties toward the later slot, NaN as -inf. ``segment_cuts`` (int32 ``[S-1]`` increasing positions)
+    ties toward the later slot, NaN below every number. ``segment_cuts`` (int32 ``[S-1]`` increasing positions)
     splits positions into S segments that each keep their proportional share of the budget
     (Pitfalls fair eviction), or, with ``segment_min`` (int32 ``[S]``), at least that many slots.
 

@@ -104,7 +104,8 @@ def test_random_is_bit_exact_for_many_seeds(backend):
 
 
 def test_random_key_helper_matches_reference():
-    assert triton_scorers.random_key(seed_with_key(1)) == 1 and triton_scorers.random_key(seed_with_key(2**31)) == -2**31
+    assert triton_scorers.random_key(seed_with_key(1)) == 1
+    assert triton_scorers.random_key(seed_with_key(2**31)) == -2**31
     for seed in (0, 1, -1, 2**31, 2**32 + 5, -2**40, 123456789):
         ref = int(reference._lowbias32(torch.tensor((seed + 0x9E3779B9) & 0xFFFFFFFF, dtype=torch.int64)))
         assert triton_scorers.random_key(seed) % 2**32 == ref
@@ -249,3 +250,17 @@ def test_torch_compile_fullgraph(backend):
     compiled = torch.compile(step, fullgraph=True)
     args = (a["k_cache"], a["v_cache"], a["lengths"])
     assert_verbose_allclose(compiled(*args), step(*args), 1e-6, 1e-6)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="no Triton backend here")
+def test_triton_unchecked_bad_lengths_give_nan():
+    # On CUDA lengths values are never read on the host: a bad length gives NaN for that head.
+    B, Hkv, C, D = 2, 2, 21, 64
+    lengths = torch.tensor([[C, -1], [C + 5, 7]], dtype=torch.int32, device=DEVICE)
+    k, v, _, _ = make_cache(B, Hkv, C, D, torch.float32, lengths=lengths.clamp(0, C))
+    bad = (lengths < 0) | (lengths > C)
+    for kind in KINDS:
+        out = triton_scorers.launch_slot_scores(k, v, lengths, kind, triton_scorers.SLOT_SCORE_KINDS[kind], 3)
+        assert out[bad].isnan().all(), kind
+        ref = reference.slot_scores(k, v, lengths.clamp(0, C), kind, 3)
+        assert_verbose_allclose(out[~bad], ref[~bad], *SCORE_TOLERANCES[torch.float32], what=kind)

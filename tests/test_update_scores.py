@@ -218,3 +218,22 @@ def test_torch_compile_fullgraph(backend):
     out2 = step(h2, a["new"], a["lengths"], a["hist_lengths"])
     torch.testing.assert_close(out1, out2, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(h1, h2, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="no Triton backend here")
+@pytest.mark.parametrize("mode", MODES)
+def test_triton_unchecked_bad_lengths_leave_the_head_alone(mode):
+    # On CUDA lengths values are never read on the host: a head whose length is outside
+    # [0, C] is not written; hist_lengths outside [0, C] act as the reference reads them.
+    C = 19
+    lengths = torch.tensor([[C, -1, C + 3, 7, 12]], dtype=torch.int32, device=DEVICE)
+    hist_lengths = torch.tensor([[-4, 5, 5, C + 9, 3]], dtype=torch.int32, device=DEVICE)
+    hist = randn(1, 5, C, device=DEVICE)
+    new = randn(1, 5, C, device=DEVICE)
+    before = hist.clone()
+    triton_scorers.launch_update_scores(hist, new, lengths, hist_lengths, 0.7, triton_scorers.UPDATE_MODES[mode])
+    bad = ((lengths < 0) | (lengths > C))[0]
+    assert torch.equal(bits(hist[0, bad]), bits(before[0, bad]))
+    expected = before.clone()
+    reference.update_scores_(expected, new, lengths.clamp(0, C), hist_lengths, 0.7, mode)
+    assert torch.equal(hist[0, ~bad], expected[0, ~bad])

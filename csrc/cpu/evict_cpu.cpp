@@ -7,6 +7,8 @@
 // cache as it was.
 
 #include <torch/csrc/stable/library.h>
+
+#include "cpu/eviction_cpu_ops.h"
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
 
@@ -95,6 +97,9 @@ void check_select_feasible(const char* op, const SelectParams& p) {
 
 int64_t element_size(ScalarType dt) { return dt == ScalarType::Float ? 4 : 2; }
 
+}  // namespace
+
+// The op implementations: external linkage, declared in cpu/eviction_cpu_ops.h.
 std::tuple<Tensor, Tensor> select_keep_cpu(
     const Tensor& scores, const Tensor& lengths, const std::optional<Tensor>& positions,
     const std::optional<Tensor>& budgets, int64_t budget, int64_t n_sink, int64_t n_recent,
@@ -191,7 +196,6 @@ Tensor allocate_head_budgets_cpu(const Tensor& scores, const Tensor& lengths, in
   return out;
 }
 
-}  // namespace
 }  // namespace kvkern::torch_glue
 
 STABLE_TORCH_LIBRARY_IMPL(kvkern, CPU, m) {

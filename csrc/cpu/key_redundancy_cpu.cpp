@@ -8,10 +8,10 @@
 #endif
 
 #include <torch/csrc/stable/library.h>
+
+#include "cpu/eviction_cpu_ops.h"
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
-
-#include <vector>
 
 #include "cpu/key_redundancy_kernel.h"
 #include "torch/key_redundancy_args.h"
@@ -23,21 +23,14 @@ namespace rk = kvkern::cpu::redundancy;
 
 template <typename T>
 void run(const KeyRedundancyParams& p) {
-  const int64_t heads = p.batch * p.num_kv_heads, C = p.capacity;
-  std::vector<float> inv(heads * C), rowsum(heads * C), val(heads * C);
-  std::vector<int32_t> latest(heads * C);
-  torch::stable::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
-    rk::inverse_norms<T>(p, inv.data(), begin, end);
-  });
-  const int64_t blocks = (C + rk::kRows - 1) / rk::kRows;
-  torch::stable::parallel_for(0, heads * blocks, 1, [&](int64_t begin, int64_t end) {
-    rk::row_items<T>(p, inv.data(), rowsum.data(), latest.data(), val.data(), begin, end);
-  });
-  torch::stable::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
-    rk::finish_heads(p, rowsum.data(), latest.data(), val.data(), begin, end);
+  rk::key_redundancy_run<T>(p, [](int64_t begin, int64_t end, int64_t grain, const auto& fn) {
+    torch::stable::parallel_for(begin, end, grain, fn);
   });
 }
 
+}  // namespace
+
+// The op implementations: external linkage, declared in cpu/eviction_cpu_ops.h.
 Tensor key_redundancy_cpu(const Tensor& k_cache, const Tensor& lengths, int64_t n_window, double threshold) {
   const char* op = "kvkern::key_redundancy";
   KeyRedundancyParams p = make_key_redundancy_params(op, k_cache, lengths, n_window, threshold);
@@ -56,7 +49,6 @@ Tensor key_redundancy_cpu(const Tensor& k_cache, const Tensor& lengths, int64_t 
   return out;
 }
 
-}  // namespace
 }  // namespace kvkern::torch_glue
 
 STABLE_TORCH_LIBRARY_IMPL(kvkern, CPU, m) {

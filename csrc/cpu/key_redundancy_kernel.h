@@ -25,8 +25,6 @@ namespace kvkern::cpu::redundancy {
 
 using window::kLanes;
 using window::kTile;
-using window::vf;
-using window::vi;
 
 constexpr int64_t kRows = 64;  // rows per work item: four SIMD vectors
 
@@ -52,31 +50,40 @@ void inverse_norms(const KeyRedundancyParams& p, float* inv, int64_t begin, int6
 }
 
 // One S tile (S[s][r] = <k_{n0+s}, k_{m0+r}>, rows r < kRows) folded into the row state.
+struct FoldTile {
+  template <typename V>
+  static KVKERN_WS_INLINE void run(const float* S, int64_t n, int64_t n0, const float* inv_col, const float* inv_row,
+                                   const int32_t* m_idx, float threshold, float* rowsum, int32_t* latest, float* val) {
+    using O = window::VecOps<V>;
+    using I = typename O::I;
+    const V thr = O::splat(threshold), ninf = O::splat(-std::numeric_limits<float>::infinity());
+    for (int64_t r = 0; r < kRows; r += O::kN) {
+      const V im = O::load(inv_row + r);
+      const I mi = O::iload(m_idx + r);
+      V sum = O::load(rowsum + r), v = O::load(val + r);
+      I lat = O::iload(latest + r);
+      for (int64_t s = 0; s < n; ++s) {
+        // Written so that GCC keeps it in vectors in every clone: it scalarizes
+        // (mask & float-compare) and ?: with a scalar arm.
+        const I col = O::isplat(static_cast<int32_t>(n0 + s));
+        const V c = O::load(S + s * kRows + r) * im * O::splat(inv_col[s]);
+        const I off_diag = mi != col;
+        sum += off_diag ? c : V{};
+        const V cand = off_diag ? c : ninf;
+        // Columns come in increasing order: the last one over the threshold is the largest.
+        lat = cand > thr ? col : lat;
+        v = cand > thr ? c : v;
+      }
+      O::store(rowsum + r, sum);
+      O::store(val + r, v);
+      O::istore(latest + r, lat);
+    }
+  }
+};
 KVKERN_WS_MULTIVERSION inline void fold_tile(const float* S, int64_t n, int64_t n0, const float* inv_col,
                                              const float* inv_row, const int32_t* m_idx, float threshold,
                                              float* rowsum, int32_t* latest, float* val) {
-  for (int64_t r = 0; r < kRows; r += kLanes) {
-    const vf im = window::vload(inv_row + r);
-    const vi mi = window::viload(m_idx + r);
-    vf sum = window::vload(rowsum + r), v = window::vload(val + r);
-    vi lat = window::viload(latest + r);
-    const vf thr = window::vsplat(threshold), ninf = window::vsplat(-std::numeric_limits<float>::infinity());
-    for (int64_t s = 0; s < n; ++s) {
-      // Written so that GCC keeps it in vectors in every clone: it scalarizes
-      // (mask & float-compare) and ?: with a scalar arm.
-      const vi col = window::vsplat_i(static_cast<int32_t>(n0 + s));
-      const vf c = window::vload(S + s * kRows + r) * im * window::vsplat(inv_col[s]);
-      const vi off_diag = mi != col;
-      sum += off_diag ? c : vf{};
-      const vf cand = off_diag ? c : ninf;
-      // Columns come in increasing order: the last one over the threshold is the largest.
-      lat = cand > thr ? col : lat;
-      v = cand > thr ? c : v;
-    }
-    window::vstore(rowsum + r, sum);
-    window::vstore(val + r, v);
-    window::vistore(latest + r, lat);
-  }
+  window::with_simd<FoldTile>(S, n, n0, inv_col, inv_row, m_idx, threshold, rowsum, latest, val);
 }
 
 // Row-block items [begin, end) of the (b, j, block) grid: for rows m < L,
@@ -147,6 +154,23 @@ inline void finish_heads(const KeyRedundancyParams& p, float* rowsum, const int3
     for (int64_t m = 0; m < M; ++m) out[m] = std::exp(red[m] * inv_len - top);
     for (int64_t m = M; m < C; ++m) out[m] = 0.f;
   }
+}
+
+// The whole op (p.out set, lengths in [0, C]); parallel_for as for window_scores_run.
+template <typename T, typename ParallelFor>
+void key_redundancy_run(const KeyRedundancyParams& p, ParallelFor&& parallel_for) {
+  const int64_t heads = p.batch * p.num_kv_heads, C = p.capacity;
+  if (heads * C == 0) return;
+  std::vector<float> inv(heads * C), rowsum(heads * C), val(heads * C);
+  std::vector<int32_t> latest(heads * C);
+  parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) { inverse_norms<T>(p, inv.data(), begin, end); });
+  const int64_t blocks = (C + kRows - 1) / kRows;
+  parallel_for(0, heads * blocks, 1, [&](int64_t begin, int64_t end) {
+    row_items<T>(p, inv.data(), rowsum.data(), latest.data(), val.data(), begin, end);
+  });
+  parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
+    finish_heads(p, rowsum.data(), latest.data(), val.data(), begin, end);
+  });
 }
 
 }  // namespace kvkern::cpu::redundancy

@@ -4,6 +4,8 @@
 // read here), output allocation, and the parallel loop over (batch, kv head).
 
 #include <torch/csrc/stable/library.h>
+
+#include "cpu/eviction_cpu_ops.h"
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
 
@@ -37,6 +39,9 @@ Tensor new_scores(const Tensor& like, int64_t B, int64_t H, int64_t C) {
   return torch::stable::new_empty(like, {B, H, C}, ScalarType::Float);
 }
 
+}  // namespace
+
+// The op implementations: external linkage, declared in cpu/eviction_cpu_ops.h.
 Tensor expected_attention_scores_cpu(const Tensor& mean, const std::optional<Tensor>& cov,
                                      const Tensor& k_cache, const std::optional<Tensor>& v_cache,
                                      const Tensor& lengths, int64_t n_sink, double epsilon,
@@ -107,7 +112,6 @@ void update_scores_cpu(Tensor hist, const Tensor& fresh, const Tensor& lengths,
   });
 }
 
-}  // namespace
 }  // namespace kvkern::torch_glue
 
 STABLE_TORCH_LIBRARY_IMPL(kvkern, CPU, m) {

@@ -26,17 +26,23 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "float_convert.h"
 
 // Functions doing per-element work are compiled once per x86-64 level and
 // picked at load time; their helpers are always inlined so they take the ISA
-// of the clone they land in.
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+// of the clone they land in. KVKERN_CPU_NO_MULTIVERSION (a test hook) builds
+// for the compiler's target only (e.g. -march=x86-64-v3 checks the AVX2 paths).
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define KVKERN_WS_HAVE_AVX512BF16 1  // the AVX512-BF16 GEMM exists (run only where the CPU has it)
+#if defined(__linux__) && !defined(KVKERN_CPU_NO_MULTIVERSION)
 #define KVKERN_WS_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#define KVKERN_WS_HAVE_AVX512BF16 1
-#else
+#define KVKERN_WS_RUNTIME_ISA 1
+#endif
+#endif
+#ifndef KVKERN_WS_MULTIVERSION
 #define KVKERN_WS_MULTIVERSION
 #endif
 #define KVKERN_WS_INLINE inline __attribute__((always_inline))
@@ -48,50 +54,99 @@
 
 namespace kvkern::cpu::window {
 
-// One SIMD vector of 16 fp32 lanes (one AVX-512 register, two AVX2 ones).
+// Rows are padded to multiples of 16 fp32 lanes (one AVX-512 register). Each
+// vector step is a template over the vector type and runs with the type that
+// fills one register of the clone's ISA: 16 lanes (AVX-512), 8 (AVX2), 4
+// (baseline). A wider GCC vector than the ISA's registers compiles to spills.
 constexpr int kLanes = 16;
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef float vf_u __attribute__((vector_size(64), aligned(4)));
-typedef int32_t vi_u __attribute__((vector_size(64), aligned(4)));
-
 constexpr int64_t kTile = 64;  // slots per tile: the S tile is kTile x (rows padded to 16)
 
-KVKERN_WS_INLINE vf vload(const float* p) { return *reinterpret_cast<const vf_u*>(p); }
-KVKERN_WS_INLINE void vstore(float* p, vf v) { *reinterpret_cast<vf_u*>(p) = v; }
-KVKERN_WS_INLINE vi viload(const int32_t* p) { return *reinterpret_cast<const vi_u*>(p); }
-KVKERN_WS_INLINE void vistore(int32_t* p, vi v) { *reinterpret_cast<vi_u*>(p) = v; }
-// A shuffle of lane 0 compiles to one broadcast (vf{} + x adds +0, which is not
-// a no-op for -0, and a 16-lane initializer list is built lane by lane).
-KVKERN_WS_INLINE vf vsplat(float x) { return __builtin_shuffle(vf{x}, vi{}); }
-KVKERN_WS_INLINE vi vsplat_i(int32_t x) { return __builtin_shuffle(vi{x}, vi{}); }
-KVKERN_WS_INLINE vf vmax(vf a, vf b) { return a > b ? a : b; }
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+typedef float vf8 __attribute__((vector_size(32)));
+typedef int32_t vi8 __attribute__((vector_size(32)));
+typedef float vf4 __attribute__((vector_size(16)));
+typedef int32_t vi4 __attribute__((vector_size(16)));
+
+// Loads, stores and broadcasts of vector type V (unaligned; int lanes VecOps<V>::I).
+template <typename V>
+struct VecOps;
+#define KVKERN_WS_VEC_OPS(VF, VI)                                                                        \
+  template <>                                                                                          \
+  struct VecOps<VF> {                                                                                  \
+    static constexpr int kN = sizeof(VF) / sizeof(float);                                              \
+    using I = VI;                                                                                      \
+    static KVKERN_WS_INLINE VF load(const float* p) { VF v; std::memcpy(&v, p, sizeof(v)); return v; } \
+    static KVKERN_WS_INLINE void store(float* p, VF v) { std::memcpy(p, &v, sizeof(v)); }              \
+    static KVKERN_WS_INLINE VI iload(const int32_t* p) { VI v; std::memcpy(&v, p, sizeof(v)); return v; } \
+    static KVKERN_WS_INLINE void istore(int32_t* p, VI v) { std::memcpy(p, &v, sizeof(v)); }          \
+    /* A shuffle of lane 0 is one broadcast (VF{} + x adds +0, not a no-op for -0; */                  \
+    /* an initializer list is built lane by lane). */                                                  \
+    static KVKERN_WS_INLINE VF splat(float x) { return __builtin_shuffle(VF{x}, VI{}); }               \
+    static KVKERN_WS_INLINE VI isplat(int32_t x) { return __builtin_shuffle(VI{x}, VI{}); }            \
+  };
+KVKERN_WS_VEC_OPS(vf, vi)
+KVKERN_WS_VEC_OPS(vf8, vi8)
+KVKERN_WS_VEC_OPS(vf4, vi4)
+#undef KVKERN_WS_VEC_OPS
+
+template <typename V>
+KVKERN_WS_INLINE V vmax(V a, V b) { return a > b ? a : b; }
 
 // exp for fp32 lanes: Cody-Waite range reduction and cephes' degree-6
 // polynomial (about 1 ulp). Inputs below -87.3 (including -inf) give 0; NaN
 // stays NaN. libm's expf does not vectorize without -ffast-math.
-KVKERN_WS_INLINE vf vexp(vf x) {
-  const vf lo = vsplat(-87.33654f), hi = vsplat(88.37626f);
-  const vi under = x < lo;
+template <typename V>
+KVKERN_WS_INLINE V vexp(V x) {
+  using O = VecOps<V>;
+  using I = typename O::I;
+  const V lo = O::splat(-87.33654f), hi = O::splat(88.37626f);
+  const I under = x < lo;
   x = x < lo ? lo : x;
   x = x > hi ? hi : x;
-  const vf magic = vsplat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  const vf t = x * 1.44269504088896341f + magic;
-  const vf n = t - magic;
-  const vi ni = (vi)t - 0x4B400000;  // vector casts reinterpret the bits
-  vf r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  const vf z = r * r;
-  vf y = vsplat(1.9875691500e-4f);
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * z + r + 1.0f;
-  const vi e = (ni + 127) << 23;
-  y = y * (vf)e;
-  return under ? vf{} : y;
+  const V magic = O::splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const V t = x * O::splat(1.44269504088896341f) + magic;
+  const V n = t - magic;
+  const I ni = (I)t - O::isplat(0x4B400000);  // vector casts reinterpret the bits
+  V r = x - n * O::splat(0.693359375f);
+  r = r - n * O::splat(-2.12194440e-4f);
+  const V z = r * r;
+  V y = O::splat(1.9875691500e-4f);
+  y = y * r + O::splat(1.3981999507e-3f);
+  y = y * r + O::splat(8.3334519073e-3f);
+  y = y * r + O::splat(4.1665795894e-2f);
+  y = y * r + O::splat(1.6666665459e-1f);
+  y = y * r + O::splat(5.0000001201e-1f);
+  y = y * z + r + O::splat(1.0f);
+  const I e = (ni + O::isplat(127)) << 23;
+  y = y * (V)e;
+  return under ? V{} : y;
+}
+
+// 0: baseline, 1: AVX2 + FMA, 2: AVX-512 (the clone that runs has at least this).
+KVKERN_WS_INLINE int cpu_simd_level() {
+#if defined(KVKERN_WS_RUNTIME_ISA)
+  static const int level = __builtin_cpu_supports("avx512f")                                   ? 2
+                           : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? 1
+                                                                                              : 0;
+  return level;
+#elif defined(__AVX512F__)
+  return 2;
+#elif defined(__AVX2__) && defined(__FMA__)
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// Calls F::template run<V>(args...) with the vector type of the CPU's level.
+template <typename F, typename... Args>
+KVKERN_WS_INLINE void with_simd(Args&&... args) {
+  switch (cpu_simd_level()) {
+    case 2: F::template run<vf>(args...); break;
+    case 1: F::template run<vf8>(args...); break;
+    default: F::template run<vf4>(args...); break;
+  }
 }
 
 // Sum of n floats with 8 independent partial sums (vectorizes without reassociation flags).
@@ -111,60 +166,61 @@ KVKERN_WS_INLINE float sum_floats(const float* x, int64_t n) {
 // r < Rp (a multiple of 16). QT is the row operand transposed ([D][ldq]), K the
 // slot rows (fp32, row stride ldk), S has row stride lds.
 
-// SB slots x NV vectors of 16 rows per block, accumulators in registers.
-template <int SB, int NV>
+// SB slots x NV vectors V of rows per block, accumulators in registers.
+template <typename V, int SB, int NV>
 KVKERN_WS_INLINE void gemm_block(const float* QT, int64_t ldq, const float* K, int64_t ldk, int64_t D,
                                  float* S, int64_t lds) {
-  vf acc[SB][NV];
+  using O = VecOps<V>;
+  V acc[SB][NV];
 #pragma GCC unroll 8
   for (int s = 0; s < SB; ++s)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[s][v] = vf{};
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[s][v] = V{};
   for (int64_t d = 0; d < D; ++d) {
-    vf a[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) a[v] = vload(QT + d * ldq + v * kLanes);
+    V a[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) a[v] = O::load(QT + d * ldq + v * O::kN);
 #pragma GCC unroll 8
     for (int s = 0; s < SB; ++s) {
-      const vf kb = vsplat(K[s * ldk + d]);
-#pragma GCC unroll 4
+      const V kb = O::splat(K[s * ldk + d]);
+#pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) acc[s][v] += kb * a[v];
     }
   }
 #pragma GCC unroll 8
   for (int s = 0; s < SB; ++s)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) vstore(S + s * lds + v * kLanes, acc[s][v]);
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) O::store(S + s * lds + v * O::kN, acc[s][v]);
 }
 
-template <int SB>
+// Rows [0, Rp) (Rp a multiple of 16) in blocks of 32 then 16 (AVX-512), or of 16.
+template <typename V, int SB>
 KVKERN_WS_INLINE void gemm_slots(const float* QT, int64_t ldq, int64_t Rp, const float* K, int64_t ldk,
                                  int64_t D, float* S, int64_t lds) {
+  constexpr int kPer16 = kLanes / VecOps<V>::kN;
   int64_t r = 0;
-  for (; r + 2 * kLanes <= Rp; r += 2 * kLanes) gemm_block<SB, 2>(QT + r, ldq, K, ldk, D, S + r, lds);
-  if (r < Rp) gemm_block<SB, 1>(QT + r, ldq, K, ldk, D, S + r, lds);
+  if constexpr (kPer16 == 1)
+    for (; r + 2 * kLanes <= Rp; r += 2 * kLanes) gemm_block<V, SB, 2>(QT + r, ldq, K, ldk, D, S + r, lds);
+  for (; r < Rp; r += kLanes) gemm_block<V, SB, kPer16>(QT + r, ldq, K, ldk, D, S + r, lds);
 }
 
-KVKERN_WS_INLINE bool cpu_has_avx512() {
-#if defined(KVKERN_WS_HAVE_AVX512BF16)
-  static const bool yes = __builtin_cpu_supports("avx512f");
-  return yes;
-#else
-  return false;
-#endif
+template <typename V, int SB>
+KVKERN_WS_INLINE void gemm_tile_with(const float* QT, int64_t ldq, int64_t Rp, const float* K, int64_t ldk,
+                                     int64_t n, int64_t D, float* S, int64_t lds) {
+  int64_t s = 0;
+  for (; s + SB <= n; s += SB) gemm_slots<V, SB>(QT, ldq, Rp, K + s * ldk, ldk, D, S + s * lds, lds);
+  for (; s < n; ++s) gemm_slots<V, 1>(QT, ldq, Rp, K + s * ldk, ldk, D, S + s * lds, lds);
 }
 
+// Accumulators per ISA: AVX-512 8 slots x 2 zmm (16 of 32 registers); AVX2
+// 4 slots x 2 ymm (8 of 16); baseline 2 slots x 4 xmm (8 of 16).
 KVKERN_WS_MULTIVERSION inline void gemm_tile_f32(const float* QT, int64_t ldq, int64_t Rp, const float* K,
                                                  int64_t ldk, int64_t n, int64_t D, float* S, int64_t lds) {
-  int64_t s = 0;
-  // 8 slots x 2 vectors: 16 accumulators, half of AVX-512's 32 registers. AVX2
-  // has 16 (and a vector is two of them): 2 slots x 2 vectors.
-  if (cpu_has_avx512()) {
-    for (; s + 8 <= n; s += 8) gemm_slots<8>(QT, ldq, Rp, K + s * ldk, ldk, D, S + s * lds, lds);
-  } else {
-    for (; s + 2 <= n; s += 2) gemm_slots<2>(QT, ldq, Rp, K + s * ldk, ldk, D, S + s * lds, lds);
+  switch (cpu_simd_level()) {
+    case 2: gemm_tile_with<vf, 8>(QT, ldq, Rp, K, ldk, n, D, S, lds); break;
+    case 1: gemm_tile_with<vf8, 4>(QT, ldq, Rp, K, ldk, n, D, S, lds); break;
+    default: gemm_tile_with<vf4, 2>(QT, ldq, Rp, K, ldk, n, D, S, lds); break;
   }
-  for (; s < n; ++s) gemm_slots<1>(QT, ldq, Rp, K + s * ldk, ldk, D, S + s * lds, lds);
 }
 
 #if defined(KVKERN_WS_HAVE_AVX512BF16)
@@ -209,7 +265,7 @@ KVKERN_WS_BF16_TARGET inline void gemm_tile_bf16(const uint32_t* QV, int64_t ldq
 #endif
 
 inline bool cpu_has_avx512bf16() {
-#if defined(KVKERN_WS_HAVE_AVX512BF16)
+#if defined(KVKERN_WS_HAVE_AVX512BF16) && (defined(KVKERN_WS_RUNTIME_ISA) || defined(__AVX512BF16__))
   static const bool yes = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   return yes;
@@ -303,45 +359,67 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // Scales the logits and hides slot (t0 + s) from rows whose window query comes
 // before it: row r sees slot i iff i <= L - W + t_of[r] (rows >= R have a huge t).
-KVKERN_WS_MULTIVERSION inline void scale_and_mask(float* S, int64_t n, int64_t Rp, float scale, int64_t first_slot,
-                                                  int64_t causal_from, const int32_t* t_of) {
-  const vf ninf = vsplat(-std::numeric_limits<float>::infinity());
-  for (int64_t s = 0; s < n; ++s) {
-    float* row = S + s * Rp;
-    const int64_t u = first_slot + s - causal_from;  // rows with t < u are masked
-    if (u <= 0) {
-      for (int64_t r = 0; r < Rp; r += kLanes) vstore(row + r, vload(row + r) * scale);
-    } else {
-      const int32_t uu = static_cast<int32_t>(std::min<int64_t>(u, std::numeric_limits<int32_t>::max()));
-      for (int64_t r = 0; r < Rp; r += kLanes) {
-        const vf x = vload(row + r) * scale;
-        vstore(row + r, viload(t_of + r) < uu ? ninf : x);
+struct ScaleAndMask {
+  template <typename V>
+  static KVKERN_WS_INLINE void run(float* S, int64_t n, int64_t Rp, float scale, int64_t first_slot,
+                                   int64_t causal_from, const int32_t* t_of) {
+    using O = VecOps<V>;
+    const V sc = O::splat(scale), ninf = O::splat(-std::numeric_limits<float>::infinity());
+    for (int64_t s = 0; s < n; ++s) {
+      float* row = S + s * Rp;
+      const int64_t u = first_slot + s - causal_from;  // rows with t < u are masked
+      if (u <= 0) {
+        for (int64_t r = 0; r < Rp; r += O::kN) O::store(row + r, O::load(row + r) * sc);
+      } else {
+        const auto uu = O::isplat(static_cast<int32_t>(std::min<int64_t>(u, std::numeric_limits<int32_t>::max())));
+        for (int64_t r = 0; r < Rp; r += O::kN) {
+          const V x = O::load(row + r) * sc;
+          O::store(row + r, O::iload(t_of + r) < uu ? ninf : x);
+        }
       }
     }
   }
+};
+KVKERN_WS_MULTIVERSION inline void scale_and_mask(float* S, int64_t n, int64_t Rp, float scale, int64_t first_slot,
+                                                  int64_t causal_from, const int32_t* t_of) {
+  with_simd<ScaleAndMask>(S, n, Rp, scale, first_slot, causal_from, t_of);
 }
 
 // Online max / sum-of-exp update of rows [0, Rp) with one tile.
-KVKERN_WS_MULTIVERSION inline void online_lse(const float* S, int64_t n, int64_t Rp, float* m, float* l) {
-  const float ninf_s = -std::numeric_limits<float>::infinity();
-  const vf ninf = vsplat(ninf_s);
-  for (int64_t r = 0; r < Rp; r += kLanes) {
-    const vf m_old = vload(m + r);
-    vf tmax = ninf;
-    for (int64_t s = 0; s < n; ++s) tmax = vmax(tmax, vload(S + s * Rp + r));
-    const vf m_new = vmax(m_old, tmax);
-    const vf ref = m_new == ninf ? vf{} : m_new;  // all -inf so far: exp(-inf - 0) = 0, not NaN
-    vf sum = vf{};
-    for (int64_t s = 0; s < n; ++s) sum += vexp(vload(S + s * Rp + r) - ref);
-    vstore(l + r, vload(l + r) * vexp(m_old - ref) + sum);
-    vstore(m + r, m_new);
+struct OnlineLse {
+  template <typename V>
+  static KVKERN_WS_INLINE void run(const float* S, int64_t n, int64_t Rp, float* m, float* l) {
+    using O = VecOps<V>;
+    const V ninf = O::splat(-std::numeric_limits<float>::infinity());
+    for (int64_t r = 0; r < Rp; r += O::kN) {
+      const V m_old = O::load(m + r);
+      V tmax = ninf;
+      for (int64_t s = 0; s < n; ++s) tmax = vmax(tmax, O::load(S + s * Rp + r));
+      const V m_new = vmax(m_old, tmax);
+      const V ref = m_new == ninf ? V{} : m_new;  // all -inf so far: exp(-inf - 0) = 0, not NaN
+      V sum = V{};
+      for (int64_t s = 0; s < n; ++s) sum += vexp(O::load(S + s * Rp + r) - ref);
+      O::store(l + r, O::load(l + r) * vexp(m_old - ref) + sum);
+      O::store(m + r, m_new);
+    }
   }
+};
+KVKERN_WS_MULTIVERSION inline void online_lse(const float* S, int64_t n, int64_t Rp, float* m, float* l) {
+  with_simd<OnlineLse>(S, n, Rp, m, l);
 }
 
 // p = exp(S - lse) in place (lse = +inf for rows without a visible slot).
+struct Probs {
+  template <typename V>
+  static KVKERN_WS_INLINE void run(float* S, int64_t n, int64_t Rp, const float* lse) {
+    using O = VecOps<V>;
+    for (int64_t s = 0; s < n; ++s)
+      for (int64_t r = 0; r < Rp; r += O::kN)
+        O::store(S + s * Rp + r, vexp(O::load(S + s * Rp + r) - O::load(lse + r)));
+  }
+};
 KVKERN_WS_MULTIVERSION inline void probs(float* S, int64_t n, int64_t Rp, const float* lse) {
-  for (int64_t s = 0; s < n; ++s)
-    for (int64_t r = 0; r < Rp; r += kLanes) vstore(S + s * Rp + r, vexp(vload(S + s * Rp + r) - vload(lse + r)));
+  with_simd<Probs>(S, n, Rp, lse);
 }
 
 // ---------------------------------------------------------------------------
@@ -477,14 +555,53 @@ inline void window_combine_mean_all(const WindowScoresParams& p, float* comb, in
   }
 }
 
+// Scratch of pool_candidates, reused across calls.
+struct PoolScratch {
+  std::vector<double> prefix;
+  std::vector<int64_t> deque;
+};
+
+// out[i] for i < M: the pool of in over [i - kernel/2, i + kernel/2] inside [0, M)
+// (kvkern.reference.pool_scores): avg = the in-region sum / kernel (padding counts
+// as 0), max = the in-region max. Pool::kNone or kernel 1 copies. No overlap of in and out.
+inline void pool_candidates(const float* in, float* out, int64_t M, Pool pool, int64_t kernel, PoolScratch& scratch) {
+  const int64_t reach = pool == Pool::kNone ? 0 : std::min(kernel / 2, M);  // padding past the region adds nothing
+  if (reach == 0) {
+    std::copy(in, in + M, out);
+    return;
+  }
+  if (pool == Pool::kAvg) {
+    // Prefix sums in double: the differences of nearby prefixes stay exact to fp32.
+    std::vector<double>& prefix = scratch.prefix;
+    prefix.assign(M + 1, 0.0);
+    for (int64_t i = 0; i < M; ++i) prefix[i + 1] = prefix[i] + in[i];
+    const double inv_k = 1.0 / static_cast<double>(kernel);
+    for (int64_t i = 0; i < M; ++i) {
+      const int64_t a = std::max<int64_t>(0, i - reach), z = std::min(M, i + reach + 1);
+      out[i] = static_cast<float>((prefix[z] - prefix[a]) * inv_k);
+    }
+    return;
+  }
+  // Windows [i - r, i + r] slide right by one: a deque of slot indices with decreasing values.
+  std::vector<int64_t>& dq = scratch.deque;
+  dq.assign(M, 0);
+  int64_t head = 0, tail = 0, next = 0;
+  for (int64_t i = 0; i < M; ++i) {
+    for (const int64_t z = std::min(M, i + reach + 1); next < z; ++next) {
+      while (tail > head && !(in[dq[tail - 1]] > in[next])) --tail;
+      dq[tail++] = next;
+    }
+    while (dq[head] < i - reach) ++head;
+    out[i] = in[dq[head]];
+  }
+}
+
 // Normalize and pool the heads [begin, end) of the (b, j) grid, in place in out
 // (or from comb for mean_all). Pooling covers the candidate slots [0, M).
 inline void window_finish_heads(const WindowScoresParams& p, const float* comb, int64_t begin, int64_t end) {
   const int64_t C = p.capacity, W = p.window;
-  const int64_t r = p.pool == Pool::kNone ? 0 : p.pool_kernel / 2;
   std::vector<float> row(C);
-  std::vector<double> prefix;
-  std::vector<int64_t> dq;  // sliding-max deque of slot indices
+  PoolScratch scratch;
   for (int64_t bj = begin; bj < end; ++bj) {
     const int64_t b = bj / p.num_kv_heads, j = bj % p.num_kv_heads;
     const int64_t len = p.lengths[b * p.lengths_stride_b + j * p.lengths_stride_h];
@@ -493,41 +610,60 @@ inline void window_finish_heads(const WindowScoresParams& p, const float* comb, 
     const float* src = p.group_reduce == GroupReduce::kMeanAll ? comb + b * C : out;
     for (int64_t i = 0; i < C; ++i) row[i] = i < len ? src[i] : 0.f;
     if (p.normalize && M > 0) {
-      float top = row[0];
-      for (int64_t i = 1; i < M; ++i) top = std::max(top, row[i]);
+      const float top = *std::max_element(row.begin(), row.begin() + M);
       if (top > 0.f)
         for (int64_t i = 0; i < M; ++i) row[i] /= top;
     }
-    for (int64_t i = M; i < C; ++i) out[i] = row[i];
-    if (r == 0 || M == 0) {
-      for (int64_t i = 0; i < M; ++i) out[i] = row[i];
-      continue;
-    }
-    const int64_t reach = std::min(r, M);  // neighbours past the region are padding
-    if (p.pool == Pool::kAvg) {
-      // count_include_pad: the sum over in-region neighbours divided by the kernel size
-      prefix.assign(M + 1, 0.0);
-      for (int64_t i = 0; i < M; ++i) prefix[i + 1] = prefix[i] + row[i];
-      const double inv_k = 1.0 / static_cast<double>(p.pool_kernel);
-      for (int64_t i = 0; i < M; ++i) {
-        const int64_t a = std::max<int64_t>(0, i - reach), z = std::min(M, i + reach + 1);
-        out[i] = static_cast<float>((prefix[z] - prefix[a]) * inv_k);
-      }
-    } else {
-      // Windows [i - r, i + r] slide right by one: a deque of decreasing values.
-      dq.assign(M, 0);
-      int64_t head = 0, tail = 0, next = 0;
-      for (int64_t i = 0; i < M; ++i) {
-        const int64_t z = std::min(M, i + reach + 1);
-        for (; next < z; ++next) {
-          while (tail > head && !(row[dq[tail - 1]] > row[next])) --tail;
-          dq[tail++] = next;
-        }
-        while (dq[head] < i - reach) ++head;
-        out[i] = row[dq[head]];
-      }
-    }
+    std::copy(row.begin() + M, row.end(), out + M);
+    pool_candidates(row.data(), out, M, p.pool, p.pool_kernel, scratch);
   }
+}
+
+// Pass 1 splits each head's slots when there are fewer heads than twice the
+// threads, keeping at least four tiles per split.
+inline int64_t pass1_splits(int64_t heads, int64_t capacity, int64_t threads) {
+  if (heads == 0 || heads >= 2 * threads) return 1;
+  const int64_t want = (2 * threads + heads - 1) / heads;
+  const int64_t most = std::max<int64_t>(1, capacity / (4 * kTile));
+  return std::min(want, most);
+}
+
+// Pass 2 chunks: whole tiles, at most 16 per chunk, and enough chunks for four
+// items per thread.
+inline int64_t pass2_chunk(int64_t heads, int64_t capacity, int64_t threads) {
+  const int64_t per_head = std::max<int64_t>(1, (4 * threads + heads - 1) / std::max<int64_t>(heads, 1));
+  const int64_t chunk = round_up((capacity + per_head - 1) / per_head, kTile);
+  return std::clamp<int64_t>(chunk, kTile, 16 * kTile);
+}
+
+// The whole op (p.out set, lengths in [0, C]). `parallel_for(begin, end, grain, fn)`
+// runs fn(b, e) over chunks [b, e) of [begin, end) on `threads` threads.
+template <typename T, typename ParallelFor>
+void window_scores_run(const WindowScoresParams& p, int64_t threads, ParallelFor&& parallel_for) {
+  const int64_t heads = p.batch * p.num_kv_heads, C = p.capacity, R = p.group_size() * p.window;
+  if (heads * C == 0) return;
+  const int64_t splits = pass1_splits(heads, C, threads);
+  std::vector<float> pm(heads * splits * R), pl(heads * splits * R);
+  parallel_for(0, heads * splits, 1, [&](int64_t begin, int64_t end) {
+    window_pass1_items<T>(p, splits, pm.data(), pl.data(), begin, end);
+  });
+  const int64_t chunk = pass2_chunk(heads, C, threads);
+  const int64_t chunks = (C + chunk - 1) / chunk;
+  parallel_for(0, heads * chunks, 1, [&](int64_t begin, int64_t end) {
+    window_pass2_items<T>(p, splits, pm.data(), pl.data(), chunk, begin, end);
+  });
+
+  const bool mean_all = p.group_reduce == GroupReduce::kMeanAll;
+  const bool pooled = p.pool != Pool::kNone && p.pool_kernel > 1;
+  if (!mean_all && !pooled && !p.normalize) return;
+  std::vector<float> comb;
+  if (mean_all) {
+    comb.resize(p.batch * C);
+    parallel_for(0, p.batch * C, 4096, [&](int64_t begin, int64_t end) {
+      window_combine_mean_all(p, comb.data(), begin, end);
+    });
+  }
+  parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) { window_finish_heads(p, comb.data(), begin, end); });
 }
 
 }  // namespace kvkern::cpu::window

@@ -123,7 +123,12 @@ inline SelectParams make_select_params(
   }
   if (segment_cuts.has_value()) {
     check_int_vector(op, "segment_cuts", *segment_cuts, scores, "[S - 1]");
-    p.segment_cuts = static_cast<const int32_t*>(segment_cuts->const_data_ptr());
+    // An empty tensor may have no storage; one segment still means "segment mode"
+    // (quotas or minima), so point at something that is never read.
+    static const int32_t kNoCuts = 0;
+    p.segment_cuts = segment_cuts->numel() > 0
+                         ? static_cast<const int32_t*>(segment_cuts->const_data_ptr())
+                         : &kNoCuts;
     p.num_segments = segment_cuts->size(0) + 1;
   }
   if (segment_min.has_value()) {

@@ -7,17 +7,22 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "window_scores_args.h"
 
 namespace kvkern::torch_glue {
 
+namespace redundancy_args {
+
 // The largest float <= t: then (float c) > threshold decides exactly as c > t in double.
 inline float threshold_round_down(double t) {
   float f = static_cast<float>(t);
-  if (static_cast<double>(f) > t) f = std::nextafter(f, -INFINITY);
+  if (static_cast<double>(f) > t) f = std::nextafter(f, -std::numeric_limits<float>::infinity());
   return f;
 }
+
+}  // namespace redundancy_args
 
 // Everything but the output.
 inline KeyRedundancyParams make_key_redundancy_params(const char* op, const Tensor& k_cache,
@@ -49,7 +54,7 @@ inline KeyRedundancyParams make_key_redundancy_params(const char* op, const Tens
   p.lengths_stride_b = lengths.stride(0);
   p.lengths_stride_h = lengths.stride(1);
   p.n_window = n_window;
-  p.threshold = threshold_round_down(threshold);
+  p.threshold = redundancy_args::threshold_round_down(threshold);
   return p;
 }
 

@@ -250,12 +250,13 @@ def _run_select(scores, lengths, positions, budgets, budget, n_sink, n_recent, p
 
 def _run_compact(k_cache, v_cache, lengths_in, lengths_out, keep, positions, hist, log_w):
     B, H, C, D = k_cache.shape
-    if B * H == 0 or C == 0 or D == 0:
+    if B * H == 0 or C == 0:
         return
-    block_d = triton.next_power_of_2(D) if INTERPRET else min(64, triton.next_power_of_2(D))
+    block_d = triton.next_power_of_2(max(D, 1))
+    block_d = block_d if INTERPRET else min(64, block_d)
     block_s = 64 if INTERPRET else 32
     dummy = lengths_in
-    compact_kernel[(B * H, triton.cdiv(D, block_d))](
+    compact_kernel[(B * H, max(1, triton.cdiv(D, block_d)))](  # D = 0: still move the side arrays
         k_cache, v_cache, lengths_in, lengths_out, keep.view(torch.uint8),
         positions if positions is not None else dummy, hist if hist is not None else dummy,
         log_w if log_w is not None else dummy,

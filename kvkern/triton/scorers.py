@@ -167,6 +167,13 @@ def expected_attention_scores_triton(mean, cov, k_cache, v_cache, lengths, n_sin
     """
     sm_scale, epsilon = check_expected_attention_args(EA_OP, mean, cov, k_cache, v_cache, lengths, n_sink,
                                                       epsilon, sm_scale)
+    return launch_expected_attention(mean, cov, k_cache, v_cache, lengths, n_sink, epsilon, sm_scale)
+
+
+def launch_expected_attention(mean, cov, k_cache, v_cache, lengths, n_sink: int, epsilon: float,
+                              sm_scale: float) -> torch.Tensor:
+    """The kernels on checked arguments (``sm_scale`` filled in). Reads no tensor value: a
+    length outside [0, C] gives NaN scores for that head."""
     B, Hkv, C, D = k_cache.shape
     Hq = mean.shape[1]
     G = Hq // Hkv
@@ -262,6 +269,12 @@ def slot_scores_triton(k_cache, v_cache, lengths, kind, seed=0):
         ``[B, Hkv, C]`` float32 scores, contiguous; 0 past lengths. Nothing is mutated.
     """
     code = check_slot_scores_args(SLOT_OP, k_cache, v_cache, lengths, kind)
+    return launch_slot_scores(k_cache, v_cache, lengths, kind, code, seed)
+
+
+def launch_slot_scores(k_cache, v_cache, lengths, kind: str, code: int, seed: int) -> torch.Tensor:
+    """The kernels on checked arguments. Reads no tensor value: a length outside [0, C]
+    gives NaN scores for that head."""
     B, Hkv, C, D = k_cache.shape
     out = torch.empty((B, Hkv, C), dtype=torch.float32, device=k_cache.device)
     if out.numel() == 0:
@@ -337,6 +350,12 @@ def update_scores_triton_(hist, new, lengths, hist_lengths, decay, hist_mode="ma
     results match it bit for bit. Returns None.
     """
     decay, code = check_update_scores_args(UPDATE_OP, hist, new, lengths, hist_lengths, decay, hist_mode)
+    launch_update_scores(hist, new, lengths, hist_lengths, decay, code)
+
+
+def launch_update_scores(hist, new, lengths, hist_lengths, decay: float, code: int) -> None:
+    """The kernel on checked arguments. Reads no tensor value: a head whose length is
+    outside [0, C] is left alone; hist_lengths outside [0, C] act as clamped."""
     B, Hkv, C = hist.shape
     if hist.numel() == 0:
         return None

@@ -112,7 +112,7 @@ def softmax_stats_kernel(
     m = tl.full([BLOCK], float("-inf"), tl.float32)
     for start in range(lo, length, BLOCK):
         z = tl.load(z_row + start + offs, mask=start + offs < length, other=float("-inf"))
-        m = tl.maximum(m, z)  # NaN propagates
+        m = tl.maximum(m, z)  # a NaN z is skipped here but still makes the sum NaN
     zmax = tl.max(m, 0)
     ref = tl.where(zmax == float("-inf"), 0.0, zmax)
     acc = tl.zeros([BLOCK], tl.float32)
