@@ -1,0 +1,942 @@
+// SPDX-License-Identifier: Apache-2.0
+// CUDA select / compact / evict and the fused score_evict tail
+// (reference.select_keep, compact_, evict_, score_evict_). Torch-free.
+// EVICTION_CUDA.md has the design; eviction_launch.h the host interface.
+//
+// select: one block of 1024 threads per (b, kv head). A pass over the slots
+// marks the protected ones (they go straight into keep) and turns every other
+// valid score into an order-preserving uint32 key (0 = not a candidate), kept
+// in shared memory when the head fits (else in the workspace). The threshold
+// of the top `need` keys comes from a 3-pass radix select (11 + 11 + 10-bit
+// digits, histograms in shared memory); then keys above it are kept, and of
+// the keys equal to it the latest ones (a reverse block scan counts equal keys
+// after each slot). Segment quotas / minima run the same select per segment.
+// When the caller compacts next, the block also writes the ascending list of
+// kept slots (the "plan") and the new length.
+//
+// compact: dest(rank r) = r <= src(r), so moving the kept rows in rank order
+// in batches, with every read of a batch done (a barrier) before its writes,
+// never overwrites a row that is still to be read: a batch writes slots
+// [a, b) while the sources of later ranks r >= b are >= r >= b. The rows are
+// split into column slices (and one block for positions / hist / log_w), each
+// slice an independent stream, so a head's move is spread over ~17 blocks.
+#pragma once
+
+#include "eviction_launch.h"
+#include "window_scores.cuh"
+
+namespace kvkern {
+namespace eviction_detail {
+
+constexpr int kSelectThreads = 1024;
+constexpr int kRadixBins = 2048;
+constexpr int kMaxSegments = 1024;
+constexpr int kPlanThreads = 1024;
+constexpr int kMoveThreads = 256;
+constexpr int kMoveUnroll = 8;  // rows in flight per thread and batch
+
+struct SelectKernelParams {
+  const float* scores = nullptr;  // plain mode
+  int64_t scores_sb = 0, scores_sh = 0;
+  const int32_t* lengths = nullptr;
+  int64_t len_sb = 0, len_sh = 0;
+  const int32_t* positions = nullptr;
+  int64_t pos_sb = 0, pos_sh = 0;
+  const int32_t* budgets = nullptr;
+  int64_t bud_sb = 0, bud_sh = 0, budget = 0;
+  const int32_t* ranges = nullptr;
+  int64_t num_ranges = 0, ranges_sb = 0;
+  const bool* keep_mask = nullptr;
+  int64_t km_sb = 0, km_sh = 0;
+  const int32_t* seg_cuts = nullptr;
+  const int32_t* seg_min = nullptr;
+  int64_t num_segments = 1;
+  int64_t n_sink = 0, n_recent = 0;
+  int64_t batch = 0, num_kv_heads = 0, capacity = 0;
+  bool* keep = nullptr;              // [B, Hkv, C] contiguous
+  int32_t* new_lengths = nullptr;    // [B, Hkv] contiguous, or nullptr
+  int32_t* lengths_out = nullptr;    // the lengths tensor (len strides), or nullptr
+  int32_t* plan_idx = nullptr;       // [B, Hkv, C], or nullptr (no compaction follows)
+  int32_t* plan_count = nullptr;     // [B, Hkv]: kept rows, -1 = nothing to move
+  uint32_t* keys_ws = nullptr;       // [B, Hkv, C] when the keys do not fit in shared memory
+  int32_t* seg_ws = nullptr;         // [B, Hkv, C] segment ids (segments only)
+  int keys_in_smem = 0;
+  // Fused score_evict only.
+  ScoreSource src;
+  float* hist = nullptr;
+  int64_t hist_sb = 0, hist_sh = 0;
+  int32_t* hist_lengths = nullptr;
+  int64_t hl_sb = 0, hl_sh = 0;
+  float decay = 0.f;
+  int hist_mode = 0;
+  const float* redundancy = nullptr;
+  int64_t red_sb = 0, red_sh = 0;
+  float mix_lambda = 1.f;
+};
+
+// Shared memory of the select kernel, in 4-byte words: scratch (64), radix
+// histogram, results (16), per-segment tables (cuts, counts, protected,
+// quotas), the batch's lengths (fused mean_all), then the keys if cached.
+struct SelectSmem {
+  size_t scratch, hist, res, cuts, cnt, prot, quota, lens, keys, words_without_keys, words;
+};
+
+__host__ __device__ inline SelectSmem select_smem(int64_t num_segments, int64_t lens, int64_t capacity,
+                                                   bool keys_cached) {
+  SelectSmem s;
+  s.scratch = 0;
+  s.hist = 64;
+  s.res = s.hist + kRadixBins;
+  const size_t S = num_segments > 1 ? static_cast<size_t>(num_segments) : 0;
+  s.cuts = s.res + 16;
+  s.cnt = s.cuts + S;
+  s.prot = s.cnt + S;
+  s.quota = s.prot + S;
+  s.lens = s.quota + S;
+  s.keys = (s.lens + static_cast<size_t>(lens) + 3) / 4 * 4;
+  s.words_without_keys = s.keys;
+  s.words = s.keys + (keys_cached ? static_cast<size_t>(capacity) : 0);
+  return s;
+}
+
+__device__ __forceinline__ bool slot_protected(const SelectKernelParams& p, int64_t b, int64_t j, int64_t i,
+                                               int64_t L, int64_t n_recent, int64_t pos) {
+  if (i < p.n_sink || i >= L - n_recent) return true;
+  if (p.ranges != nullptr) {
+    const int32_t* r = p.ranges + b * p.ranges_sb;
+    for (int64_t k = 0; k < p.num_ranges; ++k)
+      if (pos >= r[2 * k] && pos < r[2 * k + 1]) return true;
+  }
+  return p.keep_mask != nullptr && p.keep_mask[b * p.km_sb + j * p.km_sh + i];
+}
+
+// Segment of a position: the number of cuts <= pos (torch.bucketize, right=True).
+__device__ __forceinline__ int32_t segment_of(const int32_t* cuts, int64_t ncuts, int64_t pos) {
+  int64_t lo = 0, hi = ncuts;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (cuts[mid] <= pos) lo = mid + 1;
+    else hi = mid;
+  }
+  return static_cast<int32_t>(lo);
+}
+
+struct RadixResult {
+  uint32_t tau;       // the key of the need-th best candidate
+  uint32_t rem;       // how many of the keys equal to tau to keep (>= 1)
+  uint32_t eq_total;  // candidates equal to tau
+};
+
+// The need-th largest candidate key among keys[0, n) that pass `filter`
+// (1 <= need <= number of candidates; key 0 is never a candidate).
+template <int NT, class Filter>
+__device__ RadixResult radix_select(const uint32_t* keys, int64_t n, uint32_t need, Filter&& filter, uint32_t* hist,
+                                    uint32_t* scratch, uint32_t* res) {
+  const int tid = static_cast<int>(threadIdx.x);
+  const int lane = tid & 31;
+  uint32_t prefix = 0, mask = 0, remaining = need, eq_total = 0;
+  for (int pass = 0; pass < 3; ++pass) {
+    const int shift = pass == 0 ? 21 : pass == 1 ? 10 : 0;
+    const uint32_t nb = pass == 2 ? 1024u : 2048u;
+    for (uint32_t bb = tid; bb < nb; bb += NT) hist[bb] = 0;
+    __syncthreads();
+    // The trip count is uniform per warp so the ballots see all 32 lanes.
+    for (int64_t base = tid - lane; base < n; base += NT) {
+      const int64_t i = base + lane;
+      bool want = false;
+      uint32_t d = 0;
+      if (i < n) {
+        const uint32_t k = keys[i];
+        want = k != 0 && (k & mask) == prefix && filter(i);
+        d = (k >> shift) & (nb - 1);
+      }
+      // Lanes sharing the first active lane's digit add once (many equal
+      // scores would otherwise serialize on one bin); the others one by one.
+      const unsigned act = __ballot_sync(0xffffffffu, want);
+      if (act == 0) continue;
+      const uint32_t d0 = __shfl_sync(0xffffffffu, d, __ffs(static_cast<int>(act)) - 1);
+      const bool same = want && d == d0;
+      const unsigned sm = __ballot_sync(0xffffffffu, same);
+      if (same) {
+        if (lane == __ffs(static_cast<int>(sm)) - 1) atomicAdd(&hist[d0], static_cast<uint32_t>(__popc(sm)));
+      } else if (want) {
+        atomicAdd(&hist[d], 1u);
+      }
+    }
+    __syncthreads();
+    // Thread tid owns bins nb-1-tid*bpt .. (descending); the scan counts the
+    // candidates in the bins above its first one.
+    const uint32_t bpt = nb / NT;
+    uint32_t local = 0;
+    for (uint32_t k = 0; k < bpt; ++k) local += hist[nb - 1 - (tid * bpt + k)];
+    uint32_t tot;
+    uint32_t cum = block_exclusive_sum<NT>(local, scratch, &tot);
+    for (uint32_t k = 0; k < bpt; ++k) {
+      const uint32_t bin = nb - 1 - (tid * bpt + k);
+      const uint32_t h = hist[bin];
+      if (cum < remaining && cum + h >= remaining) {
+        res[0] = bin;
+        res[1] = cum;
+      }
+      cum += h;
+    }
+    __syncthreads();
+    const uint32_t bin = res[0], above = res[1];
+    if (pass == 2) eq_total = hist[bin];
+    __syncthreads();
+    remaining -= above;
+    prefix |= bin << shift;
+    mask |= (nb - 1) << shift;
+  }
+  return RadixResult{prefix, remaining, eq_total};
+}
+
+// Marks (keep = true) the candidates of `filter` with key > tau and the latest
+// r.rem of those equal to tau; with zero_keys their keys become 0 (no longer
+// candidates). Thread tid touches slots tid + k * NT only, like every pass.
+template <int NT, class Filter>
+__device__ void mark_selected(uint32_t* keys, int64_t n, bool* keep, const RadixResult& r, Filter&& filter,
+                              bool zero_keys, uint32_t* scratch) {
+  const int tid = static_cast<int>(threadIdx.x);
+  if (r.rem == r.eq_total) {
+    for (int64_t i = tid; i < n; i += NT) {
+      const uint32_t k = keys[i];
+      if (k != 0 && k >= r.tau && filter(i)) {
+        keep[i] = true;
+        if (zero_keys) keys[i] = 0;
+      }
+    }
+  } else {
+    uint32_t carry = 0;  // equal candidates in later tiles
+    for (int64_t T = (n + NT - 1) / NT - 1; T >= 0; --T) {
+      const int64_t i = T * NT + tid;
+      uint32_t k = 0;
+      bool cand = false;
+      if (i < n) {
+        k = keys[i];
+        cand = k != 0 && k >= r.tau && filter(i);
+      }
+      const uint32_t eq = cand && k == r.tau ? 1u : 0u;
+      uint32_t tot;
+      const uint32_t excl = block_exclusive_sum<NT>(eq, scratch, &tot);
+      const uint32_t later = carry + (tot - excl - eq);
+      if (cand && (k > r.tau || later < r.rem)) {
+        keep[i] = true;
+        if (zero_keys) keys[i] = 0;
+      }
+      carry += tot;
+    }
+  }
+  __syncthreads();
+}
+
+template <int NT, class Filter>
+__device__ __forceinline__ void select_and_mark(uint32_t* keys, int64_t n, uint32_t need, bool* keep, Filter&& filter,
+                                                bool zero_keys, uint32_t* hist, uint32_t* scratch, uint32_t* res) {
+  const RadixResult r = radix_select<NT>(keys, n, need, filter, hist, scratch, res);
+  mark_selected<NT>(keys, n, keep, r, filter, zero_keys, scratch);
+}
+
+// The ascending list of kept valid slots of a head; returns their number.
+template <int NT>
+__device__ uint32_t build_plan(const bool* keep, int64_t L, int32_t* idx, uint32_t* scratch) {
+  const int tid = static_cast<int>(threadIdx.x);
+  uint32_t carry = 0;
+  for (int64_t T = 0; T * NT < L; ++T) {
+    const int64_t i = T * NT + tid;
+    const uint32_t f = i < L && keep[i] ? 1u : 0u;
+    uint32_t tot;
+    const uint32_t excl = block_exclusive_sum<NT>(f, scratch, &tot);
+    if (f) idx[carry + excl] = static_cast<int32_t>(i);
+    carry += tot;
+  }
+  return carry;
+}
+
+__device__ __forceinline__ float update_hist(int mode, float decay, float old, float now) {
+  if (mode == static_cast<int>(UpdateMode::kMax)) return fmaxf(decay * old, now);
+  if (mode == static_cast<int>(UpdateMode::kEma)) return decay * old + (1.f - decay) * now;
+  return decay * old + now;
+}
+
+// One block per (b, kv head). FUSED: the scores come from the window passes
+// (score_evict: normalize, history, pooling, mix), else from p.scores.
+template <bool FUSED>
+__global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectKernelParams p) {
+  constexpr int NT = kSelectThreads;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int tid = static_cast<int>(threadIdx.x);
+  const int64_t Hkv = p.num_kv_heads, C = p.capacity;
+  const int64_t hd = static_cast<int64_t>(blockIdx.x);
+  const int64_t b = hd / Hkv, j = hd % Hkv;
+  const bool segments = !FUSED && p.num_segments > 1;
+  const SelectSmem lay = select_smem(segments ? p.num_segments : 1, FUSED && p.src.mean_all ? Hkv : 0, C,
+                                     p.keys_in_smem != 0);
+  uint32_t* words = reinterpret_cast<uint32_t*>(smem);
+  uint32_t* scratch = words + lay.scratch;
+  uint32_t* hist = words + lay.hist;
+  uint32_t* res = words + lay.res;
+  int32_t* cuts = reinterpret_cast<int32_t*>(words + lay.cuts);
+  uint32_t* cnt = words + lay.cnt;
+  uint32_t* prot = words + lay.prot;
+  uint32_t* quota = words + lay.quota;
+  int32_t* lens = reinterpret_cast<int32_t*>(words + lay.lens);
+  uint32_t* keys = p.keys_in_smem ? words + lay.keys : p.keys_ws + hd * C;
+
+  bool* keep = p.keep + hd * C;
+  const int32_t raw_len = p.lengths[b * p.len_sb + j * p.len_sh];
+  bool ok;
+  const int64_t L = head_length(p.lengths, p.len_sb, p.len_sh, b, j, C, &ok);
+  const int64_t K = p.budgets != nullptr ? p.budgets[b * p.bud_sb + j * p.bud_sh] : p.budget;
+
+  // Nothing selected: keep every valid slot (none for a bad length), lengths
+  // unchanged, nothing to move.
+  auto untouched = [&]() {
+    for (int64_t i = tid; i < C; i += NT) keep[i] = ok && i < L;
+    if (tid == 0) {
+      if (p.new_lengths != nullptr) p.new_lengths[hd] = raw_len;
+      if (p.plan_count != nullptr) p.plan_count[hd] = -1;
+    }
+  };
+  if (!ok || L <= K) {
+    untouched();
+    return;
+  }
+  const int64_t W = FUSED ? p.src.window : 0;
+  const int64_t n_recent = FUSED && p.n_recent < W ? W : p.n_recent;
+  const int64_t M = L - W > 0 ? L - W : 0;
+  const int64_t S = p.num_segments;
+
+  if (segments) {
+    for (int64_t s = tid; s < S; s += NT) {
+      if (s < S - 1) cuts[s] = p.seg_cuts[s];
+      cnt[s] = 0;
+      prot[s] = 0;
+    }
+  }
+  if (FUSED && p.src.mean_all) {
+    for (int64_t jj = tid; jj < Hkv; jj += NT) {
+      bool okj;
+      lens[jj] = static_cast<int32_t>(head_length(p.lengths, p.len_sb, p.len_sh, b, jj, C, &okj));
+    }
+  }
+  __syncthreads();
+
+  // Protection (straight into keep), segment counts, the normalizing max.
+  const int32_t* pos_row = p.positions != nullptr ? p.positions + b * p.pos_sb + j * p.pos_sh : nullptr;
+  uint32_t nprot = 0;
+  float top = 0.f;
+  for (int64_t i = tid; i < C; i += NT) {
+    bool pr = false;
+    if (i < L) {
+      const int64_t pos = pos_row != nullptr ? pos_row[i] : i;
+      pr = slot_protected(p, b, j, i, L, n_recent, pos);
+      if (segments) {
+        const int32_t s = segment_of(cuts, S - 1, pos);
+        p.seg_ws[hd * C + i] = s;
+        atomicAdd(&cnt[s], 1u);
+        if (pr) atomicAdd(&prot[s], 1u);
+      }
+      if constexpr (FUSED) {
+        if (p.src.normalize && i < M) top = fmaxf(top, raw_score(p.src, b, j, i, lens));
+      }
+    }
+    keep[i] = pr;
+    nprot += pr ? 1u : 0u;
+  }
+  nprot = block_sum_u32<NT>(nprot, scratch);
+  if constexpr (FUSED) top = block_max<NT>(top, reinterpret_cast<float*>(scratch));
+  if (static_cast<int64_t>(nprot) > K) {  // the reference raises; leave the head alone
+    untouched();
+    return;
+  }
+
+  // Keys of the unprotected valid slots (protected ones: 0).
+  if constexpr (FUSED) {
+    const ScoreSource& src = p.src;
+    float* hrow = p.hist != nullptr ? p.hist + b * p.hist_sb + j * p.hist_sh : nullptr;
+    const int64_t hl = p.hist != nullptr ? p.hist_lengths[b * p.hl_sb + j * p.hl_sh] : 0;
+    const float* rrow = p.redundancy != nullptr ? p.redundancy + b * p.red_sb + j * p.red_sh : nullptr;
+    // Pre-pool score: the history-merged one on the candidates, the window's
+    // own on the window slots.
+    auto g_at = [&](int64_t n) -> float {
+      const float s = norm_score(src, b, j, n, M, top, lens);
+      if (hrow != nullptr && n < M && n < hl) return update_hist(p.hist_mode, p.decay, hrow[n], s);
+      return s;
+    };
+    // hist is updated in place while pooling reads its neighbours, so tile T
+    // is written back one tile later, after every thread has pooled tile T + 1
+    // (which reads at most pool_kernel / 2 <= NT slots of tile T).
+    float gprev = 0.f;
+    const int64_t ntiles = (L + NT - 1) / NT;
+    for (int64_t T = 0; T <= ntiles; ++T) {
+      const int64_t i = T * NT + tid;
+      float gcur = 0.f;
+      if (T < ntiles && i < L) {
+        gcur = g_at(i);
+        float v = i < M ? pool_at(src, i, M, g_at) : gcur;
+        if (rrow != nullptr) v = p.mix_lambda * v - (1.f - p.mix_lambda) * rrow[i];
+        keys[i] = keep[i] ? 0u : score_key(v);
+      }
+      __syncthreads();
+      const int64_t ip = i - NT;
+      if (hrow != nullptr && T >= 1 && ip < M) hrow[ip] = gprev;
+      gprev = gcur;
+    }
+  } else {
+    const float* srow = p.scores + b * p.scores_sb + j * p.scores_sh;
+    for (int64_t i = tid; i < L; i += NT) keys[i] = keep[i] ? 0u : score_key(srow[i]);
+    __syncthreads();
+  }
+
+  auto all = [](int64_t) { return true; };
+  if (!segments) {
+    const int64_t need = K - static_cast<int64_t>(nprot);
+    if (need > 0) select_and_mark<NT>(keys, L, static_cast<uint32_t>(need), keep, all, false, hist, scratch, res);
+  } else if (p.seg_min == nullptr) {
+    // Proportional quotas (reference.segment_quotas), one thread.
+    if (tid == 0) {
+      uint32_t bad = 0;
+      int64_t left = K;
+      for (int64_t s = 0; s < S; ++s) {
+        quota[s] = static_cast<uint32_t>(K * static_cast<int64_t>(cnt[s]) / L);
+        left -= quota[s];
+      }
+      int64_t s = S - 1;
+      while (left > 0) {
+        if (quota[s] < cnt[s]) {
+          ++quota[s];
+          --left;
+        }
+        s = s > 0 ? s - 1 : S - 1;
+      }
+      for (int64_t t = 0; t < S; ++t) bad |= prot[t] > quota[t] ? 1u : 0u;
+      res[8] = bad;
+    }
+    __syncthreads();
+    if (res[8] != 0) {
+      untouched();
+      return;
+    }
+    for (int64_t s = 0; s < S; ++s) {
+      const uint32_t need = quota[s] - prot[s];
+      if (need == 0) continue;
+      const int32_t* seg = p.seg_ws + hd * C;
+      auto in_s = [seg, s](int64_t i) { return seg[i] == s; };
+      select_and_mark<NT>(keys, L, need, keep, in_s, false, hist, scratch, res);
+    }
+  } else {
+    // Minima per segment first, then the best of what is left.
+    int64_t total = nprot;
+    for (int64_t s = 0; s < S; ++s) {
+      const int64_t want = p.seg_min[s] < static_cast<int64_t>(cnt[s]) ? p.seg_min[s] : cnt[s];
+      const int64_t need = want - static_cast<int64_t>(prot[s]);
+      if (need <= 0) continue;
+      total += need;
+      const int32_t* seg = p.seg_ws + hd * C;
+      auto in_s = [seg, s](int64_t i) { return seg[i] == s; };
+      select_and_mark<NT>(keys, L, static_cast<uint32_t>(need), keep, in_s, true, hist, scratch, res);
+    }
+    if (total > K) {
+      untouched();
+      return;
+    }
+    if (K - total > 0) select_and_mark<NT>(keys, L, static_cast<uint32_t>(K - total), keep, all, false, hist, scratch, res);
+  }
+
+  if (p.plan_idx != nullptr) build_plan<NT>(keep, L, p.plan_idx + hd * C, scratch);
+  if (tid == 0) {
+    if (p.new_lengths != nullptr) p.new_lengths[hd] = static_cast<int32_t>(K);
+    if (p.lengths_out != nullptr) p.lengths_out[b * p.len_sb + j * p.len_sh] = static_cast<int32_t>(K);
+    if (p.plan_count != nullptr) p.plan_count[hd] = static_cast<int32_t>(K);
+    if (FUSED && p.hist_lengths != nullptr)
+      p.hist_lengths[b * p.hl_sb + j * p.hl_sh] = static_cast<int32_t>(K - W > 0 ? K - W : 0);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// compact: the plan of a keep mask (standalone compact_), then the move.
+// ---------------------------------------------------------------------------
+struct PlanParams {
+  int32_t* lengths = nullptr;  // read, then the new lengths
+  int64_t len_sb = 0, len_sh = 0;
+  const bool* keep = nullptr;
+  int64_t keep_sb = 0, keep_sh = 0;
+  int32_t* plan_idx = nullptr;
+  int32_t* plan_count = nullptr;
+  int64_t num_kv_heads = 0, capacity = 0;
+};
+
+__global__ void __launch_bounds__(kPlanThreads) plan_kernel(const PlanParams p) {
+  constexpr int NT = kPlanThreads;
+  extern __shared__ __align__(16) unsigned char smem[];  // 64 words of scan scratch
+  uint32_t* scratch = reinterpret_cast<uint32_t*>(smem);
+  const int64_t hd = static_cast<int64_t>(blockIdx.x);
+  const int64_t b = hd / p.num_kv_heads, j = hd % p.num_kv_heads;
+  bool ok;
+  const int64_t L = head_length(p.lengths, p.len_sb, p.len_sh, b, j, p.capacity, &ok);
+  if (!ok) {
+    if (threadIdx.x == 0) p.plan_count[hd] = -1;
+    return;
+  }
+  const uint32_t n = build_plan<NT>(p.keep + b * p.keep_sb + j * p.keep_sh, L, p.plan_idx + hd * p.capacity, scratch);
+  __syncthreads();  // every thread has read the old length
+  if (threadIdx.x == 0) {
+    p.plan_count[hd] = static_cast<int64_t>(n) == L ? -1 : static_cast<int32_t>(n);  // all kept: nothing moves
+    p.lengths[b * p.len_sb + j * p.len_sh] = static_cast<int32_t>(n);
+  }
+}
+
+struct MoveParams {
+  unsigned char* k = nullptr;
+  unsigned char* v = nullptr;
+  int64_t k_sb = 0, k_sh = 0, k_sc = 0, v_sb = 0, v_sh = 0, v_sc = 0;  // bytes
+  int64_t row_units = 0;  // units (of the kernel's U) per K / V row
+  int units_per_slice = 1, num_slices = 1;
+  int32_t* positions = nullptr;
+  int64_t pos_sb = 0, pos_sh = 0;
+  float* hist = nullptr;
+  int64_t hist_sb = 0, hist_sh = 0;
+  float* log_w = nullptr;
+  int64_t lw_sb = 0, lw_sh = 0;
+  const int32_t* plan_idx = nullptr;
+  const int32_t* plan_count = nullptr;
+  int64_t num_kv_heads = 0, capacity = 0;
+};
+
+// Rows of rank [r0, ...) in batches; reads of a batch complete before its
+// writes (see the top of the file for why this is enough).
+template <typename U>
+__global__ void __launch_bounds__(kMoveThreads) move_kernel(const MoveParams p) {
+  constexpr int NT = kMoveThreads, UN = kMoveUnroll;
+  const int roles = 2 * p.num_slices + 1;
+  const int64_t hd = static_cast<int64_t>(blockIdx.x) / roles;
+  const int role = static_cast<int>(static_cast<int64_t>(blockIdx.x) % roles);
+  const int64_t b = hd / p.num_kv_heads, j = hd % p.num_kv_heads;
+  const int32_t n = p.plan_count[hd];
+  if (n <= 0) return;
+  const int32_t* idx = p.plan_idx + hd * p.capacity;
+  const int tid = static_cast<int>(threadIdx.x);
+  if (role < 2 * p.num_slices) {
+    const bool is_v = role >= p.num_slices;
+    const int slice = role % p.num_slices;
+    unsigned char* base = is_v ? p.v + b * p.v_sb + j * p.v_sh : p.k + b * p.k_sb + j * p.k_sh;
+    const int64_t sc = is_v ? p.v_sc : p.k_sc;
+    const int64_t u0 = static_cast<int64_t>(slice) * p.units_per_slice;
+    const int width = static_cast<int>(p.row_units - u0 < p.units_per_slice ? p.row_units - u0 : p.units_per_slice);
+    const int rows_per_step = NT / width;
+    const bool active = tid < rows_per_step * width;
+    const int64_t row_off = tid / width;
+    const int64_t unit_off = (u0 + tid % width) * static_cast<int64_t>(sizeof(U));
+    for (int64_t r0 = 0; r0 < n; r0 += static_cast<int64_t>(rows_per_step) * UN) {
+      U val[UN];
+      int64_t src[UN];
+#pragma unroll
+      for (int u = 0; u < UN; ++u) {
+        const int64_t r = r0 + row_off + static_cast<int64_t>(u) * rows_per_step;
+        src[u] = active && r < n ? idx[r] : r;
+        if (src[u] != r) val[u] = *reinterpret_cast<const U*>(base + src[u] * sc + unit_off);
+      }
+      __syncthreads();
+#pragma unroll
+      for (int u = 0; u < UN; ++u) {
+        const int64_t r = r0 + row_off + static_cast<int64_t>(u) * rows_per_step;
+        if (src[u] != r) *reinterpret_cast<U*>(base + r * sc + unit_off) = val[u];
+      }
+    }
+  } else {
+    int32_t* pos = p.positions != nullptr ? p.positions + b * p.pos_sb + j * p.pos_sh : nullptr;
+    float* hs = p.hist != nullptr ? p.hist + b * p.hist_sb + j * p.hist_sh : nullptr;
+    float* lw = p.log_w != nullptr ? p.log_w + b * p.lw_sb + j * p.lw_sh : nullptr;
+    if (pos == nullptr && hs == nullptr && lw == nullptr) return;
+    for (int64_t r0 = 0; r0 < n; r0 += static_cast<int64_t>(NT) * UN) {
+      int32_t pv[UN];
+      float hv[UN], wv[UN];
+      int64_t src[UN];
+#pragma unroll
+      for (int u = 0; u < UN; ++u) {
+        const int64_t r = r0 + tid + static_cast<int64_t>(u) * NT;
+        src[u] = r < n ? idx[r] : r;
+        if (src[u] != r) {
+          if (pos) pv[u] = pos[src[u]];
+          if (hs) hv[u] = hs[src[u]];
+          if (lw) wv[u] = lw[src[u]];
+        }
+      }
+      __syncthreads();
+#pragma unroll
+      for (int u = 0; u < UN; ++u) {
+        const int64_t r = r0 + tid + static_cast<int64_t>(u) * NT;
+        if (src[u] != r) {
+          if (pos) pos[r] = pv[u];
+          if (hs) hs[r] = hv[u];
+          if (lw) lw[r] = wv[u];
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Host-side planning and the launch sequences (shared with the emulator).
+// ---------------------------------------------------------------------------
+inline size_t plan_ws_bytes(int64_t heads, int64_t capacity) {
+  return ws_round(static_cast<size_t>(heads * capacity) * sizeof(int32_t)) +
+         ws_round(static_cast<size_t>(heads) * sizeof(int32_t));
+}
+
+struct SelectPlan {
+  bool ok = false;
+  bool keys_in_smem = false;
+  size_t smem = 0;
+  size_t keys_bytes = 0, seg_bytes = 0;
+};
+
+inline SelectPlan plan_select(int64_t heads, int64_t capacity, int64_t num_segments, int64_t lens_words,
+                              size_t max_smem) {
+  SelectPlan pl;
+  if (heads < 0 || capacity < 0 || num_segments < 1 || num_segments > kMaxSegments || heads > INT_MAX) return pl;
+  const SelectSmem with = select_smem(num_segments, lens_words, capacity, true);
+  const SelectSmem without = select_smem(num_segments, lens_words, capacity, false);
+  pl.keys_in_smem = with.words * 4 <= max_smem;
+  pl.smem = (pl.keys_in_smem ? with.words : without.words) * 4;
+  if (pl.smem > 48 * 1024 && pl.smem > max_smem) return pl;
+  pl.keys_bytes = ws_round(static_cast<size_t>(heads * capacity) * sizeof(uint32_t));
+  pl.seg_bytes = num_segments > 1 ? ws_round(static_cast<size_t>(heads * capacity) * sizeof(int32_t)) : 0;
+  pl.ok = true;
+  return pl;
+}
+
+inline bool select_params_ok(const SelectParams& p) {
+  if (p.batch < 0 || p.num_kv_heads < 0 || p.capacity < 0 || p.lengths == nullptr || p.keep == nullptr ||
+      p.scores == nullptr || p.num_ranges < 0 || (p.num_ranges > 0 && p.protect_ranges == nullptr) ||
+      p.num_segments < 1 || p.num_segments > kMaxSegments || (p.num_segments > 1 && p.segment_cuts == nullptr) ||
+      (p.segment_min != nullptr && p.segment_cuts == nullptr))
+    return false;
+  return true;
+}
+
+inline SelectKernelParams select_kernel_params(const SelectParams& p) {
+  SelectKernelParams k;
+  k.scores = p.scores;
+  k.scores_sb = p.scores_stride_b;
+  k.scores_sh = p.scores_stride_h;
+  k.lengths = p.lengths;
+  k.len_sb = p.lengths_stride_b;
+  k.len_sh = p.lengths_stride_h;
+  k.positions = p.positions;
+  k.pos_sb = p.positions_stride_b;
+  k.pos_sh = p.positions_stride_h;
+  k.budgets = p.budgets;
+  k.bud_sb = p.budgets_stride_b;
+  k.bud_sh = p.budgets_stride_h;
+  k.budget = p.budget;
+  k.ranges = p.num_ranges > 0 ? p.protect_ranges : nullptr;
+  k.num_ranges = p.num_ranges;
+  k.ranges_sb = p.ranges_stride_b;
+  k.keep_mask = p.keep_mask;
+  k.km_sb = p.keep_mask_stride_b;
+  k.km_sh = p.keep_mask_stride_h;
+  k.seg_cuts = p.num_segments > 1 ? p.segment_cuts : nullptr;
+  k.seg_min = p.num_segments > 1 ? p.segment_min : nullptr;
+  k.num_segments = p.num_segments;
+  k.n_sink = p.n_sink;
+  k.n_recent = p.n_recent;
+  k.batch = p.batch;
+  k.num_kv_heads = p.num_kv_heads;
+  k.capacity = p.capacity;
+  k.keep = p.keep;
+  k.new_lengths = p.new_lengths;
+  return k;
+}
+
+inline size_t max_smem_of(size_t device_max, const EvictionTuning& tune) {
+  return tune.max_smem != 0 ? tune.max_smem : device_max;
+}
+
+// Workspace: [keys][segment ids][plan idx][plan count] (the plan for evict only).
+inline size_t select_ws_bytes(const SelectParams& p, bool with_plan) {
+  const int64_t heads = p.batch * p.num_kv_heads;
+  const size_t keys = ws_round(static_cast<size_t>(heads * p.capacity) * sizeof(uint32_t));
+  const size_t seg = p.num_segments > 1 ? ws_round(static_cast<size_t>(heads * p.capacity) * sizeof(int32_t)) : 0;
+  return keys + seg + (with_plan ? plan_ws_bytes(heads, p.capacity) : 0);
+}
+
+template <class Launcher>
+cudaError_t launch_select(const SelectParams& p, void* workspace, bool with_plan, int32_t* lengths_out,
+                          int32_t** plan_idx, int32_t** plan_count, Launcher& launch, const EvictionTuning& tune) {
+  if (!select_params_ok(p)) return cudaErrorInvalidValue;
+  const int64_t heads = p.batch * p.num_kv_heads;
+  const SelectPlan pl = plan_select(heads, p.capacity, p.num_segments, 0, max_smem_of(launch.max_smem(), tune));
+  if (!pl.ok || workspace == nullptr) return cudaErrorInvalidValue;
+  SelectKernelParams k = select_kernel_params(p);
+  unsigned char* ws = static_cast<unsigned char*>(workspace);
+  k.keys_ws = reinterpret_cast<uint32_t*>(ws);
+  k.keys_in_smem = pl.keys_in_smem ? 1 : 0;
+  k.seg_ws = pl.seg_bytes ? reinterpret_cast<int32_t*>(ws + pl.keys_bytes) : nullptr;
+  if (with_plan) {
+    unsigned char* plan = ws + pl.keys_bytes + pl.seg_bytes;
+    k.plan_idx = reinterpret_cast<int32_t*>(plan);
+    k.plan_count = reinterpret_cast<int32_t*>(plan + ws_round(static_cast<size_t>(heads * p.capacity) * 4));
+    k.lengths_out = lengths_out;
+    *plan_idx = k.plan_idx;
+    *plan_count = k.plan_count;
+  }
+  if (heads == 0) return cudaSuccess;
+  return launch(select_kernel<false>, heads, kSelectThreads, pl.smem, k);
+}
+
+template <class Launcher>
+cudaError_t run_select_keep(const SelectParams& p, void* workspace, Launcher& launch,
+                            const EvictionTuning& tune = EvictionTuning{}) {
+  if (p.new_lengths == nullptr) return cudaErrorInvalidValue;
+  return launch_select(p, workspace, false, nullptr, nullptr, nullptr, launch, tune);
+}
+
+struct MovePlan {
+  bool ok = false;
+  int unit = 16;
+  int64_t row_units = 0;
+  int units_per_slice = 1, num_slices = 1;
+  int64_t blocks = 0;
+};
+
+inline MovePlan plan_move(const CompactParams& p, KvDtype dt) {
+  MovePlan pl;
+  const int64_t es = kv_dtype_size(dt);
+  if (p.head_dim < 1 || p.k == nullptr || p.v == nullptr) return pl;
+  const int64_t row_bytes = p.head_dim * es;
+  const int64_t vals[] = {row_bytes,          p.k_stride_b * es, p.k_stride_h * es, p.k_stride_c * es,
+                          p.v_stride_b * es,  p.v_stride_h * es, p.v_stride_c * es,
+                          static_cast<int64_t>(reinterpret_cast<uintptr_t>(p.k) % 16),
+                          static_cast<int64_t>(reinterpret_cast<uintptr_t>(p.v) % 16)};
+  int unit = 16;
+  for (; unit > static_cast<int>(es); unit /= 2) {
+    bool fits = true;
+    for (int64_t x : vals) fits = fits && x % unit == 0;
+    if (fits) break;
+  }
+  pl.unit = unit;
+  pl.row_units = row_bytes / unit;
+  // ~8 slices per tensor, each at least one 32-byte sector when the row allows.
+  int64_t ups = (pl.row_units + 7) / 8;
+  const int64_t sector = 32 / unit < pl.row_units ? 32 / unit : pl.row_units;
+  if (ups < sector) ups = sector;
+  if (ups > kMoveThreads) ups = kMoveThreads;
+  pl.units_per_slice = static_cast<int>(ups);
+  pl.num_slices = static_cast<int>((pl.row_units + ups - 1) / ups);
+  pl.blocks = p.batch * p.num_kv_heads * (2 * static_cast<int64_t>(pl.num_slices) + 1);
+  pl.ok = pl.blocks <= INT_MAX;
+  return pl;
+}
+
+template <class Launcher>
+cudaError_t launch_move(const CompactParams& p, const MovePlan& pl, const int32_t* plan_idx,
+                        const int32_t* plan_count, Launcher& launch) {
+  const int64_t es = pl.row_units * pl.unit / p.head_dim;  // element size
+  MoveParams m;
+  m.k = static_cast<unsigned char*>(p.k);
+  m.v = static_cast<unsigned char*>(p.v);
+  m.k_sb = p.k_stride_b * es;
+  m.k_sh = p.k_stride_h * es;
+  m.k_sc = p.k_stride_c * es;
+  m.v_sb = p.v_stride_b * es;
+  m.v_sh = p.v_stride_h * es;
+  m.v_sc = p.v_stride_c * es;
+  m.row_units = pl.row_units;
+  m.units_per_slice = pl.units_per_slice;
+  m.num_slices = pl.num_slices;
+  m.positions = p.positions;
+  m.pos_sb = p.positions_stride_b;
+  m.pos_sh = p.positions_stride_h;
+  m.hist = p.hist;
+  m.hist_sb = p.hist_stride_b;
+  m.hist_sh = p.hist_stride_h;
+  m.log_w = p.log_w;
+  m.lw_sb = p.log_w_stride_b;
+  m.lw_sh = p.log_w_stride_h;
+  m.plan_idx = plan_idx;
+  m.plan_count = plan_count;
+  m.num_kv_heads = p.num_kv_heads;
+  m.capacity = p.capacity;
+  if (pl.blocks == 0) return cudaSuccess;
+  switch (pl.unit) {
+    case 16: return launch(move_kernel<uint4>, pl.blocks, kMoveThreads, 0, m);
+    case 8: return launch(move_kernel<uint2>, pl.blocks, kMoveThreads, 0, m);
+    case 4: return launch(move_kernel<uint32_t>, pl.blocks, kMoveThreads, 0, m);
+    default: return launch(move_kernel<uint16_t>, pl.blocks, kMoveThreads, 0, m);
+  }
+}
+
+inline bool compact_params_ok(const CompactParams& p) {
+  return p.batch >= 0 && p.num_kv_heads >= 0 && p.capacity >= 0 && p.head_dim >= 1 && p.k != nullptr &&
+         p.v != nullptr && p.lengths != nullptr && p.keep != nullptr;
+}
+
+template <class Launcher>
+cudaError_t run_compact(const CompactParams& p, KvDtype dt, void* workspace, Launcher& launch,
+                        const EvictionTuning& tune = EvictionTuning{}) {
+  (void)tune;
+  const MovePlan mp = plan_move(p, dt);
+  if (!compact_params_ok(p) || !mp.ok || workspace == nullptr) return cudaErrorInvalidValue;
+  const int64_t heads = p.batch * p.num_kv_heads;
+  if (heads == 0) return cudaSuccess;
+  unsigned char* ws = static_cast<unsigned char*>(workspace);
+  PlanParams pp;
+  pp.lengths = p.lengths;
+  pp.len_sb = p.lengths_stride_b;
+  pp.len_sh = p.lengths_stride_h;
+  pp.keep = p.keep;
+  pp.keep_sb = p.keep_stride_b;
+  pp.keep_sh = p.keep_stride_h;
+  pp.plan_idx = reinterpret_cast<int32_t*>(ws);
+  pp.plan_count = reinterpret_cast<int32_t*>(ws + ws_round(static_cast<size_t>(heads * p.capacity) * 4));
+  pp.num_kv_heads = p.num_kv_heads;
+  pp.capacity = p.capacity;
+  KVKERN_CUDA_TRY(launch(plan_kernel, heads, kPlanThreads, 64 * sizeof(uint32_t), pp));
+  return launch_move(p, mp, pp.plan_idx, pp.plan_count, launch);
+}
+
+template <class Launcher>
+cudaError_t run_evict(const SelectParams& sel, const CompactParams& cp, KvDtype dt, void* workspace,
+                      Launcher& launch, const EvictionTuning& tune = EvictionTuning{}) {
+  const MovePlan mp = plan_move(cp, dt);
+  if (!compact_params_ok(cp) || !mp.ok || sel.batch != cp.batch || sel.num_kv_heads != cp.num_kv_heads ||
+      sel.capacity != cp.capacity)
+    return cudaErrorInvalidValue;
+  SelectParams s = sel;
+  s.new_lengths = nullptr;
+  int32_t* plan_idx = nullptr;
+  int32_t* plan_count = nullptr;
+  KVKERN_CUDA_TRY(launch_select(s, workspace, true, cp.lengths, &plan_idx, &plan_count, launch, tune));
+  if (sel.batch * sel.num_kv_heads == 0) return cudaSuccess;
+  return launch_move(cp, mp, plan_idx, plan_count, launch);
+}
+
+// ---------------------------------------------------------------------------
+// score_evict: pass A, pass B, finalize + select, move.
+// Workspace: [window stats][window part][keys][plan idx][plan count].
+// ---------------------------------------------------------------------------
+inline WindowPlan plan_score_evict_window(const ScoreEvictParams& p, KvDtype dt, const EvictionTuning& tune) {
+  if (!pool_ok(p.pool, p.pool_kernel) || p.q_win == nullptr || p.k == nullptr || p.v == nullptr ||
+      p.lengths == nullptr || p.keep == nullptr || (p.hist != nullptr && p.hist_lengths == nullptr) ||
+      (p.mix_lambda < 1.f && p.redundancy == nullptr) || p.num_ranges < 0 ||
+      (p.num_ranges > 0 && p.protect_ranges == nullptr))
+    return WindowPlan{};
+  return plan_window(window_shape(dt, p.q_win, p.k, p.batch, p.num_q_heads, p.num_kv_heads, p.window, p.capacity,
+                                  p.head_dim, p.q_stride_b, p.q_stride_h, p.q_stride_t, p.k_stride_b, p.k_stride_h,
+                                  p.k_stride_c),
+                     tune);
+}
+
+inline CompactParams score_evict_compact_params(const ScoreEvictParams& p) {
+  CompactParams c;
+  c.k = p.k;
+  c.v = p.v;
+  c.lengths = p.lengths;
+  c.positions = p.positions;
+  c.hist = p.hist;
+  c.log_w = p.log_w;
+  c.batch = p.batch;
+  c.num_kv_heads = p.num_kv_heads;
+  c.capacity = p.capacity;
+  c.head_dim = p.head_dim;
+  c.k_stride_b = p.k_stride_b;
+  c.k_stride_h = p.k_stride_h;
+  c.k_stride_c = p.k_stride_c;
+  c.v_stride_b = p.v_stride_b;
+  c.v_stride_h = p.v_stride_h;
+  c.v_stride_c = p.v_stride_c;
+  c.lengths_stride_b = p.lengths_stride_b;
+  c.lengths_stride_h = p.lengths_stride_h;
+  c.positions_stride_b = p.positions_stride_b;
+  c.positions_stride_h = p.positions_stride_h;
+  c.hist_stride_b = p.hist_stride_b;
+  c.hist_stride_h = p.hist_stride_h;
+  c.log_w_stride_b = p.log_w_stride_b;
+  c.log_w_stride_h = p.log_w_stride_h;
+  return c;
+}
+
+inline size_t score_evict_ws_bytes(const ScoreEvictParams& p, const WindowPlan& pl) {
+  const int64_t heads = p.batch * p.num_kv_heads;
+  return pl.stats_bytes + pl.part_bytes + ws_round(static_cast<size_t>(heads * p.capacity) * sizeof(uint32_t)) +
+         plan_ws_bytes(heads, p.capacity);
+}
+
+template <class Launcher>
+cudaError_t run_score_evict(const ScoreEvictParams& p, KvDtype dt, void* workspace, Launcher& launch,
+                            const EvictionTuning& tune = EvictionTuning{}) {
+  const WindowPlan pl = plan_score_evict_window(p, dt, tune);
+  const CompactParams cp = score_evict_compact_params(p);
+  const MovePlan mp = plan_move(cp, dt);
+  if (!pl.ok || !mp.ok || workspace == nullptr) return cudaErrorInvalidValue;
+  const int64_t heads = p.batch * p.num_kv_heads;
+  const bool mean_all = p.group_reduce == GroupReduce::kMeanAll;
+  const SelectPlan sp = plan_select(heads, p.capacity, 1, mean_all ? p.num_kv_heads : 0,
+                                    max_smem_of(launch.max_smem(), tune));
+  if (!sp.ok) return cudaErrorInvalidValue;
+  if (heads == 0) return cudaSuccess;
+
+  WindowPassParams wp = window_pass_params(pl, p.q_win, p.k, p.lengths, p.batch, p.num_q_heads, p.num_kv_heads,
+                                           p.window, p.capacity, p.head_dim, p.q_stride_b, p.q_stride_h,
+                                           p.q_stride_t, p.k_stride_b, p.k_stride_h, p.k_stride_c,
+                                           p.lengths_stride_b, p.lengths_stride_h, p.sm_scale, p.group_reduce,
+                                           workspace);
+  // mean_all mixes every head of the batch into each: no head can be skipped.
+  wp.skip_small = !mean_all;
+  wp.budgets = p.budgets;
+  wp.budgets_sb = p.budgets_stride_b;
+  wp.budgets_sh = p.budgets_stride_h;
+  wp.budget = p.budget;
+  KVKERN_CUDA_TRY(launch_window_passes(dt, wp, pl, launch));
+
+  unsigned char* ws = static_cast<unsigned char*>(workspace) + pl.stats_bytes + pl.part_bytes;
+  SelectKernelParams k;
+  k.lengths = p.lengths;
+  k.len_sb = p.lengths_stride_b;
+  k.len_sh = p.lengths_stride_h;
+  k.positions = p.positions;
+  k.pos_sb = p.positions_stride_b;
+  k.pos_sh = p.positions_stride_h;
+  k.budgets = p.budgets;
+  k.bud_sb = p.budgets_stride_b;
+  k.bud_sh = p.budgets_stride_h;
+  k.budget = p.budget;
+  k.ranges = p.num_ranges > 0 ? p.protect_ranges : nullptr;
+  k.num_ranges = p.num_ranges;
+  k.ranges_sb = p.ranges_stride_b;
+  k.keep_mask = p.keep_mask;
+  k.km_sb = p.keep_mask_stride_b;
+  k.km_sh = p.keep_mask_stride_h;
+  k.n_sink = p.n_sink;
+  k.n_recent = p.n_recent;
+  k.batch = p.batch;
+  k.num_kv_heads = p.num_kv_heads;
+  k.capacity = p.capacity;
+  k.keep = p.keep;
+  k.lengths_out = p.lengths;
+  k.keys_ws = reinterpret_cast<uint32_t*>(ws);
+  k.keys_in_smem = sp.keys_in_smem ? 1 : 0;
+  unsigned char* plan = ws + sp.keys_bytes;
+  k.plan_idx = reinterpret_cast<int32_t*>(plan);
+  k.plan_count = reinterpret_cast<int32_t*>(plan + ws_round(static_cast<size_t>(heads * p.capacity) * 4));
+  k.src = score_source(pl, wp, p.query_reduce, p.group_reduce, p.normalize, p.pool, p.pool_kernel);
+  k.hist = p.hist;
+  k.hist_sb = p.hist_stride_b;
+  k.hist_sh = p.hist_stride_h;
+  k.hist_lengths = p.hist != nullptr ? p.hist_lengths : nullptr;
+  k.hl_sb = p.hist_lengths_stride_b;
+  k.hl_sh = p.hist_lengths_stride_h;
+  k.decay = p.decay;
+  k.hist_mode = static_cast<int>(p.hist_mode);
+  k.redundancy = p.mix_lambda < 1.f ? p.redundancy : nullptr;
+  k.red_sb = p.redundancy_stride_b;
+  k.red_sh = p.redundancy_stride_h;
+  k.mix_lambda = p.mix_lambda;
+  KVKERN_CUDA_TRY(launch(select_kernel<true>, heads, kSelectThreads, sp.smem, k));
+  return launch_move(cp, mp, k.plan_idx, k.plan_count, launch);
+}
+
+}  // namespace eviction_detail
+}  // namespace kvkern
