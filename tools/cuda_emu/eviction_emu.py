@@ -170,8 +170,8 @@ class Handle:
 def run(op: str, handle: Handle, dtype, compact: Handle | None = None, allow=(), ws_fill: int = 0x7f) -> list[str]:
     """Runs ``op`` ("window_scores", "select_keep", "compact", "evict", "score_evict").
 
-    ``allow``: tensors the kernels may read through cp.async / __ldg (the
-    workspace is added). The workspace starts filled with ``ws_fill`` bytes:
+    cp.async / __ldg may read the tensors of the handles, ``allow`` and the
+    workspace (anything else is reported). The workspace starts filled with ``ws_fill`` bytes:
     the kernels must not depend on its contents. Returns the launches
     ("kernel blocks threads smem" lines); raises Refused or EmulatorError."""
     import torch
@@ -184,7 +184,7 @@ def run(op: str, handle: Handle, dtype, compact: Handle | None = None, allow=(),
     off = (-ws.data_ptr()) % 256
     ws_ptr = ws.data_ptr() + off
     lib.emu_clear_allowed()
-    for t in allow:
+    for t in [*handle.tensors, *(compact.tensors if compact is not None else []), *allow]:
         lib.emu_allow(t.data_ptr(), t.untyped_storage().nbytes() - t.storage_offset() * t.element_size())
     lib.emu_allow(ws_ptr, nbytes)
     rc = lib.emu_run(handle.h, op.encode(), KV_DTYPES[str(dtype).split(".")[-1]], ws_ptr,
