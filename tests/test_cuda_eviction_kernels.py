@@ -268,6 +268,8 @@ SELECT_CASES = [
     ("ties", 1, 3, 131, 40, 2, 2, {"cuts": [30, 90], "seg_min": [10, 2, 15]}),
     ("random", 2, 2, 131, 8, 6, 6, {"cuts": [50]}),  # some heads infeasible: left untouched
     ("ties", 2, 2, 300, 120, 2, 2, {"smem_limit": 16 * 1024}),  # keys in the workspace, not shared memory
+    ("ties", 2, 3, 300, 100, 1, 1, {"select_list_cap": 16}),  # the first digit's candidates overflow the list
+    ("random", 2, 2, 131, 60, 0, 2, {"select_list_cap": 0, "ranges": "shared"}),
     ("random", 1, 2, 37, 0, 0, 0, {}),
 ]
 
@@ -306,7 +308,7 @@ def test_select_keep(case):
     scores, lengths, budget, kw = _select_inputs(kind, B, H, C, budget, extras)
     keep = torch.ones(B, H, C, dtype=torch.bool)
     new_len = torch.full((B, H), -7, dtype=torch.int32)
-    tuning = {"smem_limit": extras["smem_limit"]} if "smem_limit" in extras else {}
+    tuning = {k: extras[k] for k in ("smem_limit", "select_list_cap") if k in extras}
     h = E.Handle("select", _select_fields(scores, lengths, keep, new_len, budget, n_sink=n_sink, n_recent=n_recent,
                                           seg_min=kw.get("seg_min"), cuts=kw.get("cuts"), positions=kw.get("positions"),
                                           budgets=kw.get("budgets"), ranges=kw.get("ranges"),
@@ -456,6 +458,10 @@ SCORE_EVICT_CASES = [
     (torch.float32, 64, 4, 1, 8, 131, 40, "sum", "max", "max", 0.5, {}),
     (torch.bfloat16, 64, 4, 2, 4, 37, 12, None, "none", "mean_all", 1.0, {}),
     (torch.float16, 128, 4, 2, 16, 300, 100, "max", "max", "max", 1.0, dict(max_smem=20 * 1024, deferred=False)),
+    (torch.bfloat16, 64, 8, 1, 8, 131, 50, "ema", "none", "mean", 1.0,
+     dict(window_target_blocks=64, window_chunk_tiles=1, select_list_cap=8)),
+    (torch.float16, 64, 24, 2, 40, 200, 90, "max", "avg", "max", 1.0,  # 2 row groups: normalize by a pass
+     dict(window_target_blocks=64, window_chunk_tiles=1)),
 ]
 
 

@@ -61,6 +61,7 @@ struct SelectKernelParams {
   uint32_t* keys_ws = nullptr;       // [B, Hkv, C] when the keys do not fit in shared memory
   int32_t* seg_ws = nullptr;         // [B, Hkv, C] segment ids (segments only)
   int keys_in_smem = 0;
+  uint32_t list_cap = 0;             // shared-memory list of the first digit's candidates (0: none)
   // Fused score_evict only.
   ScoreSource src;
   float* hist = nullptr;
@@ -76,13 +77,14 @@ struct SelectKernelParams {
 
 // Shared memory of the select kernel, in 4-byte words: scratch (64), radix
 // histogram, results (16), per-segment tables (cuts, counts, protected,
-// quotas), the batch's lengths (fused mean_all), then the keys if cached.
+// quotas), the batch's lengths (fused mean_all), the candidate list, then the
+// keys if cached.
 struct SelectSmem {
-  size_t scratch, hist, res, cuts, cnt, prot, quota, lens, keys, words_without_keys, words;
+  size_t scratch, hist, res, cuts, cnt, prot, quota, lens, list, keys, words;
 };
 
 __host__ __device__ inline SelectSmem select_smem(int64_t num_segments, int64_t lens, int64_t capacity,
-                                                   bool keys_cached) {
+                                                   bool keys_cached, uint32_t list_cap) {
   SelectSmem s;
   s.scratch = 0;
   s.hist = 64;
@@ -93,8 +95,8 @@ __host__ __device__ inline SelectSmem select_smem(int64_t num_segments, int64_t 
   s.prot = s.cnt + S;
   s.quota = s.prot + S;
   s.lens = s.quota + S;
-  s.keys = (s.lens + static_cast<size_t>(lens) + 3) / 4 * 4;
-  s.words_without_keys = s.keys;
+  s.list = s.lens + static_cast<size_t>(lens);
+  s.keys = (s.list + list_cap + 3) / 4 * 4;
   s.words = s.keys + (keys_cached ? static_cast<size_t>(capacity) : 0);
   return s;
 }
@@ -121,87 +123,129 @@ __device__ __forceinline__ int32_t segment_of(const int32_t* cuts, int64_t ncuts
   return static_cast<int32_t>(lo);
 }
 
-struct RadixResult {
-  uint32_t tau;       // the key of the need-th best candidate
-  uint32_t rem;       // how many of the keys equal to tau to keep (>= 1)
-  uint32_t eq_total;  // candidates equal to tau
+// Radix select state: the digits fixed so far (prefix under mask), how many
+// candidates are still to be taken at or below them, and (after the last
+// pass) how many candidates equal the threshold.
+struct RadixState {
+  uint32_t prefix = 0, mask = 0, remaining = 0, eq_total = 0;
 };
 
-// The need-th largest candidate key among keys[0, n) that pass `filter`
-// (1 <= need <= number of candidates; key 0 is never a candidate).
+__host__ __device__ constexpr int radix_shift(int pass) { return pass == 0 ? 21 : pass == 1 ? 10 : 0; }
+__host__ __device__ constexpr uint32_t radix_bins(int pass) { return pass == 2 ? 1024u : 2048u; }
+
+// Adds one to hist[d] for every lane of the warp with `want`. Lanes sharing
+// the first wanting lane's digit add once (many equal scores would otherwise
+// serialize on one bin). Every lane of the warp must call it.
+__device__ __forceinline__ void hist_add(uint32_t* hist, bool want, uint32_t d) {
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  const unsigned act = __ballot_sync(0xffffffffu, want);
+  if (act == 0) return;
+  const uint32_t d0 = __shfl_sync(0xffffffffu, d, __ffs(static_cast<int>(act)) - 1);
+  const bool same = want && d == d0;
+  const unsigned sm = __ballot_sync(0xffffffffu, same);
+  if (same) {
+    if (lane == __ffs(static_cast<int>(sm)) - 1) atomicAdd(&hist[d0], static_cast<uint32_t>(__popc(sm)));
+  } else if (want) {
+    atomicAdd(&hist[d], 1u);
+  }
+}
+
+// Appends `value` for every lane with `want` to list (order unspecified);
+// *count (shared) counts every append, also past cap (then the list is
+// incomplete). Every lane of the warp must call it.
+__device__ __forceinline__ void list_append(uint32_t* list, uint32_t* count, uint32_t cap, bool want, uint32_t value) {
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  const unsigned act = __ballot_sync(0xffffffffu, want);
+  if (act == 0) return;
+  const int leader = __ffs(static_cast<int>(act)) - 1;
+  uint32_t base = 0;
+  if (lane == leader) base = atomicAdd(count, static_cast<uint32_t>(__popc(act)));
+  base = __shfl_sync(0xffffffffu, base, leader);
+  const uint32_t at = base + static_cast<uint32_t>(__popc(act & ((1u << lane) - 1u)));
+  if (want && at < cap) list[at] = value;
+}
+
+// Picks the digit of `pass` from a filled histogram: the bin holding the
+// st.remaining-th largest candidate (counting from the top bin).
+template <int NT>
+__device__ void radix_pick(RadixState& st, int pass, const uint32_t* hist, uint32_t* scratch, uint32_t* res) {
+  const int tid = static_cast<int>(threadIdx.x);
+  const uint32_t nb = radix_bins(pass);
+  // Thread tid owns bins nb-1-tid*bpt .. downwards; the scan counts the
+  // candidates in the bins above its first one.
+  const uint32_t bpt = nb / NT;
+  uint32_t local = 0;
+  for (uint32_t k = 0; k < bpt; ++k) local += hist[nb - 1 - (tid * bpt + k)];
+  uint32_t tot;
+  uint32_t cum = block_exclusive_sum<NT>(local, scratch, &tot);
+  for (uint32_t k = 0; k < bpt; ++k) {
+    const uint32_t bin = nb - 1 - (tid * bpt + k);
+    const uint32_t h = hist[bin];
+    if (cum < st.remaining && cum + h >= st.remaining) {
+      res[0] = bin;
+      res[1] = cum;
+    }
+    cum += h;
+  }
+  __syncthreads();
+  const uint32_t bin = res[0], above = res[1];
+  if (pass == 2) st.eq_total = hist[bin];
+  __syncthreads();  // res and hist are reused next
+  st.remaining -= above;
+  st.prefix |= bin << radix_shift(pass);
+  st.mask |= (nb - 1) << radix_shift(pass);
+}
+
+// One radix pass over keys[0, n) (key 0 is never a candidate) restricted to
+// the prefix so far and `filter`.
 template <int NT, class Filter>
-__device__ RadixResult radix_select(const uint32_t* keys, int64_t n, uint32_t need, Filter&& filter, uint32_t* hist,
-                                    uint32_t* scratch, uint32_t* res) {
+__device__ void radix_pass(const uint32_t* keys, int64_t n, RadixState& st, int pass, Filter&& filter, uint32_t* hist,
+                           uint32_t* scratch, uint32_t* res) {
   const int tid = static_cast<int>(threadIdx.x);
   const int lane = tid & 31;
-  uint32_t prefix = 0, mask = 0, remaining = need, eq_total = 0;
-  for (int pass = 0; pass < 3; ++pass) {
-    const int shift = pass == 0 ? 21 : pass == 1 ? 10 : 0;
-    const uint32_t nb = pass == 2 ? 1024u : 2048u;
-    for (uint32_t bb = tid; bb < nb; bb += NT) hist[bb] = 0;
-    __syncthreads();
-    // The trip count is uniform per warp so the ballots see all 32 lanes.
-    for (int64_t base = tid - lane; base < n; base += NT) {
-      const int64_t i = base + lane;
-      bool want = false;
-      uint32_t d = 0;
-      if (i < n) {
-        const uint32_t k = keys[i];
-        want = k != 0 && (k & mask) == prefix && filter(i);
-        d = (k >> shift) & (nb - 1);
-      }
-      // Lanes sharing the first active lane's digit add once (many equal
-      // scores would otherwise serialize on one bin); the others one by one.
-      const unsigned act = __ballot_sync(0xffffffffu, want);
-      if (act == 0) continue;
-      const uint32_t d0 = __shfl_sync(0xffffffffu, d, __ffs(static_cast<int>(act)) - 1);
-      const bool same = want && d == d0;
-      const unsigned sm = __ballot_sync(0xffffffffu, same);
-      if (same) {
-        if (lane == __ffs(static_cast<int>(sm)) - 1) atomicAdd(&hist[d0], static_cast<uint32_t>(__popc(sm)));
-      } else if (want) {
-        atomicAdd(&hist[d], 1u);
-      }
+  const uint32_t nb = radix_bins(pass);
+  const int shift = radix_shift(pass);
+  for (uint32_t bb = tid; bb < nb; bb += NT) hist[bb] = 0;
+  __syncthreads();
+  for (int64_t base = tid - lane; base < n; base += NT) {  // uniform per warp (the ballots)
+    const int64_t i = base + lane;
+    bool want = false;
+    uint32_t d = 0;
+    if (i < n) {
+      const uint32_t k = keys[i];
+      want = k != 0 && (k & st.mask) == st.prefix && filter(i);
+      d = (k >> shift) & (nb - 1);
     }
-    __syncthreads();
-    // Thread tid owns bins nb-1-tid*bpt .. (descending); the scan counts the
-    // candidates in the bins above its first one.
-    const uint32_t bpt = nb / NT;
-    uint32_t local = 0;
-    for (uint32_t k = 0; k < bpt; ++k) local += hist[nb - 1 - (tid * bpt + k)];
-    uint32_t tot;
-    uint32_t cum = block_exclusive_sum<NT>(local, scratch, &tot);
-    for (uint32_t k = 0; k < bpt; ++k) {
-      const uint32_t bin = nb - 1 - (tid * bpt + k);
-      const uint32_t h = hist[bin];
-      if (cum < remaining && cum + h >= remaining) {
-        res[0] = bin;
-        res[1] = cum;
-      }
-      cum += h;
-    }
-    __syncthreads();
-    const uint32_t bin = res[0], above = res[1];
-    if (pass == 2) eq_total = hist[bin];
-    __syncthreads();
-    remaining -= above;
-    prefix |= bin << shift;
-    mask |= (nb - 1) << shift;
+    hist_add(hist, want, d);
   }
-  return RadixResult{prefix, remaining, eq_total};
+  __syncthreads();
+  radix_pick<NT>(st, pass, hist, scratch, res);
+}
+
+// The need-th largest candidate key among keys[0, n) that pass `filter`
+// (1 <= need <= number of candidates): 3 passes over the keys.
+template <int NT, class Filter>
+__device__ RadixState radix_select(const uint32_t* keys, int64_t n, uint32_t need, Filter&& filter, uint32_t* hist,
+                                   uint32_t* scratch, uint32_t* res) {
+  RadixState st;
+  st.remaining = need;
+  for (int pass = 0; pass < 3; ++pass) radix_pass<NT>(keys, n, st, pass, filter, hist, scratch, res);
+  return st;
 }
 
 // Marks (keep = true) the candidates of `filter` with key > tau and the latest
-// r.rem of those equal to tau; with zero_keys their keys become 0 (no longer
-// candidates). Thread tid touches slots tid + k * NT only, like every pass.
+// st.remaining of those equal to tau; with zero_keys their keys become 0 (no
+// longer candidates). Thread tid touches slots tid + k * NT only, like every
+// pass, so no barrier is needed between passes over the same slots.
 template <int NT, class Filter>
-__device__ void mark_selected(uint32_t* keys, int64_t n, bool* keep, const RadixResult& r, Filter&& filter,
+__device__ void mark_selected(uint32_t* keys, int64_t n, bool* keep, const RadixState& st, Filter&& filter,
                               bool zero_keys, uint32_t* scratch) {
   const int tid = static_cast<int>(threadIdx.x);
-  if (r.rem == r.eq_total) {
+  const uint32_t tau = st.prefix;
+  if (st.remaining == st.eq_total) {
     for (int64_t i = tid; i < n; i += NT) {
       const uint32_t k = keys[i];
-      if (k != 0 && k >= r.tau && filter(i)) {
+      if (k != 0 && k >= tau && filter(i)) {
         keep[i] = true;
         if (zero_keys) keys[i] = 0;
       }
@@ -214,13 +258,13 @@ __device__ void mark_selected(uint32_t* keys, int64_t n, bool* keep, const Radix
       bool cand = false;
       if (i < n) {
         k = keys[i];
-        cand = k != 0 && k >= r.tau && filter(i);
+        cand = k != 0 && k >= tau && filter(i);
       }
-      const uint32_t eq = cand && k == r.tau ? 1u : 0u;
+      const uint32_t eq = cand && k == tau ? 1u : 0u;
       uint32_t tot;
       const uint32_t excl = block_exclusive_sum<NT>(eq, scratch, &tot);
       const uint32_t later = carry + (tot - excl - eq);
-      if (cand && (k > r.tau || later < r.rem)) {
+      if (cand && (k > tau || later < st.remaining)) {
         keep[i] = true;
         if (zero_keys) keys[i] = 0;
       }
@@ -233,8 +277,8 @@ __device__ void mark_selected(uint32_t* keys, int64_t n, bool* keep, const Radix
 template <int NT, class Filter>
 __device__ __forceinline__ void select_and_mark(uint32_t* keys, int64_t n, uint32_t need, bool* keep, Filter&& filter,
                                                 bool zero_keys, uint32_t* hist, uint32_t* scratch, uint32_t* res) {
-  const RadixResult r = radix_select<NT>(keys, n, need, filter, hist, scratch, res);
-  mark_selected<NT>(keys, n, keep, r, filter, zero_keys, scratch);
+  const RadixState st = radix_select<NT>(keys, n, need, filter, hist, scratch, res);
+  mark_selected<NT>(keys, n, keep, st, filter, zero_keys, scratch);
 }
 
 // The ascending list of kept valid slots of a head; returns their number.
@@ -259,6 +303,80 @@ __device__ __forceinline__ float update_hist(int mode, float decay, float old, f
   return decay * old + now;
 }
 
+// Protected slots among [0, L) when protection is only by slot index.
+__device__ __forceinline__ int64_t count_index_protected(int64_t L, int64_t n_sink, int64_t n_recent) {
+  const int64_t s = n_sink < 0 ? 0 : n_sink > L ? L : n_sink;
+  int64_t r = L - n_recent;
+  r = r < 0 ? 0 : r > L ? L : r;
+  return s + (L - r) - (s > r ? s - r : 0);
+}
+
+// The top-`need` selection of one head when the first radix histogram was
+// filled while the keys were made (hist holds pass 0): the candidates of the
+// chosen first digit are gathered into `list` (when they fit) so the other two
+// passes touch only them; then one forward pass marks keep (protected slots
+// are already marked) and writes the plan. need == 0 just writes the plan.
+template <int NT>
+__device__ void select_fast_tail(uint32_t* keys, int64_t L, int64_t C, uint32_t need, bool* keep, int32_t* plan_idx,
+                                 uint32_t* hist, uint32_t* scratch, uint32_t* res, uint32_t* list,
+                                 uint32_t list_cap) {
+  const int tid = static_cast<int>(threadIdx.x);
+  const int lane = tid & 31;
+  RadixState st;
+  bool all_eq = true;  // every candidate equal to the threshold is kept
+  if (need == 0) {
+    st.prefix = 0xffffffffu;  // above every key: nothing but the protected slots
+  } else {
+    st.remaining = need;
+    auto all = [](int64_t) { return true; };
+    radix_pick<NT>(st, 0, hist, scratch, res);
+    if (tid == 0) res[4] = 0;
+    __syncthreads();
+    for (int64_t base = tid - lane; base < L; base += NT) {
+      const int64_t i = base + lane;
+      const uint32_t k = i < L ? keys[i] : 0u;
+      list_append(list, &res[4], list_cap, k != 0 && (k & st.mask) == st.prefix, k);
+    }
+    __syncthreads();
+    const uint32_t n1 = res[4];
+    if (n1 <= list_cap) {
+      for (int pass = 1; pass < 3; ++pass) radix_pass<NT>(list, n1, st, pass, all, hist, scratch, res);
+    } else {
+      for (int pass = 1; pass < 3; ++pass) radix_pass<NT>(keys, L, st, pass, all, hist, scratch, res);
+    }
+    if (st.remaining < st.eq_total) {
+      // Not every key equal to the threshold fits: the latest ones win.
+      all_eq = false;
+      uint32_t carry = 0;
+      for (int64_t T = (L + NT - 1) / NT - 1; T >= 0; --T) {
+        const int64_t i = T * NT + tid;
+        const uint32_t eq = i < L && keys[i] == st.prefix ? 1u : 0u;
+        uint32_t tot;
+        const uint32_t excl = block_exclusive_sum<NT>(eq, scratch, &tot);
+        if (eq && carry + (tot - excl - eq) < st.remaining) keep[i] = true;
+        carry += tot;
+      }
+    }
+  }
+  const uint32_t tau = st.prefix;
+  uint32_t carry = 0;
+  for (int64_t T = 0; T * NT < C; ++T) {
+    const int64_t i = T * NT + tid;
+    bool kept = false;
+    if (i < L) {
+      const uint32_t k = keys[i];
+      kept = keep[i] || k > tau || (all_eq && k == tau);
+    }
+    if (i < C) keep[i] = kept;
+    if (plan_idx != nullptr && T * NT < L) {
+      uint32_t tot;
+      const uint32_t excl = block_exclusive_sum<NT>(kept ? 1u : 0u, scratch, &tot);
+      if (kept) plan_idx[carry + excl] = static_cast<int32_t>(i);
+      carry += tot;
+    }
+  }
+}
+
 // One block per (b, kv head). FUSED: the scores come from the window passes
 // (score_evict: normalize, history, pooling, mix), else from p.scores.
 template <bool FUSED>
@@ -266,12 +384,13 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectKern
   constexpr int NT = kSelectThreads;
   extern __shared__ __align__(16) unsigned char smem[];
   const int tid = static_cast<int>(threadIdx.x);
+  const int lane = tid & 31;
   const int64_t Hkv = p.num_kv_heads, C = p.capacity;
   const int64_t hd = static_cast<int64_t>(blockIdx.x);
   const int64_t b = hd / Hkv, j = hd % Hkv;
   const bool segments = !FUSED && p.num_segments > 1;
   const SelectSmem lay = select_smem(segments ? p.num_segments : 1, FUSED && p.src.mean_all ? Hkv : 0, C,
-                                     p.keys_in_smem != 0);
+                                     p.keys_in_smem != 0, p.list_cap);
   uint32_t* words = reinterpret_cast<uint32_t*>(smem);
   uint32_t* scratch = words + lay.scratch;
   uint32_t* hist = words + lay.hist;
@@ -281,6 +400,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectKern
   uint32_t* prot = words + lay.prot;
   uint32_t* quota = words + lay.quota;
   int32_t* lens = reinterpret_cast<int32_t*>(words + lay.lens);
+  uint32_t* list = words + lay.list;
   uint32_t* keys = p.keys_in_smem ? words + lay.keys : p.keys_ws + hd * C;
 
   bool* keep = p.keep + hd * C;
@@ -306,7 +426,15 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectKern
   const int64_t n_recent = FUSED && p.n_recent < W ? W : p.n_recent;
   const int64_t M = L - W > 0 ? L - W : 0;
   const int64_t S = p.num_segments;
+  // Protected by slot index only: counted without a pass, tested on the fly.
+  const bool index_prot = p.ranges == nullptr && p.keep_mask == nullptr;
+  auto prot_at = [&](int64_t i) {
+    if (index_prot) return i < p.n_sink || i >= L - n_recent;
+    const int64_t pos = p.positions != nullptr ? p.positions[b * p.pos_sb + j * p.pos_sh + i] : i;
+    return slot_protected(p, b, j, i, L, n_recent, pos);
+  };
 
+  for (uint32_t bb = tid; bb < static_cast<uint32_t>(kRadixBins); bb += NT) hist[bb] = 0;
   if (segments) {
     for (int64_t s = tid; s < S; s += NT) {
       if (s < S - 1) cuts[s] = p.seg_cuts[s];
@@ -322,38 +450,35 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectKern
   }
   __syncthreads();
 
-  // Protection (straight into keep), segment counts, the normalizing max.
-  const int32_t* pos_row = p.positions != nullptr ? p.positions + b * p.pos_sb + j * p.pos_sh : nullptr;
-  uint32_t nprot = 0;
+  uint32_t nprot = index_prot ? static_cast<uint32_t>(count_index_protected(L, p.n_sink, n_recent)) : 0u;
   float top = 0.f;
-  for (int64_t i = tid; i < C; i += NT) {
-    bool pr = false;
-    if (i < L) {
-      const int64_t pos = pos_row != nullptr ? pos_row[i] : i;
-      pr = slot_protected(p, b, j, i, L, n_recent, pos);
-      if (segments) {
-        const int32_t s = segment_of(cuts, S - 1, pos);
-        p.seg_ws[hd * C + i] = s;
-        atomicAdd(&cnt[s], 1u);
-        if (pr) atomicAdd(&prot[s], 1u);
-      }
-      if constexpr (FUSED) {
-        if (p.src.normalize && i < M) top = fmaxf(top, raw_score(p.src, b, j, i, lens));
-      }
-    }
-    keep[i] = pr;
-    nprot += pr ? 1u : 0u;
-  }
-  nprot = block_sum_u32<NT>(nprot, scratch);
-  if constexpr (FUSED) top = block_max<NT>(top, reinterpret_cast<float*>(scratch));
-  if (static_cast<int64_t>(nprot) > K) {  // the reference raises; leave the head alone
-    untouched();
-    return;
-  }
-
-  // Keys of the unprotected valid slots (protected ones: 0).
   if constexpr (FUSED) {
     const ScoreSource& src = p.src;
+    // The normalizing max of the candidates: from pass B's per-chunk maxima,
+    // else a pass. Protection that needs a pass is counted here as well, so
+    // an infeasible head is found before hist is touched.
+    const bool top_pass = src.normalize && src.cmax == nullptr;
+    if (top_pass || !index_prot) {
+      for (int64_t i = tid; i < L; i += NT) {
+        if (!index_prot) {
+          const bool pr = prot_at(i);
+          keep[i] = pr;
+          nprot += pr ? 1u : 0u;
+        }
+        if (top_pass && i < M) top = fmaxf(top, raw_score(src, b, j, i, lens));
+      }
+      if (!index_prot) nprot = block_sum_u32<NT>(nprot, scratch);
+      if (top_pass) top = block_max<NT>(top, reinterpret_cast<float*>(scratch));
+    }
+    if (src.normalize && src.cmax != nullptr) {
+      const float* cm = src.cmax + hd * src.num_chunks;
+      for (int c = 0; c < src.num_chunks; ++c) top = fmaxf(top, cm[c]);
+      top *= src.scale;
+    }
+    if (static_cast<int64_t>(nprot) > K) {  // the reference raises; leave the head alone
+      untouched();
+      return;
+    }
     float* hrow = p.hist != nullptr ? p.hist + b * p.hist_sb + j * p.hist_sh : nullptr;
     const int64_t hl = p.hist != nullptr ? p.hist_lengths[b * p.hl_sb + j * p.hl_sh] : 0;
     const float* rrow = p.redundancy != nullptr ? p.redundancy + b * p.red_sb + j * p.red_sh : nullptr;
@@ -372,79 +497,121 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectKern
     for (int64_t T = 0; T <= ntiles; ++T) {
       const int64_t i = T * NT + tid;
       float gcur = 0.f;
-      if (T < ntiles && i < L) {
-        gcur = g_at(i);
-        float v = i < M ? pool_at(src, i, M, g_at) : gcur;
-        if (rrow != nullptr) v = p.mix_lambda * v - (1.f - p.mix_lambda) * rrow[i];
-        keys[i] = keep[i] ? 0u : score_key(v);
+      if (T < ntiles) {
+        bool want = false;
+        uint32_t key = 0;
+        if (i < L) {
+          gcur = g_at(i);
+          float v = i < M ? pool_at(src, i, M, g_at) : gcur;
+          if (rrow != nullptr) v = p.mix_lambda * v - (1.f - p.mix_lambda) * rrow[i];
+          const bool pr = index_prot ? prot_at(i) : keep[i];
+          if (index_prot) keep[i] = pr;
+          key = pr ? 0u : score_key(v);
+          keys[i] = key;
+          want = !pr;
+        }
+        hist_add(hist, want, key >> radix_shift(0));
       }
       __syncthreads();
       const int64_t ip = i - NT;
       if (hrow != nullptr && T >= 1 && ip < M) hrow[ip] = gprev;
       gprev = gcur;
     }
+    select_fast_tail<NT>(keys, L, C, static_cast<uint32_t>(K - static_cast<int64_t>(nprot)), keep,
+                         p.plan_idx != nullptr ? p.plan_idx + hd * C : nullptr, hist, scratch, res, list, p.list_cap);
   } else {
     const float* srow = p.scores + b * p.scores_sb + j * p.scores_sh;
-    for (int64_t i = tid; i < L; i += NT) keys[i] = keep[i] ? 0u : score_key(srow[i]);
-    __syncthreads();
-  }
-
-  auto all = [](int64_t) { return true; };
-  if (!segments) {
-    const int64_t need = K - static_cast<int64_t>(nprot);
-    if (need > 0) select_and_mark<NT>(keys, L, static_cast<uint32_t>(need), keep, all, false, hist, scratch, res);
-  } else if (p.seg_min == nullptr) {
-    // Proportional quotas (reference.segment_quotas), one thread.
-    if (tid == 0) {
-      uint32_t bad = 0;
-      int64_t left = K;
-      for (int64_t s = 0; s < S; ++s) {
-        quota[s] = static_cast<uint32_t>(K * static_cast<int64_t>(cnt[s]) / L);
-        left -= quota[s];
-      }
-      int64_t s = S - 1;
-      while (left > 0) {
-        if (quota[s] < cnt[s]) {
-          ++quota[s];
-          --left;
+    const int32_t* pos_row = p.positions != nullptr ? p.positions + b * p.pos_sb + j * p.pos_sh : nullptr;
+    // Keys (protected: 0, straight into keep), the first radix histogram,
+    // segment counts.
+    uint32_t np = 0;
+    for (int64_t base = tid - lane; base < C; base += NT) {
+      const int64_t i = base + lane;
+      bool pr = false, want = false;
+      uint32_t key = 0;
+      if (i < L) {
+        pr = prot_at(i);
+        key = pr ? 0u : score_key(srow[i]);
+        keys[i] = key;
+        want = !pr && !segments;
+        if (segments) {
+          const int32_t s = segment_of(cuts, S - 1, pos_row != nullptr ? pos_row[i] : i);
+          p.seg_ws[hd * C + i] = s;
+          atomicAdd(&cnt[s], 1u);
+          if (pr) atomicAdd(&prot[s], 1u);
         }
-        s = s > 0 ? s - 1 : S - 1;
       }
-      for (int64_t t = 0; t < S; ++t) bad |= prot[t] > quota[t] ? 1u : 0u;
-      res[8] = bad;
+      if (i < C) keep[i] = pr;
+      np += pr ? 1u : 0u;
+      hist_add(hist, want, key >> radix_shift(0));
     }
-    __syncthreads();
-    if (res[8] != 0) {
+    if (!index_prot) nprot = block_sum_u32<NT>(np, scratch);
+    else __syncthreads();
+    if (static_cast<int64_t>(nprot) > K) {
       untouched();
       return;
     }
-    for (int64_t s = 0; s < S; ++s) {
-      const uint32_t need = quota[s] - prot[s];
-      if (need == 0) continue;
-      const int32_t* seg = p.seg_ws + hd * C;
-      auto in_s = [seg, s](int64_t i) { return seg[i] == s; };
-      select_and_mark<NT>(keys, L, need, keep, in_s, false, hist, scratch, res);
+    if (!segments) {
+      select_fast_tail<NT>(keys, L, C, static_cast<uint32_t>(K - static_cast<int64_t>(nprot)), keep,
+                           p.plan_idx != nullptr ? p.plan_idx + hd * C : nullptr, hist, scratch, res, list,
+                           p.list_cap);
+    } else {
+      auto all = [](int64_t) { return true; };
+      if (p.seg_min == nullptr) {
+        // Proportional quotas (reference.segment_quotas), one thread.
+        if (tid == 0) {
+          uint32_t bad = 0;
+          int64_t left = K;
+          for (int64_t s = 0; s < S; ++s) {
+            quota[s] = static_cast<uint32_t>(K * static_cast<int64_t>(cnt[s]) / L);
+            left -= quota[s];
+          }
+          int64_t s = S - 1;
+          while (left > 0) {
+            if (quota[s] < cnt[s]) {
+              ++quota[s];
+              --left;
+            }
+            s = s > 0 ? s - 1 : S - 1;
+          }
+          for (int64_t t = 0; t < S; ++t) bad |= prot[t] > quota[t] ? 1u : 0u;
+          res[8] = bad;
+        }
+        __syncthreads();
+        if (res[8] != 0) {
+          untouched();
+          return;
+        }
+        for (int64_t s = 0; s < S; ++s) {
+          const uint32_t need = quota[s] - prot[s];
+          if (need == 0) continue;
+          const int32_t* seg = p.seg_ws + hd * C;
+          auto in_s = [seg, s](int64_t i) { return seg[i] == s; };
+          select_and_mark<NT>(keys, L, need, keep, in_s, false, hist, scratch, res);
+        }
+      } else {
+        // Minima per segment first, then the best of what is left.
+        int64_t total = nprot;
+        for (int64_t s = 0; s < S; ++s) {
+          const int64_t want = p.seg_min[s] < static_cast<int64_t>(cnt[s]) ? p.seg_min[s] : cnt[s];
+          const int64_t need = want - static_cast<int64_t>(prot[s]);
+          if (need <= 0) continue;
+          total += need;
+          const int32_t* seg = p.seg_ws + hd * C;
+          auto in_s = [seg, s](int64_t i) { return seg[i] == s; };
+          select_and_mark<NT>(keys, L, static_cast<uint32_t>(need), keep, in_s, true, hist, scratch, res);
+        }
+        if (total > K) {
+          untouched();
+          return;
+        }
+        if (K - total > 0)
+          select_and_mark<NT>(keys, L, static_cast<uint32_t>(K - total), keep, all, false, hist, scratch, res);
+      }
+      if (p.plan_idx != nullptr) build_plan<NT>(keep, L, p.plan_idx + hd * C, scratch);
     }
-  } else {
-    // Minima per segment first, then the best of what is left.
-    int64_t total = nprot;
-    for (int64_t s = 0; s < S; ++s) {
-      const int64_t want = p.seg_min[s] < static_cast<int64_t>(cnt[s]) ? p.seg_min[s] : cnt[s];
-      const int64_t need = want - static_cast<int64_t>(prot[s]);
-      if (need <= 0) continue;
-      total += need;
-      const int32_t* seg = p.seg_ws + hd * C;
-      auto in_s = [seg, s](int64_t i) { return seg[i] == s; };
-      select_and_mark<NT>(keys, L, static_cast<uint32_t>(need), keep, in_s, true, hist, scratch, res);
-    }
-    if (total > K) {
-      untouched();
-      return;
-    }
-    if (K - total > 0) select_and_mark<NT>(keys, L, static_cast<uint32_t>(K - total), keep, all, false, hist, scratch, res);
   }
 
-  if (p.plan_idx != nullptr) build_plan<NT>(keep, L, p.plan_idx + hd * C, scratch);
   if (tid == 0) {
     if (p.new_lengths != nullptr) p.new_lengths[hd] = static_cast<int32_t>(K);
     if (p.lengths_out != nullptr) p.lengths_out[b * p.len_sb + j * p.len_sh] = static_cast<int32_t>(K);
@@ -588,18 +755,30 @@ inline size_t plan_ws_bytes(int64_t heads, int64_t capacity) {
 struct SelectPlan {
   bool ok = false;
   bool keys_in_smem = false;
+  uint32_t list_cap = 0;
   size_t smem = 0;
   size_t keys_bytes = 0, seg_bytes = 0;
 };
 
+constexpr uint32_t kMaxListCap = 8192;
+
+// Keys in shared memory when they fit, then as long a candidate list as fits
+// (up to kMaxListCap, at most the capacity; none below 256).
 inline SelectPlan plan_select(int64_t heads, int64_t capacity, int64_t num_segments, int64_t lens_words,
-                              size_t max_smem) {
+                              size_t max_smem, int list_cap_override) {
   SelectPlan pl;
   if (heads < 0 || capacity < 0 || num_segments < 1 || num_segments > kMaxSegments || heads > INT_MAX) return pl;
-  const SelectSmem with = select_smem(num_segments, lens_words, capacity, true);
-  const SelectSmem without = select_smem(num_segments, lens_words, capacity, false);
-  pl.keys_in_smem = with.words * 4 <= max_smem;
-  pl.smem = (pl.keys_in_smem ? with.words : without.words) * 4;
+  const size_t max_words = max_smem / 4;
+  const SelectSmem base = select_smem(num_segments, lens_words, capacity, false, 0);
+  pl.keys_in_smem = base.words + static_cast<size_t>(capacity) + 4 <= max_words;
+  const size_t used = base.words + (pl.keys_in_smem ? static_cast<size_t>(capacity) : 0) + 4;
+  size_t cap = max_words > used ? max_words - used : 0;
+  if (cap > kMaxListCap) cap = kMaxListCap;
+  if (cap > static_cast<size_t>(capacity)) cap = static_cast<size_t>(capacity);
+  if (cap < 256 && cap < static_cast<size_t>(capacity)) cap = 0;
+  if (list_cap_override >= 0) cap = static_cast<size_t>(list_cap_override);
+  pl.list_cap = static_cast<uint32_t>(cap);
+  pl.smem = select_smem(num_segments, lens_words, capacity, pl.keys_in_smem, pl.list_cap).words * 4;
   if (pl.smem > 48 * 1024 && pl.smem > max_smem) return pl;
   pl.keys_bytes = ws_round(static_cast<size_t>(heads * capacity) * sizeof(uint32_t));
   pl.seg_bytes = num_segments > 1 ? ws_round(static_cast<size_t>(heads * capacity) * sizeof(int32_t)) : 0;
@@ -667,12 +846,14 @@ cudaError_t launch_select(const SelectParams& p, void* workspace, bool with_plan
                           int32_t** plan_idx, int32_t** plan_count, Launcher& launch, const EvictionTuning& tune) {
   if (!select_params_ok(p)) return cudaErrorInvalidValue;
   const int64_t heads = p.batch * p.num_kv_heads;
-  const SelectPlan pl = plan_select(heads, p.capacity, p.num_segments, 0, max_smem_of(launch.max_smem(), tune));
+  const SelectPlan pl =
+      plan_select(heads, p.capacity, p.num_segments, 0, max_smem_of(launch.max_smem(), tune), tune.select_list_cap);
   if (!pl.ok || workspace == nullptr) return cudaErrorInvalidValue;
   SelectKernelParams k = select_kernel_params(p);
   unsigned char* ws = static_cast<unsigned char*>(workspace);
   k.keys_ws = reinterpret_cast<uint32_t*>(ws);
   k.keys_in_smem = pl.keys_in_smem ? 1 : 0;
+  k.list_cap = pl.list_cap;
   k.seg_ws = pl.seg_bytes ? reinterpret_cast<int32_t*>(ws + pl.keys_bytes) : nullptr;
   if (with_plan) {
     unsigned char* plan = ws + pl.keys_bytes + pl.seg_bytes;
@@ -860,7 +1041,7 @@ inline CompactParams score_evict_compact_params(const ScoreEvictParams& p) {
 
 inline size_t score_evict_ws_bytes(const ScoreEvictParams& p, const WindowPlan& pl) {
   const int64_t heads = p.batch * p.num_kv_heads;
-  return pl.stats_bytes + pl.part_bytes + ws_round(static_cast<size_t>(heads * p.capacity) * sizeof(uint32_t)) +
+  return pl.stats_bytes + pl.part_bytes + pl.cmax_bytes + ws_round(static_cast<size_t>(heads * p.capacity) * sizeof(uint32_t)) +
          plan_ws_bytes(heads, p.capacity);
 }
 
@@ -874,7 +1055,7 @@ cudaError_t run_score_evict(const ScoreEvictParams& p, KvDtype dt, void* workspa
   const int64_t heads = p.batch * p.num_kv_heads;
   const bool mean_all = p.group_reduce == GroupReduce::kMeanAll;
   const SelectPlan sp = plan_select(heads, p.capacity, 1, mean_all ? p.num_kv_heads : 0,
-                                    max_smem_of(launch.max_smem(), tune));
+                                    max_smem_of(launch.max_smem(), tune), tune.select_list_cap);
   if (!sp.ok) return cudaErrorInvalidValue;
   if (heads == 0) return cudaSuccess;
 
@@ -891,7 +1072,7 @@ cudaError_t run_score_evict(const ScoreEvictParams& p, KvDtype dt, void* workspa
   wp.budget = p.budget;
   KVKERN_CUDA_TRY(launch_window_passes(dt, wp, pl, launch));
 
-  unsigned char* ws = static_cast<unsigned char*>(workspace) + pl.stats_bytes + pl.part_bytes;
+  unsigned char* ws = static_cast<unsigned char*>(workspace) + pl.stats_bytes + pl.part_bytes + pl.cmax_bytes;
   SelectKernelParams k;
   k.lengths = p.lengths;
   k.len_sb = p.lengths_stride_b;
@@ -918,6 +1099,7 @@ cudaError_t run_score_evict(const ScoreEvictParams& p, KvDtype dt, void* workspa
   k.lengths_out = p.lengths;
   k.keys_ws = reinterpret_cast<uint32_t*>(ws);
   k.keys_in_smem = sp.keys_in_smem ? 1 : 0;
+  k.list_cap = sp.list_cap;
   unsigned char* plan = ws + sp.keys_bytes;
   k.plan_idx = reinterpret_cast<int32_t*>(plan);
   k.plan_count = reinterpret_cast<int32_t*>(plan + ws_round(static_cast<size_t>(heads * p.capacity) * 4));

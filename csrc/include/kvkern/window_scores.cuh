@@ -126,6 +126,7 @@ struct WindowPassParams {
   int group_max = 0;        // 1: max over the block's query heads, 0: sum
   float2* stats = nullptr;  // [B, Hq, W, num_chunks] (max, sum of exp2) per row and chunk
   float* part = nullptr;    // [B, Hkv, num_row_groups, C]
+  float* cmax = nullptr;    // [B, Hkv, num_row_groups, num_chunks]: max of part over the chunk's slots < L - W
   // Fused score_evict: heads with L <= budget need no scores (never with mean_all).
   bool skip_small = false;
   const int32_t* budgets = nullptr;
@@ -391,12 +392,15 @@ __device__ __forceinline__ void window_pass(const WindowPassParams& p) {
   si.nstrips = static_cast<int>(nheads * p.strips_per_head);
   const int64_t hq0 = pb.j * p.group + si.h0;  // first query head of the block
 
+  const int64_t cmax_at = ((pb.b * p.num_kv_heads + pb.j) * p.num_row_groups + pb.rg) * p.num_chunks + pb.chunk;
   if (skip || c0 >= c1) {
     if (!PASS_B) {  // the merge in pass B reads every chunk's stats: neutral ones
       for (int64_t r = tid; r < nheads * W; r += NTH) {
         const int64_t hh = r / W, t = r % W;
         p.stats[((pb.b * p.num_q_heads + hq0 + hh) * W + t) * p.num_chunks + pb.chunk] = make_float2(kNegInf, 0.f);
       }
+    } else if (tid == 0) {
+      p.cmax[cmax_at] = 0.f;
     }
     return;
   }
@@ -473,6 +477,7 @@ __device__ __forceinline__ void window_pass(const WindowPassParams& p) {
     }
   }
 
+  float cmax = 0.f;  // pass B: max of this thread's outputs on candidate slots (scores are >= 0)
   for (int it = 0; it < ntiles; ++it) {
     const int64_t i0 = c0 + static_cast<int64_t>(it) * BN;
     const unsigned char* cur;
@@ -554,10 +559,15 @@ __device__ __forceinline__ void window_pass(const WindowPassParams& p) {
           r = hh == 0 ? qs : (p.group_max ? fmaxf(r, qs) : r + qs);
         }
         out[i] = r;
+        if (i < L - W) cmax = fmaxf(cmax, r);
       }
     }
   }
   if constexpr (S > 1) cp_async_wait<0>();
+  if constexpr (PASS_B) {
+    cmax = block_max<NTH>(cmax, lse_s);  // lse_s is free: every thread holds its rows' lse
+    if (tid == 0) p.cmax[cmax_at] = cmax;
+  }
 
   if constexpr (!PASS_B) {
     // Merge the four lanes that share each row, then one lane per row writes.
@@ -609,6 +619,8 @@ struct ScoreSource {
   int group_max = 0;   // combine the row groups by max (else sum)
   int mean_all = 0;    // sum over every kv head of the batch
   float scale = 1.f;   // 1/W (query mean) x 1/G (group mean) or 1/Hq (mean_all)
+  const float* cmax = nullptr;  // pass B's per-chunk maxima when they are the head's (one row group, not mean_all)
+  int num_chunks = 0;
   bool normalize = false;
   Pool pool = Pool::kNone;
   int pool_kernel = 1;
@@ -694,9 +706,13 @@ __global__ void __launch_bounds__(kFinalizeThreads) window_finalize_kernel(const
     __syncthreads();
   }
   const int64_t M = L - s.window > 0 ? L - s.window : 0;
-  float top = 0.f;
-  if (s.normalize) {
-    float mx = 0.f;  // reference: max of where(cand, s, 0)
+  float top = 0.f;  // reference: max of where(cand, s, 0)
+  if (s.normalize && s.cmax != nullptr) {
+    const float* cm = s.cmax + (b * s.num_kv_heads + j) * s.num_chunks;
+    for (int c = 0; c < s.num_chunks; ++c) top = fmaxf(top, cm[c]);
+    top *= s.scale;
+  } else if (s.normalize) {
+    float mx = 0.f;
     for (int64_t i = tid; i < M; i += NT) mx = fmaxf(mx, raw_score(s, b, j, i, lens));
     top = block_max<NT>(mx, scratch);
   }
@@ -714,6 +730,7 @@ struct EvictionTuning {
   int window_target_blocks = 264;  // pass A / B blocks to aim for (~2 per SM on an H100)
   int window_chunk_tiles = 4;  // at least this many tiles per chunk (at full capacity)
   size_t max_smem = 0;         // select: keys cached in shared memory up to this (0: the device's opt-in max)
+  int select_list_cap = -1;    // select: candidate-list capacity (-1: as much as fits)
 };
 
 struct WindowShape {
@@ -729,7 +746,7 @@ struct WindowPlan {
   int heads_per_cta = 1, strips_per_head = 1, num_row_groups = 1, num_chunks = 1;
   int64_t blocks = 0;
   size_t smem = 0;
-  size_t stats_bytes = 0, part_bytes = 0;
+  size_t stats_bytes = 0, part_bytes = 0, cmax_bytes = 0;
 };
 
 constexpr size_t kWsAlign = 256;
@@ -784,6 +801,7 @@ inline WindowPlan plan_window(const WindowShape& s, const EvictionTuning& tune) 
   pl.smem = window_pass_smem(pl.tc, s.head_dim, pl.num_warps);
   pl.stats_bytes = ws_round(static_cast<size_t>(s.batch * s.num_q_heads * s.window * nch) * sizeof(float2));
   pl.part_bytes = ws_round(static_cast<size_t>(heads * s.capacity) * sizeof(float));
+  pl.cmax_bytes = ws_round(static_cast<size_t>(heads * nch) * sizeof(float));
   pl.ok = true;
   return pl;
 }
@@ -884,6 +902,7 @@ inline WindowPassParams window_pass_params(const WindowPlan& pl, const void* q, 
   wp.group_max = gr == GroupReduce::kMax ? 1 : 0;
   wp.stats = static_cast<float2*>(workspace);
   wp.part = reinterpret_cast<float*>(static_cast<unsigned char*>(workspace) + pl.stats_bytes);
+  wp.cmax = reinterpret_cast<float*>(static_cast<unsigned char*>(workspace) + pl.stats_bytes + pl.part_bytes);
   return wp;
 }
 
@@ -904,6 +923,10 @@ inline ScoreSource score_source(const WindowPlan& pl, const WindowPassParams& wp
   s.normalize = normalize;
   s.pool = pool;
   s.pool_kernel = pool_kernel;
+  if (pl.num_row_groups == 1 && !s.mean_all) {
+    s.cmax = wp.cmax;
+    s.num_chunks = pl.num_chunks;
+  }
   return s;
 }
 
@@ -922,7 +945,7 @@ inline WindowPlan plan_window_scores(const WindowScoresParams& p, KvDtype dt, co
                      tune);
 }
 
-inline size_t window_scores_ws_bytes(const WindowPlan& pl) { return pl.stats_bytes + pl.part_bytes; }
+inline size_t window_scores_ws_bytes(const WindowPlan& pl) { return pl.stats_bytes + pl.part_bytes + pl.cmax_bytes; }
 
 template <class Launcher>
 cudaError_t run_window_scores(const WindowScoresParams& p, KvDtype dt, void* workspace, Launcher& launch,
