@@ -271,6 +271,8 @@ SELECT_CASES = [
     ("ties", 2, 3, 300, 100, 1, 1, {"select_list_cap": 16}),  # the first digit's candidates overflow the list
     ("random", 2, 2, 131, 60, 0, 2, {"select_list_cap": 0, "ranges": "shared"}),
     ("random", 1, 2, 37, 0, 0, 0, {}),
+    ("ties", 1, 2, 20000, 3000, 3, 5, {}),  # several tiles of every pass
+    ("special", 1, 1, 20000, 9000, 0, 1, {"smem_limit": 64 * 1024}),
 ]
 
 
@@ -369,6 +371,7 @@ COMPACT_CASES = [
     (torch.bfloat16, 7, 67, "padded", True, 0.5),  # odd rows: 2-byte moves
     (torch.float32, 256, 300, "contiguous", False, 0.6),
     (torch.float16, 136, 1100, "contiguous", True, 0.7),  # more rows than one batch of the move kernel
+    (torch.float32, 4, 40000, "contiguous", True, 0.5),  # several tiles of the plan kernel
 ]
 
 
@@ -407,15 +410,17 @@ def test_compact_bad_length_leaves_the_head_alone():
     assert torch.equal(k[0, 1, :5], k0[0, 1, ::2])
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_dt)
-def test_evict(dtype):
-    B, H, C, D = 2, 3, 131, 64
+@pytest.mark.parametrize("dtype, C, D, budget", [(torch.float32, 131, 64, 30), (torch.float16, 131, 64, 30),
+                                                 (torch.bfloat16, 131, 64, 30), (torch.float32, 20000, 4, 7000)],
+                         ids=lambda x: _dt(x) if isinstance(x, torch.dtype) else str(x))
+def test_evict(dtype, C, D, budget):
+    B, H = 2, 3
     lengths = _lengths(B, H, C, [C, 0, 20, 100])
     k, v = _cache(B, H, C, D, dtype, "token_major", lengths)
     scores = _scores(B, H, C, "ties")
     positions = torch.arange(C, dtype=torch.int32).view(1, 1, C).repeat(B, H, 1)
     hist, log_w = torch.randn(B, H, C), torch.randn(B, H, C)
-    budget, n_sink, n_recent = 30, 2, 4
+    n_sink, n_recent = 2, 4
     ref = [t.clone() for t in (k, v, lengths, positions, hist, log_w)]
     ref_keep = reference.evict_(ref[0], ref[1], ref[2], ref[3], scores, budget, n_sink, n_recent, hist=ref[4],
                                 log_w=ref[5])
@@ -462,6 +467,7 @@ SCORE_EVICT_CASES = [
      dict(window_target_blocks=64, window_chunk_tiles=1, select_list_cap=8)),
     (torch.float16, 64, 24, 2, 40, 200, 90, "max", "avg", "max", 1.0,  # 2 row groups: normalize by a pass
      dict(window_target_blocks=64, window_chunk_tiles=1)),
+    (torch.float32, 8, 2, 1, 4, 9000, 700, "max", "avg", "max", 1.0, {}),  # several fused tiles
 ]
 
 

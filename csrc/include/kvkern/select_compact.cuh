@@ -281,20 +281,46 @@ __device__ __forceinline__ void select_and_mark(uint32_t* keys, int64_t n, uint3
   mark_selected<NT>(keys, n, keep, st, filter, zero_keys, scratch);
 }
 
-// The ascending list of kept valid slots of a head; returns their number.
-template <int NT>
-__device__ uint32_t build_plan(const bool* keep, int64_t L, int32_t* idx, uint32_t* scratch) {
+// One forward pass over the slots of a head in tiles of NT * V, thread tid
+// owning V consecutive slots of each tile: kept_at(i) (i < L) decides; writes
+// keep_out[0, C) (when given) and the ascending list of kept slots to idx
+// (when given). Returns the number kept. Every thread calls it.
+template <int NT, int V, class KeptAt>
+__device__ uint32_t forward_plan(int64_t L, int64_t C, bool* keep_out, int32_t* idx, KeptAt&& kept_at,
+                                 uint32_t* scratch) {
+  static_assert(V <= 32, "V: at most 32 slots per thread");
   const int tid = static_cast<int>(threadIdx.x);
+  const int64_t end = keep_out != nullptr && C > L ? C : L;
   uint32_t carry = 0;
-  for (int64_t T = 0; T * NT < L; ++T) {
-    const int64_t i = T * NT + tid;
-    const uint32_t f = i < L && keep[i] ? 1u : 0u;
-    uint32_t tot;
-    const uint32_t excl = block_exclusive_sum<NT>(f, scratch, &tot);
-    if (f) idx[carry + excl] = static_cast<int32_t>(i);
-    carry += tot;
+  for (int64_t T = 0; T * NT * V < end; ++T) {
+    const int64_t i0 = (T * NT + tid) * V;
+    uint32_t bits = 0;
+#pragma unroll
+    for (int k = 0; k < V; ++k)
+      if (i0 + k < L && kept_at(i0 + k)) bits |= 1u << k;
+    if (keep_out != nullptr) {
+#pragma unroll
+      for (int k = 0; k < V; ++k)
+        if (i0 + k < C) keep_out[i0 + k] = (bits >> k) & 1u;
+    }
+    if (T * NT * V < L) {  // uniform: the scan needs every thread
+      uint32_t tot;
+      uint32_t at = carry + block_exclusive_sum<NT>(static_cast<uint32_t>(__popc(bits)), scratch, &tot);
+      if (idx != nullptr) {
+#pragma unroll
+        for (int k = 0; k < V; ++k)
+          if ((bits >> k) & 1u) idx[at++] = static_cast<int32_t>(i0 + k);
+      }
+      carry += tot;
+    }
   }
   return carry;
+}
+
+// The ascending list of kept valid slots of a head; returns their number.
+template <int NT, int V = 8>
+__device__ uint32_t build_plan(const bool* keep, int64_t L, int32_t* idx, uint32_t* scratch) {
+  return forward_plan<NT, V>(L, L, nullptr, idx, [keep](int64_t i) { return keep[i]; }, scratch);
 }
 
 __device__ __forceinline__ float update_hist(int mode, float decay, float old, float now) {
@@ -320,6 +346,8 @@ template <int NT>
 __device__ void select_fast_tail(uint32_t* keys, int64_t L, int64_t C, uint32_t need, bool* keep, int32_t* plan_idx,
                                  uint32_t* hist, uint32_t* scratch, uint32_t* res, uint32_t* list,
                                  uint32_t list_cap) {
+  // keys[i] == 0 exactly for the protected slots of [0, L): candidates have
+  // keys >= score_key(-inf) > 0.
   const int tid = static_cast<int>(threadIdx.x);
   const int lane = tid & 31;
   RadixState st;
@@ -345,7 +373,8 @@ __device__ void select_fast_tail(uint32_t* keys, int64_t L, int64_t C, uint32_t 
       for (int pass = 1; pass < 3; ++pass) radix_pass<NT>(keys, L, st, pass, all, hist, scratch, res);
     }
     if (st.remaining < st.eq_total) {
-      // Not every key equal to the threshold fits: the latest ones win.
+      // Not every key equal to the threshold fits: the latest ones win. They
+      // are tagged with the largest key (no score maps to it).
       all_eq = false;
       uint32_t carry = 0;
       for (int64_t T = (L + NT - 1) / NT - 1; T >= 0; --T) {
@@ -353,28 +382,19 @@ __device__ void select_fast_tail(uint32_t* keys, int64_t L, int64_t C, uint32_t 
         const uint32_t eq = i < L && keys[i] == st.prefix ? 1u : 0u;
         uint32_t tot;
         const uint32_t excl = block_exclusive_sum<NT>(eq, scratch, &tot);
-        if (eq && carry + (tot - excl - eq) < st.remaining) keep[i] = true;
+        if (eq && carry + (tot - excl - eq) < st.remaining) keys[i] = 0xffffffffu;
         carry += tot;
       }
+      __syncthreads();  // the forward pass reads other threads' tags
     }
   }
+  // Kept: protected (key 0), above the threshold (or tagged), or equal to it
+  // when all of those fit. Reads only the keys.
   const uint32_t tau = st.prefix;
-  uint32_t carry = 0;
-  for (int64_t T = 0; T * NT < C; ++T) {
-    const int64_t i = T * NT + tid;
-    bool kept = false;
-    if (i < L) {
-      const uint32_t k = keys[i];
-      kept = keep[i] || k > tau || (all_eq && k == tau);
-    }
-    if (i < C) keep[i] = kept;
-    if (plan_idx != nullptr && T * NT < L) {
-      uint32_t tot;
-      const uint32_t excl = block_exclusive_sum<NT>(kept ? 1u : 0u, scratch, &tot);
-      if (kept) plan_idx[carry + excl] = static_cast<int32_t>(i);
-      carry += tot;
-    }
-  }
+  forward_plan<NT, 8>(L, C, keep, plan_idx, [&](int64_t i) {
+    const uint32_t k = keys[i];
+    return k == 0 || k > tau || (all_eq && k == tau);
+  }, scratch);
 }
 
 // One block per (b, kv head). FUSED: the scores come from the window passes
@@ -454,27 +474,17 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectKern
   float top = 0.f;
   if constexpr (FUSED) {
     const ScoreSource& src = p.src;
-    // The normalizing max of the candidates: from pass B's per-chunk maxima,
-    // else a pass. Protection that needs a pass is counted here as well, so
-    // an infeasible head is found before hist is touched.
-    const bool top_pass = src.normalize && src.cmax == nullptr;
-    if (top_pass || !index_prot) {
+    // Protection that needs a pass is counted first (into keep), so an
+    // infeasible head is found before hist is touched.
+    if (!index_prot) {
       for (int64_t i = tid; i < L; i += NT) {
-        if (!index_prot) {
-          const bool pr = prot_at(i);
-          keep[i] = pr;
-          nprot += pr ? 1u : 0u;
-        }
-        if (top_pass && i < M) top = fmaxf(top, raw_score(src, b, j, i, lens));
+        const bool pr = prot_at(i);
+        keep[i] = pr;
+        nprot += pr ? 1u : 0u;
       }
-      if (!index_prot) nprot = block_sum_u32<NT>(nprot, scratch);
-      if (top_pass) top = block_max<NT>(top, reinterpret_cast<float*>(scratch));
+      nprot = block_sum_u32<NT>(nprot, scratch);
     }
-    if (src.normalize && src.cmax != nullptr) {
-      const float* cm = src.cmax + hd * src.num_chunks;
-      for (int c = 0; c < src.num_chunks; ++c) top = fmaxf(top, cm[c]);
-      top *= src.scale;
-    }
+    top = normalizing_max<NT>(src, b, j, M, lens, reinterpret_cast<float*>(scratch));
     if (static_cast<int64_t>(nprot) > K) {  // the reference raises; leave the head alone
       untouched();
       return;
@@ -489,33 +499,47 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectKern
       if (hrow != nullptr && n < M && n < hl) return update_hist(p.hist_mode, p.decay, hrow[n], s);
       return s;
     };
-    // hist is updated in place while pooling reads its neighbours, so tile T
-    // is written back one tile later, after every thread has pooled tile T + 1
-    // (which reads at most pool_kernel / 2 <= NT slots of tile T).
-    float gprev = 0.f;
-    const int64_t ntiles = (L + NT - 1) / NT;
+    // Tiles of NT * V slots, V per thread (slot T * NT * V + k * NT + tid),
+    // their loads issued together. hist is updated in place while pooling
+    // reads its neighbours, so tile T is written back one tile later, after
+    // every thread has pooled tile T + 1 (which reads at most pool_kernel / 2
+    // <= NT slots of tile T).
+    constexpr int V = 4;
+    float gprev[V] = {}, gcur[V];
+    const int64_t span = static_cast<int64_t>(NT) * V;
+    const int64_t ntiles = (L + span - 1) / span;
     for (int64_t T = 0; T <= ntiles; ++T) {
-      const int64_t i = T * NT + tid;
-      float gcur = 0.f;
+      const int64_t i0 = T * span + tid;
       if (T < ntiles) {
-        bool want = false;
-        uint32_t key = 0;
-        if (i < L) {
-          gcur = g_at(i);
-          float v = i < M ? pool_at(src, i, M, g_at) : gcur;
-          if (rrow != nullptr) v = p.mix_lambda * v - (1.f - p.mix_lambda) * rrow[i];
-          const bool pr = index_prot ? prot_at(i) : keep[i];
-          if (index_prot) keep[i] = pr;
-          key = pr ? 0u : score_key(v);
-          keys[i] = key;
-          want = !pr;
+#pragma unroll
+        for (int k = 0; k < V; ++k) gcur[k] = i0 + k * NT < L ? g_at(i0 + k * NT) : 0.f;
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+          const int64_t i = i0 + k * NT;
+          bool want = false;
+          uint32_t key = 0;
+          if (i < L) {
+            float v = gcur[k];
+            if (i < M && src.pool != Pool::kNone && src.pool_kernel > 1) v = pool_at(src, i, M, g_at);
+            if (rrow != nullptr) v = p.mix_lambda * v - (1.f - p.mix_lambda) * rrow[i];
+            const bool pr = index_prot ? prot_at(i) : keep[i];
+            key = pr ? 0u : score_key(v);
+            keys[i] = key;
+            want = !pr;
+          }
+          hist_add(hist, want, key >> radix_shift(0));
         }
-        hist_add(hist, want, key >> radix_shift(0));
       }
       __syncthreads();
-      const int64_t ip = i - NT;
-      if (hrow != nullptr && T >= 1 && ip < M) hrow[ip] = gprev;
-      gprev = gcur;
+      if (hrow != nullptr && T >= 1) {
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+          const int64_t ip = i0 - span + k * NT;
+          if (ip < M) hrow[ip] = gprev[k];
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < V; ++k) gprev[k] = gcur[k];
     }
     select_fast_tail<NT>(keys, L, C, static_cast<uint32_t>(K - static_cast<int64_t>(nprot)), keep,
                          p.plan_idx != nullptr ? p.plan_idx + hd * C : nullptr, hist, scratch, res, list, p.list_cap);
@@ -524,27 +548,37 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectKern
     const int32_t* pos_row = p.positions != nullptr ? p.positions + b * p.pos_sb + j * p.pos_sh : nullptr;
     // Keys (protected: 0, straight into keep), the first radix histogram,
     // segment counts.
+    // V slots per thread per step (slot base + k * NT + lane), loaded first.
+    constexpr int V = 4;
     uint32_t np = 0;
-    for (int64_t base = tid - lane; base < C; base += NT) {
-      const int64_t i = base + lane;
-      bool pr = false, want = false;
-      uint32_t key = 0;
-      if (i < L) {
-        pr = prot_at(i);
-        key = pr ? 0u : score_key(srow[i]);
-        keys[i] = key;
-        want = !pr && !segments;
-        if (segments) {
-          const int32_t s = segment_of(cuts, S - 1, pos_row != nullptr ? pos_row[i] : i);
-          p.seg_ws[hd * C + i] = s;
-          atomicAdd(&cnt[s], 1u);
-          if (pr) atomicAdd(&prot[s], 1u);
+    for (int64_t base = tid - lane; base < L; base += static_cast<int64_t>(NT) * V) {  // uniform per warp
+      float sv[V];
+#pragma unroll
+      for (int k = 0; k < V; ++k) sv[k] = base + lane + k * NT < L ? srow[base + lane + k * NT] : 0.f;
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const int64_t i = base + lane + k * NT;
+        bool pr = false, want = false;
+        uint32_t key = 0;
+        if (i < L) {
+          pr = prot_at(i);
+          key = pr ? 0u : score_key(sv[k]);
+          keys[i] = key;
+          want = !pr && !segments;
+          if (segments) {
+            const int32_t s = segment_of(cuts, S - 1, pos_row != nullptr ? pos_row[i] : i);
+            p.seg_ws[hd * C + i] = s;
+            atomicAdd(&cnt[s], 1u);
+            if (pr) atomicAdd(&prot[s], 1u);
+            keep[i] = pr;
+          }
         }
+        np += pr ? 1u : 0u;
+        hist_add(hist, want, key >> radix_shift(0));
       }
-      if (i < C) keep[i] = pr;
-      np += pr ? 1u : 0u;
-      hist_add(hist, want, key >> radix_shift(0));
     }
+    if (segments)
+      for (int64_t i = L + tid; i < C; i += NT) keep[i] = false;
     if (!index_prot) nprot = block_sum_u32<NT>(np, scratch);
     else __syncthreads();
     if (static_cast<int64_t>(nprot) > K) {
@@ -646,7 +680,7 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const PlanParams p) 
     if (threadIdx.x == 0) p.plan_count[hd] = -1;
     return;
   }
-  const uint32_t n = build_plan<NT>(p.keep + b * p.keep_sb + j * p.keep_sh, L, p.plan_idx + hd * p.capacity, scratch);
+  const uint32_t n = build_plan<NT, 16>(p.keep + b * p.keep_sb + j * p.keep_sh, L, p.plan_idx + hd * p.capacity, scratch);
   __syncthreads();  // every thread has read the old length
   if (threadIdx.x == 0) {
     p.plan_count[hd] = static_cast<int64_t>(n) == L ? -1 : static_cast<int32_t>(n);  // all kept: nothing moves

@@ -11,7 +11,7 @@
 // probabilities are never stored:
 //  * pass A, one block per (b, j, row group, slot chunk): the logits of a
 //    chunk for all rows of the block (whole query heads), and per row the max
-//    and the sum of exp2 over the chunk -> stats [B, Hq, W, chunks];
+//    and the sum of exp2 over the chunk -> stats (per block, chunk, row);
 //  * pass B, the same blocks (launched in reverse, so the tail of pass A is
 //    still in L2): every block first merges the chunks' stats of its rows into
 //    lse (a warp per row), recomputes the logits tile by tile and reduces
@@ -124,7 +124,10 @@ struct WindowPassParams {
   float scale2 = 0.f;  // sm_scale * log2(e): logits in base 2
   int heads_per_cta = 1, strips_per_head = 1, num_row_groups = 1, num_chunks = 1;
   int group_max = 0;        // 1: max over the block's query heads, 0: sum
-  float2* stats = nullptr;  // [B, Hq, W, num_chunks] (max, sum of exp2) per row and chunk
+  // [B, Hkv, num_row_groups, num_chunks, heads_per_cta * W]: (max, sum of exp2)
+  // of each row of a block over each chunk (chunk-major, so pass B's
+  // thread-per-row merge reads coalesced).
+  float2* stats = nullptr;
   float* part = nullptr;    // [B, Hkv, num_row_groups, C]
   float* cmax = nullptr;    // [B, Hkv, num_row_groups, num_chunks]: max of part over the chunk's slots < L - W
   // Fused score_evict: heads with L <= budget need no scores (never with mean_all).
@@ -390,15 +393,15 @@ __device__ __forceinline__ void window_pass(const WindowPassParams& p) {
   si.h0 = pb.rg * p.heads_per_cta;
   const int64_t nheads = p.group - si.h0 < p.heads_per_cta ? p.group - si.h0 : p.heads_per_cta;
   si.nstrips = static_cast<int>(nheads * p.strips_per_head);
-  const int64_t hq0 = pb.j * p.group + si.h0;  // first query head of the block
+  // This block's (max, sum) of row hh * W + t, for chunk c.
+  float2* stats = p.stats + (((pb.b * p.num_kv_heads + pb.j) * p.num_row_groups + pb.rg) * p.num_chunks) *
+                                static_cast<int64_t>(p.heads_per_cta) * W;
+  const int64_t stats_rows = static_cast<int64_t>(p.heads_per_cta) * W;
 
   const int64_t cmax_at = ((pb.b * p.num_kv_heads + pb.j) * p.num_row_groups + pb.rg) * p.num_chunks + pb.chunk;
   if (skip || c0 >= c1) {
     if (!PASS_B) {  // the merge in pass B reads every chunk's stats: neutral ones
-      for (int64_t r = tid; r < nheads * W; r += NTH) {
-        const int64_t hh = r / W, t = r % W;
-        p.stats[((pb.b * p.num_q_heads + hq0 + hh) * W + t) * p.num_chunks + pb.chunk] = make_float2(kNegInf, 0.f);
-      }
+      for (int64_t r = tid; r < nheads * W; r += NTH) stats[pb.chunk * stats_rows + r] = make_float2(kNegInf, 0.f);
     } else if (tid == 0) {
       p.cmax[cmax_at] = 0.f;
     }
@@ -436,35 +439,27 @@ __device__ __forceinline__ void window_pass(const WindowPassParams& p) {
     }
 
   if constexpr (PASS_B) {
-    // lse of every row: merge the chunks' (max, sum) with a warp per row.
-    const int nrows = si.nstrips * 16;
-    for (int r = warp; r < nrows; r += NW) {
-      const int64_t hh = r / (16 * p.strips_per_head), t = r % (16 * p.strips_per_head);
-      float m = kNegInf, l = 0.f;
-      if (t < W) {
-        const float2* st = p.stats + ((pb.b * p.num_q_heads + hq0 + hh) * W + t) * p.num_chunks;
-        for (int c = lane; c < p.num_chunks; c += 32) {
-          const float2 v = st[c];
-          if (v.y > 0.f) {
-            if (v.x > m) {
-              l = l * exp2f(m - v.x) + v.y;
-              m = v.x;
-            } else {
-              l += v.y * exp2f(v.x - m);
-            }
-          }
-        }
+    // lse of every row, a thread per row: the max over the chunks, then the
+    // sum (loads unrolled: they are independent L2 hits). Rows without a
+    // visible slot and padding rows get +inf, so exp2(x - lse) is 0.
+    for (int r = tid; r < si.nstrips * 16; r += NTH) lse_s[r] = kInf;
+    __syncthreads();
+    for (int64_t r = tid; r < nheads * W; r += NTH) {
+      const float2* st = stats + r;
+      float m = kNegInf;
+#pragma unroll 8
+      for (int c = 0; c < p.num_chunks; ++c) {
+        const float2 v = st[c * stats_rows];
+        if (v.y > 0.f) m = fmaxf(m, v.x);
       }
-#pragma unroll
-      for (int off = 16; off > 0; off /= 2) {
-        const float mo = __shfl_xor_sync(0xffffffffu, m, off);
-        const float lo = __shfl_xor_sync(0xffffffffu, l, off);
-        const float mn = fmaxf(m, mo);
-        l = (l > 0.f ? l * exp2f(m - mn) : 0.f) + (lo > 0.f ? lo * exp2f(mo - mn) : 0.f);
-        m = mn;
+      float l = 0.f;
+#pragma unroll 8
+      for (int c = 0; c < p.num_chunks; ++c) {
+        const float2 v = st[c * stats_rows];
+        if (v.y > 0.f) l += v.y * exp2f(v.x - m);
       }
-      // No visible slot (or a padding row): +inf, so exp2(x - lse) is 0.
-      if (lane == 0) lse_s[r] = l > 0.f ? m + log2f(l) : kInf;
+      const int64_t hh = r / W, t = r % W;
+      if (l > 0.f) lse_s[hh * 16 * p.strips_per_head + t] = m + log2f(l);
     }
     __syncthreads();
 #pragma unroll
@@ -509,25 +504,30 @@ __device__ __forceinline__ void window_pass(const WindowPassParams& p) {
         const int s = warp * SPW + sl;
         const int64_t t0 = 16 * (s % p.strips_per_head) + g;
         float pr[4];
+        float x[4];
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int64_t t = t0 + (e >= 2 ? 8 : 0);
           const int64_t i = i0 + nt * 8 + 2 * qd + (e & 1);
           const bool vis = full || (i < c1 && i <= L - W + t);
-          const float x = acc[sl][e] * p.scale2;
-          if constexpr (!PASS_B) {
-            if (vis) {
-              float& m = run_m[sl][e >> 1];
-              float& l = run_l[sl][e >> 1];
-              if (x > m) {
-                l = l * exp2f(m - x) + 1.f;
-                m = x;
-              } else {
-                l += exp2f(x - m);
+          x[e] = vis ? acc[sl][e] * p.scale2 : kNegInf;
+          if constexpr (PASS_B) pr[e] = exp2f(x[e] - lse2[sl][e >> 1]);  // exp2(-inf) = 0
+        }
+        if constexpr (!PASS_B) {
+          // Online max / sum per row over this thread's two columns: one
+          // rescale when the max grows (rare after the first tiles).
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const float mx = fmaxf(x[2 * h], x[2 * h + 1]);
+            if (mx > kNegInf) {
+              float& m = run_m[sl][h];
+              float& l = run_l[sl][h];
+              if (mx > m) {
+                l *= exp2f(m - mx);  // 0 * exp2(-inf) = 0 the first time
+                m = mx;
               }
+              l += exp2f(x[2 * h] - m) + exp2f(x[2 * h + 1] - m);
             }
-          } else {
-            pr[e] = vis ? exp2f(x - lse2[sl][e >> 1]) : 0.f;
           }
         }
         if constexpr (PASS_B) {
@@ -588,9 +588,7 @@ __device__ __forceinline__ void window_pass(const WindowPassParams& p) {
         }
         const int64_t hh = s / p.strips_per_head;
         const int64_t t = 16 * (s % p.strips_per_head) + g + 8 * h;
-        if (qd == 0 && t < W)
-          p.stats[((pb.b * p.num_q_heads + hq0 + hh) * W + t) * p.num_chunks + pb.chunk] =
-              make_float2(l > 0.f ? m : kNegInf, l);
+        if (qd == 0 && t < W) stats[pb.chunk * stats_rows + hh * W + t] = make_float2(l > 0.f ? m : kNegInf, l);
       }
     }
   }
@@ -673,51 +671,82 @@ struct FinalizeParams {
   ScoreSource src;
   float* out = nullptr;  // [B, Hkv, C] contiguous
   int64_t batch = 0;
+  int blocks_per_head = 1;
 };
 
 constexpr int kFinalizeThreads = 256;
+constexpr int kFinalizeSlots = 8;  // slots per thread: independent loads in flight
+constexpr int64_t kFinalizeSpan = static_cast<int64_t>(kFinalizeThreads) * kFinalizeSlots;
 
-// Dynamic shared memory: the batch's kv-head lengths (mean_all) + scratch.
+// Dynamic shared memory: scratch + the batch's kv-head lengths (mean_all).
 inline size_t finalize_smem_bytes(int64_t num_kv_heads) {
   return (static_cast<size_t>(num_kv_heads) * sizeof(int32_t) + 64 * sizeof(float) + 15) / 16 * 16;
 }
 
+// The batch's kv-head lengths (mean_all: 0 for out-of-range ones) into lens.
+template <int NT>
+__device__ __forceinline__ void load_batch_lengths(const ScoreSource& s, int64_t b, int32_t* lens) {
+  for (int64_t jj = threadIdx.x; jj < s.num_kv_heads; jj += NT) {
+    bool okj;
+    lens[jj] = static_cast<int32_t>(head_length(s.lengths, s.len_sb, s.len_sh, b, jj, s.capacity, &okj));
+  }
+  __syncthreads();
+}
+
+// reference: max of where(cand, s, 0) over the candidates [0, M): from pass
+// B's per-chunk maxima when they apply, else a pass (every thread calls).
+template <int NT>
+__device__ __forceinline__ float normalizing_max(const ScoreSource& s, int64_t b, int64_t j, int64_t M,
+                                                 const int32_t* lens, float* scratch) {
+  if (!s.normalize) return 0.f;
+  float top = 0.f;
+  if (s.cmax != nullptr) {
+    const float* cm = s.cmax + (b * s.num_kv_heads + j) * s.num_chunks;
+    for (int c = 0; c < s.num_chunks; ++c) top = fmaxf(top, cm[c]);
+    return top * s.scale;  // scale > 0: the max of the scaled values, exactly
+  }
+  for (int64_t i = threadIdx.x; i < M; i += NT) top = fmaxf(top, raw_score(s, b, j, i, lens));
+  return block_max<NT>(top, scratch);
+}
+
+// blocks_per_head blocks per head, each kFinalizeSpan slots (kFinalizeSlots
+// per thread, loaded before use).
 __global__ void __launch_bounds__(kFinalizeThreads) window_finalize_kernel(const FinalizeParams p) {
-  constexpr int NT = kFinalizeThreads;
+  constexpr int NT = kFinalizeThreads, V = kFinalizeSlots;
   extern __shared__ __align__(16) unsigned char smem[];
   float* scratch = reinterpret_cast<float*>(smem);
   int32_t* lens = reinterpret_cast<int32_t*>(smem + 64 * sizeof(float));
   const ScoreSource& s = p.src;
-  const int64_t b = static_cast<int64_t>(blockIdx.x) / s.num_kv_heads;
-  const int64_t j = static_cast<int64_t>(blockIdx.x) % s.num_kv_heads;
+  const int64_t hd = static_cast<int64_t>(blockIdx.x) / p.blocks_per_head;
+  const int64_t span0 = static_cast<int64_t>(blockIdx.x) % p.blocks_per_head * kFinalizeSpan;
+  const int64_t b = hd / s.num_kv_heads, j = hd % s.num_kv_heads;
   const int tid = static_cast<int>(threadIdx.x);
-  float* out = p.out + (b * s.num_kv_heads + j) * s.capacity;
+  float* out = p.out + hd * s.capacity;
   bool ok;
   const int64_t L = head_length(s.lengths, s.len_sb, s.len_sh, b, j, s.capacity, &ok);
   if (!ok) {
-    for (int64_t i = tid; i < s.capacity; i += NT) out[i] = CUDART_NAN_F;
+    for (int k = 0; k < V; ++k) {
+      const int64_t i = span0 + k * NT + tid;
+      if (i < s.capacity) out[i] = CUDART_NAN_F;
+    }
     return;
   }
-  if (s.mean_all) {
-    for (int64_t jj = tid; jj < s.num_kv_heads; jj += NT) {
-      bool okj;
-      lens[jj] = static_cast<int32_t>(head_length(s.lengths, s.len_sb, s.len_sh, b, jj, s.capacity, &okj));
-    }
-    __syncthreads();
-  }
+  if (s.mean_all) load_batch_lengths<NT>(s, b, lens);
   const int64_t M = L - s.window > 0 ? L - s.window : 0;
-  float top = 0.f;  // reference: max of where(cand, s, 0)
-  if (s.normalize && s.cmax != nullptr) {
-    const float* cm = s.cmax + (b * s.num_kv_heads + j) * s.num_chunks;
-    for (int c = 0; c < s.num_chunks; ++c) top = fmaxf(top, cm[c]);
-    top *= s.scale;
-  } else if (s.normalize) {
-    float mx = 0.f;
-    for (int64_t i = tid; i < M; i += NT) mx = fmaxf(mx, raw_score(s, b, j, i, lens));
-    top = block_max<NT>(mx, scratch);
-  }
+  const float top = normalizing_max<NT>(s, b, j, M, lens, scratch);
   auto g = [&](int64_t n) { return norm_score(s, b, j, n, M, top, lens); };
-  for (int64_t i = tid; i < s.capacity; i += NT) out[i] = i < L ? pool_at(s, i, M, g) : 0.f;
+  float v[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    const int64_t i = span0 + k * NT + tid;
+    v[k] = i < L ? g(i) : 0.f;
+  }
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    const int64_t i = span0 + k * NT + tid;
+    if (i < M && s.pool != Pool::kNone && s.pool_kernel > 1) v[k] = pool_at(s, i, M, g);
+    if (i < s.capacity) out[i] = v[k];
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -799,7 +828,7 @@ inline WindowPlan plan_window(const WindowShape& s, const EvictionTuning& tune) 
   pl.blocks = heads * nch;
   if (pl.blocks > INT_MAX) return pl;
   pl.smem = window_pass_smem(pl.tc, s.head_dim, pl.num_warps);
-  pl.stats_bytes = ws_round(static_cast<size_t>(s.batch * s.num_q_heads * s.window * nch) * sizeof(float2));
+  pl.stats_bytes = ws_round(static_cast<size_t>(heads * nch * pl.heads_per_cta * s.window) * sizeof(float2));
   pl.part_bytes = ws_round(static_cast<size_t>(heads * s.capacity) * sizeof(float));
   pl.cmax_bytes = ws_round(static_cast<size_t>(heads * nch) * sizeof(float));
   pl.ok = true;
@@ -962,7 +991,10 @@ cudaError_t run_window_scores(const WindowScoresParams& p, KvDtype dt, void* wor
   fp.src = score_source(pl, wp, p.query_reduce, p.group_reduce, p.normalize, p.pool, p.pool_kernel);
   fp.out = p.out;
   fp.batch = p.batch;
-  return launch(window_finalize_kernel, p.batch * p.num_kv_heads, kFinalizeThreads,
+  const int64_t per_head = p.capacity > 0 ? (p.capacity + kFinalizeSpan - 1) / kFinalizeSpan : 1;
+  if (per_head > INT_MAX) return cudaErrorInvalidValue;
+  fp.blocks_per_head = static_cast<int>(per_head);
+  return launch(window_finalize_kernel, p.batch * p.num_kv_heads * per_head, kFinalizeThreads,
                 finalize_smem_bytes(p.num_kv_heads), fp);
 }
 
