@@ -100,3 +100,44 @@ def test_compiles_fullgraph():
     keep_ref = step(q_win, *ref)
     assert torch.equal(keep, keep_ref)
     assert torch.equal(lengths, ref[2]) and torch.equal(hist_lengths, ref[5])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cuda_graph_replay_matches_eager(backend):
+    # The decode loop's use: capture one G-KV eviction, replay it on fresh data.
+    B, Hkv, G, C, D, W, budget = 2, 2, 4, 512, 128, 16, 128
+    k, v, lengths, positions = make_cache(B, Hkv, C, D, torch.bfloat16, lengths=C)
+    q_win = randn(B, G * Hkv, W, D, dtype=torch.bfloat16, device=DEVICE)
+    hist = torch.rand(B, Hkv, C, device=DEVICE)
+    hist_lengths = torch.full((B, Hkv), budget - W, dtype=torch.int32, device=DEVICE)
+    fresh = _clone(k, v, lengths, positions, hist, hist_lengths)
+
+    def step():
+        return call("score_evict_", backend, q_win, k, v, lengths, positions, None, budget, 0, 0, None, "mean",
+                    "max", True, "none", 1, hist, hist_lengths)
+
+    for t, f in zip((k, v, lengths, positions, hist, hist_lengths), fresh):  # warm-up compiles kernels
+        t.copy_(f)
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    for t, f in zip((k, v, lengths, positions, hist, hist_lengths), fresh):
+        t.copy_(f)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        keep_graph = step()
+    for t, f in zip((k, v, lengths, positions, hist, hist_lengths), fresh):
+        t.copy_(f)
+    graph.replay()
+    torch.cuda.synchronize()
+    got = _clone(k, v, lengths, positions, hist, hist_lengths, keep_graph)
+    for t, f in zip((k, v, lengths, positions, hist, hist_lengths), fresh):
+        t.copy_(f)
+    keep_eager = step()
+    assert torch.equal(got[6], keep_eager)
+    for a, b in zip(got[:6], (k, v, lengths, positions, hist, hist_lengths)):
+        assert torch.equal(a, b)
