@@ -462,6 +462,7 @@ SCORE_EVICT_CASES = [
     (torch.float16, 64, 6, 2, 5, 67, 20, "ema", "avg", "mean", 1.0, dict(window_target_blocks=32, window_chunk_tiles=1)),
     (torch.float32, 64, 4, 1, 8, 131, 40, "sum", "max", "max", 0.5, {}),
     (torch.bfloat16, 64, 4, 2, 4, 37, 12, None, "none", "mean_all", 1.0, {}),
+    (torch.float16, 64, 8, 4, 4, 37, 12, "max", "none", "mean_all", 1.0, {}),  # active heads read each other
     (torch.float16, 128, 4, 2, 16, 300, 100, "max", "max", "max", 1.0, dict(max_smem=20 * 1024, deferred=False)),
     (torch.bfloat16, 64, 8, 1, 8, 131, 50, "ema", "none", "mean", 1.0,
      dict(window_target_blocks=64, window_chunk_tiles=1, select_list_cap=8)),

@@ -465,7 +465,8 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectKern
   if (FUSED && p.src.mean_all) {
     for (int64_t jj = tid; jj < Hkv; jj += NT) {
       bool okj;
-      lens[jj] = static_cast<int32_t>(head_length(p.lengths, p.len_sb, p.len_sh, b, jj, C, &okj));
+      // From pass A's snapshot: other blocks of this launch rewrite the lengths.
+      lens[jj] = static_cast<int32_t>(head_length(p.src.lengths, p.src.len_sb, p.src.len_sh, b, jj, C, &okj));
     }
   }
   __syncthreads();
@@ -1075,7 +1076,7 @@ inline CompactParams score_evict_compact_params(const ScoreEvictParams& p) {
 
 inline size_t score_evict_ws_bytes(const ScoreEvictParams& p, const WindowPlan& pl) {
   const int64_t heads = p.batch * p.num_kv_heads;
-  return pl.stats_bytes + pl.part_bytes + pl.cmax_bytes + ws_round(static_cast<size_t>(heads * p.capacity) * sizeof(uint32_t)) +
+  return window_ws_bytes(pl) + ws_round(static_cast<size_t>(heads * p.capacity) * sizeof(uint32_t)) +
          plan_ws_bytes(heads, p.capacity);
 }
 
@@ -1106,7 +1107,7 @@ cudaError_t run_score_evict(const ScoreEvictParams& p, KvDtype dt, void* workspa
   wp.budget = p.budget;
   KVKERN_CUDA_TRY(launch_window_passes(dt, wp, pl, launch));
 
-  unsigned char* ws = static_cast<unsigned char*>(workspace) + pl.stats_bytes + pl.part_bytes + pl.cmax_bytes;
+  unsigned char* ws = static_cast<unsigned char*>(workspace) + window_ws_bytes(pl);
   SelectKernelParams k;
   k.lengths = p.lengths;
   k.len_sb = p.lengths_stride_b;
