@@ -14,6 +14,8 @@ an fp32 tolerance (the reference computes from the same rounded inputs).
 from __future__ import annotations
 
 import importlib.util
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -564,3 +566,38 @@ def test_score_evict_mix_needs_the_redundancy_term():
              num_q_heads=2, num_kv_heads=1, window=4, capacity=16, head_dim=64, budget=8, mix_lambda=0.5)
     with pytest.raises(E.Refused):
         E.run("score_evict", E.Handle("score_evict", f), torch.float16)
+
+
+# ---------------------------------------------------------------------------
+# The tools themselves.
+# ---------------------------------------------------------------------------
+def test_host_header_compiles_without_nvcc(tmp_path):
+    # eviction_launch.h is what the g++-built torch glue includes: no device types.
+    src = tmp_path / "h.cpp"
+    src.write_text("#include <kvkern/eviction_launch.h>\nint main() { kvkern::ScoreEvictParams p; "
+                   "return kvkern::score_evict_supported(p, kvkern::KvDtype::kBFloat16) ? 1 : 0; }\n")
+    r = subprocess.run(["g++", "-std=c++17", "-Wall", "-Wextra", "-Werror", "-fsyntax-only",
+                        f"-I{ROOT / 'csrc' / 'include'}", f"-I{E.cuda_include_dir()}", str(src)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_emulator_catches_a_missing_barrier(tmp_path):
+    # Without the barrier between a batch's reads and writes, the move kernel
+    # overwrites rows that other threads still have to read.
+    d = tmp_path / "kvkern"
+    shutil.copytree(ROOT / "csrc" / "include" / "kvkern", d)
+    text = (d / "select_compact.cuh").read_text()
+    marker = "        if (src[u] != r) val[u] = *reinterpret_cast<const U*>(base + src[u] * sc + unit_off);\n      }\n      __syncthreads();\n"
+    assert text.count(marker) == 1
+    (d / "select_compact.cuh").write_text(text.replace(marker, marker.replace("      __syncthreads();\n", "")))
+    B, H, C, D = 1, 1, 600, 64
+    lengths = torch.tensor([[C]], dtype=torch.int32)
+    k, v = _cache(B, H, C, D, torch.float16, "contiguous", lengths)
+    keep = torch.ones(B, H, C, dtype=torch.bool)
+    keep[0, 0, ::7] = False  # every row moves, by up to ~85 slots
+    ref = [t.clone() for t in (k, v, lengths)]
+    reference.compact_(ref[0], ref[1], ref[2], keep)
+    h = E.Handle("compact", _compact_fields(k, v, lengths, keep) | dict(seed=_seed()), src_dir=d)
+    E.run("compact", h, torch.float16)
+    assert not (_same(k, ref[0]) and _same(v, ref[1])), "the planted race went unnoticed"
