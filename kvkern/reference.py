@@ -444,7 +444,7 @@ def segment_quotas(budget: int, counts: list[int]) -> list[int]:
 
 def _rank_order(scores_1d: torch.Tensor) -> torch.Tensor:
     """Slot indices sorted best first: higher score first, ties toward the later slot, NaN as -inf."""
-    s = torch.nan_to_num(scores_1d.to(torch.float64), nan=-math.inf)
+    s = torch.nan_to_num(scores_1d.to(torch.float64), nan=-math.inf, posinf=math.inf, neginf=-math.inf)
     n = s.numel()
     # Stable sort on the reversed array puts later slots first among equals.
     order = torch.sort(s.flip(0), descending=True, stable=True).indices
@@ -591,7 +591,8 @@ def allocate_head_budgets(scores, lengths, budget: int, safeguard: float = 0.2, 
             T += min(budget, L)
             if L == 0:
                 continue
-            s = torch.nan_to_num(scores[b, j, :L].to(torch.float64), nan=-math.inf).clone()
+            s = torch.nan_to_num(scores[b, j, :L].to(torch.float64), nan=-math.inf, posinf=math.inf,
+                                neginf=-math.inf).clone()
             order = _rank_order(s)
             s[order[: min(n_safe, L)]] = math.inf
             s[: min(n_sink, L)] = math.inf
