@@ -90,7 +90,7 @@ def _lengths(B, H, C, pattern, low=0):
     flat = L.view(-1)
     for i, v in enumerate(pattern):
         if i < flat.numel():
-            flat[i] = v
+            flat[i] = min(max(v, 0), C)
     return L
 
 
@@ -263,11 +263,13 @@ SELECT_CASES = [
     ("random", 2, 3, 37, 9, 2, 3, {}),
     ("ties", 2, 3, 131, 40, 4, 8, {}),
     ("special", 2, 2, 131, 50, 0, 0, {}),
+    ("special", 2, 2, 131, 118, 0, 1, {}),  # the threshold among NaN / -inf: they tie, later slot first
     ("ties", 1, 4, 67, "tensor", 1, 2, {"budgets": True}),
     ("random", 2, 2, 131, 30, 2, 4, {"ranges": "batch", "keep_mask": True, "positions": "gaps"}),
     ("ties", 2, 2, 131, 25, 0, 5, {"ranges": "shared", "positions": "perm"}),
     ("special", 1, 3, 131, 33, 3, 3, {"cuts": [20, 60, 100]}),
     ("ties", 1, 3, 131, 40, 2, 2, {"cuts": [30, 90], "seg_min": [10, 2, 15]}),
+    ("random", 1, 2, 37, 20, 3, 2, {"cuts": [0, 50, 60], "seg_min": [2, -2, 1, 3]}),  # negative / empty minima
     ("random", 2, 2, 131, 8, 6, 6, {"cuts": [50]}),  # some heads infeasible: left untouched
     ("ties", 2, 2, 300, 120, 2, 2, {"smem_limit": 16 * 1024}),  # keys in the workspace, not shared memory
     ("ties", 2, 3, 300, 100, 1, 1, {"select_list_cap": 16}),  # the first digit's candidates overflow the list

@@ -176,6 +176,10 @@ __device__ void radix_pick(RadixState& st, int pass, const uint32_t* hist, uint3
   const uint32_t bpt = nb / NT;
   uint32_t local = 0;
   for (uint32_t k = 0; k < bpt; ++k) local += hist[nb - 1 - (tid * bpt + k)];
+  if (tid == 0) {  // a bin in range even if the caller broke 1 <= remaining <= candidates
+    res[0] = 0;
+    res[1] = 0;
+  }
   uint32_t tot;
   uint32_t cum = block_exclusive_sum<NT>(local, scratch, &tot);
   for (uint32_t k = 0; k < bpt; ++k) {
@@ -628,7 +632,8 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectKern
         // Minima per segment first, then the best of what is left.
         int64_t total = nprot;
         for (int64_t s = 0; s < S; ++s) {
-          const int64_t want = p.seg_min[s] < static_cast<int64_t>(cnt[s]) ? p.seg_min[s] : cnt[s];
+          const int64_t smin = p.seg_min[s], ns = cnt[s];  // signed: a negative minimum asks for nothing
+          const int64_t want = smin < ns ? smin : ns;
           const int64_t need = want - static_cast<int64_t>(prot[s]);
           if (need <= 0) continue;
           total += need;
