@@ -354,7 +354,7 @@ def select_keep(scores, lengths, budget, *, positions=None, n_sink=0, n_recent=0
     Protected: the first ``n_sink`` slots, the last ``n_recent`` valid slots, slots whose position
     lies in a ``[start, end)`` row of ``protect_ranges`` (int32 ``[R, 2]`` or ``[B, R, 2]``: system
     prompts, instructions — the Pitfalls whitelist) and ``keep_mask``. Ranking: higher score first,
-    ties toward the later slot, NaN below every number. ``segment_cuts`` (int32 ``[S-1]`` increasing positions)
+    ties toward the later slot, NaN as -inf. ``segment_cuts`` (int32 ``[S-1]`` increasing positions)
     splits positions into S segments that each keep their proportional share of the budget
     (Pitfalls fair eviction), or, with ``segment_min`` (int32 ``[S]``), at least that many slots.
 

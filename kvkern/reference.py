@@ -74,7 +74,7 @@ def decode_attention(
 #   * scores are [B, Hkv, C]; slots at or past ``lengths`` hold 0 in every score
 #     output and are never selected;
 #   * "higher score = keep". Ties are broken toward the later slot, so every
-#     kept set is deterministic; NaN ranks below every number, -inf included.
+#     kept set is deterministic; NaN ranks as -inf.
 # ---------------------------------------------------------------------------
 
 QUERY_REDUCE = ("mean", "sum")
@@ -443,8 +443,8 @@ def segment_quotas(budget: int, counts: list[int]) -> list[int]:
 
 
 def _rank_order(scores_1d: torch.Tensor) -> torch.Tensor:
-    """Slot indices sorted best first: higher score first, ties toward the later slot, NaN below -inf."""
-    s = torch.nan_to_num(scores_1d.to(torch.float64), nan=-math.inf)
+    """Slot indices sorted best first: higher score first, ties toward the later slot, NaN as -inf."""
+    s = torch.nan_to_num(scores_1d.to(torch.float64), nan=-math.inf, posinf=math.inf, neginf=-math.inf)
     n = s.numel()
     # Stable sort on the reversed array puts later slots first among equals.
     order = torch.sort(s.flip(0), descending=True, stable=True).indices
@@ -468,7 +468,7 @@ def select_keep(
     Per (b, j) with ``L = lengths[b, j]`` and ``K = budget`` (an int or ``budget[b, j]``): if
     ``L <= K`` every valid slot is kept. Otherwise exactly ``K`` slots are kept: every protected
     slot (:func:`protected_mask`) plus the best-ranked others (higher score first, ties toward the
-    later slot, NaN below -inf). With ``segment_cuts`` (``[S-1]`` increasing int positions; segment
+    later slot, NaN as -inf). With ``segment_cuts`` (``[S-1]`` increasing int positions; segment
     ``s`` holds positions in ``[cuts[s-1], cuts[s])``, open at both ends):
 
     * without ``segment_min``: segment s keeps exactly ``segment_quotas(K, n_s)[s]`` slots, its
@@ -591,8 +591,9 @@ def allocate_head_budgets(scores, lengths, budget: int, safeguard: float = 0.2, 
             T += min(budget, L)
             if L == 0:
                 continue
-            s = torch.nan_to_num(scores[b, j, :L].to(torch.float64), nan=-math.inf).clone()
-            order = _rank_order(scores[b, j, :L])  # not s: a second nan_to_num would tie NaN with -inf
+            s = torch.nan_to_num(scores[b, j, :L].to(torch.float64), nan=-math.inf, posinf=math.inf,
+                                neginf=-math.inf).clone()
+            order = _rank_order(s)
             s[order[: min(n_safe, L)]] = math.inf
             s[: min(n_sink, L)] = math.inf
             if n_recent > 0:

@@ -14,6 +14,8 @@ an fp32 tolerance (the reference computes from the same rounded inputs).
 from __future__ import annotations
 
 import importlib.util
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -88,7 +90,7 @@ def _lengths(B, H, C, pattern, low=0):
     flat = L.view(-1)
     for i, v in enumerate(pattern):
         if i < flat.numel():
-            flat[i] = v
+            flat[i] = min(max(v, 0), C)
     return L
 
 
@@ -261,11 +263,13 @@ SELECT_CASES = [
     ("random", 2, 3, 37, 9, 2, 3, {}),
     ("ties", 2, 3, 131, 40, 4, 8, {}),
     ("special", 2, 2, 131, 50, 0, 0, {}),
+    ("special", 2, 2, 131, 118, 0, 1, {}),  # the threshold among NaN / -inf: they tie, later slot first
     ("ties", 1, 4, 67, "tensor", 1, 2, {"budgets": True}),
     ("random", 2, 2, 131, 30, 2, 4, {"ranges": "batch", "keep_mask": True, "positions": "gaps"}),
     ("ties", 2, 2, 131, 25, 0, 5, {"ranges": "shared", "positions": "perm"}),
     ("special", 1, 3, 131, 33, 3, 3, {"cuts": [20, 60, 100]}),
     ("ties", 1, 3, 131, 40, 2, 2, {"cuts": [30, 90], "seg_min": [10, 2, 15]}),
+    ("random", 1, 2, 37, 20, 3, 2, {"cuts": [0, 50, 60], "seg_min": [2, -2, 1, 3]}),  # negative / empty minima
     ("random", 2, 2, 131, 8, 6, 6, {"cuts": [50]}),  # some heads infeasible: left untouched
     ("ties", 2, 2, 300, 120, 2, 2, {"smem_limit": 16 * 1024}),  # keys in the workspace, not shared memory
     ("ties", 2, 3, 300, 100, 1, 1, {"select_list_cap": 16}),  # the first digit's candidates overflow the list
@@ -462,6 +466,7 @@ SCORE_EVICT_CASES = [
     (torch.float16, 64, 6, 2, 5, 67, 20, "ema", "avg", "mean", 1.0, dict(window_target_blocks=32, window_chunk_tiles=1)),
     (torch.float32, 64, 4, 1, 8, 131, 40, "sum", "max", "max", 0.5, {}),
     (torch.bfloat16, 64, 4, 2, 4, 37, 12, None, "none", "mean_all", 1.0, {}),
+    (torch.float16, 64, 8, 4, 4, 37, 12, "max", "none", "mean_all", 1.0, {}),  # active heads read each other
     (torch.float16, 128, 4, 2, 16, 300, 100, "max", "max", "max", 1.0, dict(max_smem=20 * 1024, deferred=False)),
     (torch.bfloat16, 64, 8, 1, 8, 131, 50, "ema", "none", "mean", 1.0,
      dict(window_target_blocks=64, window_chunk_tiles=1, select_list_cap=8)),
@@ -563,3 +568,38 @@ def test_score_evict_mix_needs_the_redundancy_term():
              num_q_heads=2, num_kv_heads=1, window=4, capacity=16, head_dim=64, budget=8, mix_lambda=0.5)
     with pytest.raises(E.Refused):
         E.run("score_evict", E.Handle("score_evict", f), torch.float16)
+
+
+# ---------------------------------------------------------------------------
+# The tools themselves.
+# ---------------------------------------------------------------------------
+def test_host_header_compiles_without_nvcc(tmp_path):
+    # eviction_launch.h is what the g++-built torch glue includes: no device types.
+    src = tmp_path / "h.cpp"
+    src.write_text("#include <kvkern/eviction_launch.h>\nint main() { kvkern::ScoreEvictParams p; "
+                   "return kvkern::score_evict_supported(p, kvkern::KvDtype::kBFloat16) ? 1 : 0; }\n")
+    r = subprocess.run(["g++", "-std=c++17", "-Wall", "-Wextra", "-Werror", "-fsyntax-only",
+                        f"-I{ROOT / 'csrc' / 'include'}", f"-I{E.cuda_include_dir()}", str(src)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_emulator_catches_a_missing_barrier(tmp_path):
+    # Without the barrier between a batch's reads and writes, the move kernel
+    # overwrites rows that other threads still have to read.
+    d = tmp_path / "kvkern"
+    shutil.copytree(ROOT / "csrc" / "include" / "kvkern", d)
+    text = (d / "select_compact.cuh").read_text()
+    marker = "        if (src[u] != r) val[u] = *reinterpret_cast<const U*>(base + src[u] * sc + unit_off);\n      }\n      __syncthreads();\n"
+    assert text.count(marker) == 1
+    (d / "select_compact.cuh").write_text(text.replace(marker, marker.replace("      __syncthreads();\n", "")))
+    B, H, C, D = 1, 1, 600, 64
+    lengths = torch.tensor([[C]], dtype=torch.int32)
+    k, v = _cache(B, H, C, D, torch.float16, "contiguous", lengths)
+    keep = torch.ones(B, H, C, dtype=torch.bool)
+    keep[0, 0, ::7] = False  # every row moves, by up to ~85 slots
+    ref = [t.clone() for t in (k, v, lengths)]
+    reference.compact_(ref[0], ref[1], ref[2], keep)
+    h = E.Handle("compact", _compact_fields(k, v, lengths, keep) | dict(seed=_seed()), src_dir=d)
+    E.run("compact", h, torch.float16)
+    assert not (_same(k, ref[0]) and _same(v, ref[1])), "the planted race went unnoticed"

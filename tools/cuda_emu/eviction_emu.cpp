@@ -27,6 +27,9 @@
 //    reads 0xff until then) or immediate (lands at issue); copies pending at
 //    thread exit are reported; sources are checked against the buffers the
 //    test registered (emu_allow), as are __ldg sources;
+//  * blocks run one at a time in a random order (seeded; or in order, or
+//    reversed), so a block that depends on another block of the same launch
+//    (e.g. reads what it writes) shows;
 //  * dynamic shared memory is poisoned (0xff) before every block and the
 //    pages after the launch's size are inaccessible (a write past it
 //    crashes with the kernel named); the sub-page tail is a checked canary.
@@ -543,6 +546,10 @@ struct Options {
   int64_t seed = 1;
   bool deferred = true;
   bool check_reads = true;
+  // Blocks run one after the other: 0 in blockIdx order, 1 reversed, 2 in a
+  // random (seeded) order, which exposes a block reading what another block
+  // of the same launch writes.
+  int block_order = 2;
 };
 
 struct LaunchRecord {
@@ -586,8 +593,15 @@ struct EmuLauncher {
     const size_t used = (smem_bytes + page - 1) / page * page;
     const size_t tail = used - smem_bytes;
     gridDim = dim3(static_cast<unsigned>(blocks), 1, 1);
+    std::vector<int64_t> order(static_cast<size_t>(blocks));
+    for (int64_t b = 0; b < blocks; ++b) order[static_cast<size_t>(b)] = opt.block_order == 1 ? blocks - 1 - b : b;
+    if (opt.block_order == 2) {
+      std::mt19937_64 rng(static_cast<uint64_t>(opt.seed) * 0xD1B54A32D192ED03ull + g_launches.size());
+      std::shuffle(order.begin(), order.end(), rng);
+    }
     bool alive = true;
-    for (int64_t bid = 0; bid < blocks && alive; ++bid) {
+    for (size_t n = 0; n < order.size() && alive; ++n) {
+      const int64_t bid = order[n];
       snprintf(g_running, sizeof(g_running), "kernel(%s) block %lld of %lld", name.c_str(),
                static_cast<long long>(bid), static_cast<long long>(blocks));
       std::memset(smem, 0xff, used);
@@ -696,7 +710,7 @@ const std::vector<Field> kScoreEvictFields = {
 const std::vector<Field> kTuningFields = {FLD(EvictionTuning, force_simt), FLD(EvictionTuning, window_target_blocks), FLD(EvictionTuning, select_list_cap),
                                           FLD(EvictionTuning, window_chunk_tiles), FLD(EvictionTuning, max_smem)};
 const std::vector<Field> kOptionFields = {FLD(kvkern_emu::Options, seed), FLD(kvkern_emu::Options, deferred),
-                                          FLD(kvkern_emu::Options, check_reads)};
+                                          FLD(kvkern_emu::Options, check_reads), FLD(kvkern_emu::Options, block_order)};
 
 struct Handle {
   std::string kind;

@@ -62,13 +62,15 @@ def available() -> str | None:
     return None
 
 
-def build(verbose: bool = False) -> Path:
-    """Compiles the emulator library if needed; returns its path."""
+def build(verbose: bool = False, src_dir: Path | str | None = None) -> Path:
+    """Compiles the emulator library if needed; returns its path. ``src_dir``: a
+    kernel header directory other than csrc/include/kvkern (e.g. a copy with a
+    planted bug)."""
     why = available()
     if why:
         raise EmulatorError(f"cannot build the eviction emulator: {why}")
     cuda_inc = cuda_include_dir()
-    files = gen.emulation_headers()
+    files = gen.emulation_headers(src_dir) if src_dir is not None else gen.emulation_headers()
     cxx = os.environ.get("CXX", "g++")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     src = HERE / "eviction_emu.cpp"
@@ -105,13 +107,13 @@ def build(verbose: bool = False) -> Path:
     return lib
 
 
-_LIB = None
+_LIBS: dict = {}
 
 
-def load() -> ctypes.CDLL:
-    global _LIB
-    if _LIB is None:
-        lib = ctypes.CDLL(str(build()))
+def load(src_dir: Path | str | None = None) -> ctypes.CDLL:
+    key = str(src_dir)
+    if key not in _LIBS:
+        lib = ctypes.CDLL(str(build(src_dir=src_dir)))
         lib.emu_new.restype = ctypes.c_void_p
         lib.emu_new.argtypes = [ctypes.c_char_p]
         lib.emu_free.argtypes = [ctypes.c_void_p]
@@ -124,8 +126,8 @@ def load() -> ctypes.CDLL:
         lib.emu_workspace_bytes.restype = ctypes.c_longlong
         lib.emu_workspace_bytes.argtypes = [ctypes.c_void_p, ctypes.c_int]
         lib.emu_run.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
-        _LIB = lib
-    return _LIB
+        _LIBS[key] = lib
+    return _LIBS[key]
 
 
 class Refused(RuntimeError):
@@ -135,10 +137,10 @@ class Refused(RuntimeError):
 class Handle:
     """One parameter struct ("window_scores", "select", "compact", "score_evict")."""
 
-    def __init__(self, kind: str, fields: dict):
+    def __init__(self, kind: str, fields: dict, src_dir: Path | str | None = None):
         import torch
 
-        self.lib = load()
+        self.lib = load(src_dir)
         self.kind = kind
         self.h = self.lib.emu_new(kind.encode())
         if not self.h:

@@ -176,6 +176,10 @@ __device__ void radix_pick(RadixState& st, int pass, const uint32_t* hist, uint3
   const uint32_t bpt = nb / NT;
   uint32_t local = 0;
   for (uint32_t k = 0; k < bpt; ++k) local += hist[nb - 1 - (tid * bpt + k)];
+  if (tid == 0) {  // a bin in range even if the caller broke 1 <= remaining <= candidates
+    res[0] = 0;
+    res[1] = 0;
+  }
   uint32_t tot;
   uint32_t cum = block_exclusive_sum<NT>(local, scratch, &tot);
   for (uint32_t k = 0; k < bpt; ++k) {
@@ -465,7 +469,8 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectKern
   if (FUSED && p.src.mean_all) {
     for (int64_t jj = tid; jj < Hkv; jj += NT) {
       bool okj;
-      lens[jj] = static_cast<int32_t>(head_length(p.lengths, p.len_sb, p.len_sh, b, jj, C, &okj));
+      // From pass A's snapshot: other blocks of this launch rewrite the lengths.
+      lens[jj] = static_cast<int32_t>(head_length(p.src.lengths, p.src.len_sb, p.src.len_sh, b, jj, C, &okj));
     }
   }
   __syncthreads();
@@ -627,7 +632,8 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectKern
         // Minima per segment first, then the best of what is left.
         int64_t total = nprot;
         for (int64_t s = 0; s < S; ++s) {
-          const int64_t want = p.seg_min[s] < static_cast<int64_t>(cnt[s]) ? p.seg_min[s] : cnt[s];
+          const int64_t smin = p.seg_min[s], ns = cnt[s];  // signed: a negative minimum asks for nothing
+          const int64_t want = smin < ns ? smin : ns;
           const int64_t need = want - static_cast<int64_t>(prot[s]);
           if (need <= 0) continue;
           total += need;
@@ -1075,7 +1081,7 @@ inline CompactParams score_evict_compact_params(const ScoreEvictParams& p) {
 
 inline size_t score_evict_ws_bytes(const ScoreEvictParams& p, const WindowPlan& pl) {
   const int64_t heads = p.batch * p.num_kv_heads;
-  return pl.stats_bytes + pl.part_bytes + pl.cmax_bytes + ws_round(static_cast<size_t>(heads * p.capacity) * sizeof(uint32_t)) +
+  return window_ws_bytes(pl) + ws_round(static_cast<size_t>(heads * p.capacity) * sizeof(uint32_t)) +
          plan_ws_bytes(heads, p.capacity);
 }
 
@@ -1106,7 +1112,7 @@ cudaError_t run_score_evict(const ScoreEvictParams& p, KvDtype dt, void* workspa
   wp.budget = p.budget;
   KVKERN_CUDA_TRY(launch_window_passes(dt, wp, pl, launch));
 
-  unsigned char* ws = static_cast<unsigned char*>(workspace) + pl.stats_bytes + pl.part_bytes + pl.cmax_bytes;
+  unsigned char* ws = static_cast<unsigned char*>(workspace) + window_ws_bytes(pl);
   SelectKernelParams k;
   k.lengths = p.lengths;
   k.len_sb = p.lengths_stride_b;

@@ -130,6 +130,7 @@ struct WindowPassParams {
   float2* stats = nullptr;
   float* part = nullptr;    // [B, Hkv, num_row_groups, C]
   float* cmax = nullptr;    // [B, Hkv, num_row_groups, num_chunks]: max of part over the chunk's slots < L - W
+  int32_t* len_snap = nullptr;  // [B, Hkv]: lengths as pass A saw them (score_evict rewrites lengths)
   // Fused score_evict: heads with L <= budget need no scores (never with mean_all).
   bool skip_small = false;
   const int32_t* budgets = nullptr;
@@ -379,6 +380,8 @@ __device__ __forceinline__ void window_pass(const WindowPassParams& p) {
   const PassBlock pb = decode_pass_block(p, PASS_B);
   bool len_ok;
   const int64_t L = head_length(p.lengths, p.len_sb, p.len_sh, pb.b, pb.j, p.capacity, &len_ok);
+  if (!PASS_B && pb.rg == 0 && pb.chunk == 0 && tid == 0)
+    p.len_snap[pb.b * p.num_kv_heads + pb.j] = p.lengths[pb.b * p.len_sb + pb.j * p.len_sh];
   const int64_t W = p.window;
   bool skip = false;
   if (p.skip_small) {
@@ -756,7 +759,7 @@ __global__ void __launch_bounds__(kFinalizeThreads) window_finalize_kernel(const
 // Knobs the tests and the emulator turn; the launchers use the defaults.
 struct EvictionTuning {
   bool force_simt = false;     // CUDA-core window path even where tensor cores apply
-  int window_target_blocks = 264;  // pass A / B blocks to aim for (~2 per SM on an H100)
+  int window_target_blocks = 256;  // pass A / B blocks to aim for (~2 per SM on an H100; all resident)
   int window_chunk_tiles = 4;  // at least this many tiles per chunk (at full capacity)
   size_t max_smem = 0;         // select: keys cached in shared memory up to this (0: the device's opt-in max)
   int select_list_cap = -1;    // select: candidate-list capacity (-1: as much as fits)
@@ -775,7 +778,7 @@ struct WindowPlan {
   int heads_per_cta = 1, strips_per_head = 1, num_row_groups = 1, num_chunks = 1;
   int64_t blocks = 0;
   size_t smem = 0;
-  size_t stats_bytes = 0, part_bytes = 0, cmax_bytes = 0;
+  size_t stats_bytes = 0, part_bytes = 0, cmax_bytes = 0, snap_bytes = 0;
 };
 
 constexpr size_t kWsAlign = 256;
@@ -831,6 +834,7 @@ inline WindowPlan plan_window(const WindowShape& s, const EvictionTuning& tune) 
   pl.stats_bytes = ws_round(static_cast<size_t>(heads * nch * pl.heads_per_cta * s.window) * sizeof(float2));
   pl.part_bytes = ws_round(static_cast<size_t>(heads * s.capacity) * sizeof(float));
   pl.cmax_bytes = ws_round(static_cast<size_t>(heads * nch) * sizeof(float));
+  pl.snap_bytes = ws_round(static_cast<size_t>(s.batch * s.num_kv_heads) * sizeof(int32_t));
   pl.ok = true;
   return pl;
 }
@@ -932,6 +936,8 @@ inline WindowPassParams window_pass_params(const WindowPlan& pl, const void* q, 
   wp.stats = static_cast<float2*>(workspace);
   wp.part = reinterpret_cast<float*>(static_cast<unsigned char*>(workspace) + pl.stats_bytes);
   wp.cmax = reinterpret_cast<float*>(static_cast<unsigned char*>(workspace) + pl.stats_bytes + pl.part_bytes);
+  wp.len_snap = reinterpret_cast<int32_t*>(static_cast<unsigned char*>(workspace) + pl.stats_bytes + pl.part_bytes +
+                                           pl.cmax_bytes);
   return wp;
 }
 
@@ -939,9 +945,9 @@ inline ScoreSource score_source(const WindowPlan& pl, const WindowPassParams& wp
                                 bool normalize, Pool pool, int pool_kernel) {
   ScoreSource s;
   s.part = wp.part;
-  s.lengths = wp.lengths;
-  s.len_sb = wp.len_sb;
-  s.len_sh = wp.len_sh;
+  s.lengths = wp.len_snap;  // the kernels after pass A may rewrite the lengths tensor
+  s.len_sb = wp.num_kv_heads;
+  s.len_sh = 1;
   s.num_kv_heads = wp.num_kv_heads;
   s.capacity = wp.capacity;
   s.window = wp.window;
@@ -974,7 +980,10 @@ inline WindowPlan plan_window_scores(const WindowScoresParams& p, KvDtype dt, co
                      tune);
 }
 
-inline size_t window_scores_ws_bytes(const WindowPlan& pl) { return pl.stats_bytes + pl.part_bytes + pl.cmax_bytes; }
+inline size_t window_ws_bytes(const WindowPlan& pl) {
+  return pl.stats_bytes + pl.part_bytes + pl.cmax_bytes + pl.snap_bytes;
+}
+inline size_t window_scores_ws_bytes(const WindowPlan& pl) { return window_ws_bytes(pl); }
 
 template <class Launcher>
 cudaError_t run_window_scores(const WindowScoresParams& p, KvDtype dt, void* workspace, Launcher& launch,
