@@ -22,21 +22,20 @@
 namespace kvkern::cpu {
 
 // a > b as floats <=> order_key(a) > order_key(b); -0 maps to the key of +0 (they
-// compare equal as floats) and every NaN to 0, below -inf: the reference ranks
-// through nan_to_num(nan=-inf), which also turns -inf into the lowest finite
-// double, so there NaN ranks (and ties) below -inf.
+// compare equal as floats) and every NaN to the key of -inf: NaN ranks as -inf,
+// and the tie goes to the later slot like any other.
+constexpr uint32_t kKeyNegInf = 0x007fffffu;  // order_key(-inf)
 inline uint32_t order_key(float x) {
   uint32_t u;
   std::memcpy(&u, &x, sizeof(u));
-  if ((u & 0x7fffffffu) > 0x7f800000u) return 0u;
+  if ((u & 0x7fffffffu) > 0x7f800000u) return kKeyNegInf;
   if (u == 0x80000000u) u = 0u;
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-// allocate_head_budgets' pinned slots: above every score, +inf included (the
-// reference pins with +inf after nan_to_num has turned a +inf score into the
-// largest finite double).
-constexpr uint32_t kKeyPinned = 0xffffffffu;
+// allocate_head_budgets' pinned slots rank as +inf (the reference pins with +inf;
+// a +inf score ties with them and the tie goes by slot, then head).
+constexpr uint32_t kKeyPinned = 0xff800000u;  // order_key(+inf)
 
 inline uint64_t rank_key(uint32_t key, int64_t slot) {
   return (static_cast<uint64_t>(key) << 32) | static_cast<uint64_t>(slot);

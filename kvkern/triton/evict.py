@@ -277,7 +277,7 @@ def select_keep_triton(scores, lengths, positions, budgets, budget, n_sink=0, n_
     """Triton kernel of ``kvkern::select_keep_triton`` (semantics: ``kvkern.reference.select_keep``).
 
     Args:
-        scores: ``[B, Hkv, C]`` float32 (last dim contiguous); higher = keep; NaN ranks below -inf (as the reference).
+        scores: ``[B, Hkv, C]`` float32 (last dim contiguous); higher = keep; NaN ranks as -inf (as the reference).
         lengths: ``[B, Hkv]`` int32.   positions: ``[B, Hkv, C]`` int32 or None (= slot index).
         budgets: ``[B, Hkv]`` int32 or None (then ``budget`` for every head).
         n_sink, n_recent: the first / last slots always kept.

@@ -3,8 +3,8 @@
 Kernels only; the launchers live in ``kvkern/triton/evict.py``.
 
 Ranking. A slot's score becomes an order-preserving 32-bit key (fp32 bits with the
-magnitude bits of negatives flipped; -0 maps to the key of +0 and NaN below
--inf, as the reference's ranking), and the reference's order "higher score
+magnitude bits of negatives flipped; -0 maps to the key of +0 and NaN to the key
+of -inf, as the reference's ranking), and the reference's order "higher score
 first, ties toward the later slot" is descending order of the pair (key, slot).
 The n best candidates of a head are found by a radix select on that pair: one
 256-bin histogram per 8-bit digit (four for the key, then as many as the slot
@@ -24,19 +24,20 @@ import triton
 import triton.language as tl
 
 NUM_BINS: tl.constexpr = tl.constexpr(256)
-# The key of allocate_head_budgets' pinned slots: above every score's, +inf's included.
-KEY_PINNED: tl.constexpr = tl.constexpr(0x7FFFFFFF)
+# The key of allocate_head_budgets' pinned slots: +inf's (the reference pins with +inf).
+KEY_PINNED: tl.constexpr = tl.constexpr(0x7F800000)
+# The key of -inf, which every NaN gets too (NaN ranks as -inf).
+KEY_NEG_INF: tl.constexpr = tl.constexpr(-2139095041)
 
 
 @triton.jit
 def _order_key(bits):
     """fp32 bits (int32) -> int32 key, ordered as signed integers like the scores. -0
-    gets the key of +0 and every NaN the lowest key, below -inf's (the reference
-    ranks through nan_to_num(nan=-inf), which turns -inf into the lowest finite
-    double, so NaN ranks below -inf)."""
+    gets the key of +0 and every NaN the key of -inf (NaN ranks as -inf; the tie goes
+    to the later slot like any other)."""
     bits = tl.where(bits == -2147483648, 0, bits)  # -0 -> +0
     key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-    return tl.where((bits & 0x7FFFFFFF) > 0x7F800000, -2147483648, key)
+    return tl.where((bits & 0x7FFFFFFF) > 0x7F800000, KEY_NEG_INF, key)
 
 
 @triton.jit
