@@ -222,3 +222,41 @@ def bench_eviction(benchmark, case, impl):
         benchmark.extra_info["peak_extra_MiB"] = peak / 2**20
     record(benchmark, case=case.name, impl=impl.replace("kvkern-", "kvkern/"), device=case.device, fn=fn,
            nbytes=min_bytes(case))
+
+
+_PEAK_SCRIPT = r"""
+import resource, sys, torch
+sys.path.insert(0, "bench")
+torch.set_num_threads(2)
+import bench_eviction as be
+case = next(c for c in be.CASES if c.name == sys.argv[1])
+impl = sys.argv[2]
+be.state(case)
+fn = be.eager_snapkv(case) if impl == "eager" else be.kvkern_snapkv(case, "cpu")
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+fn()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
+"""
+
+
+@pytest.mark.parametrize("impl", ["kvkern-cpu", "eager"])
+def bench_snapkv_peak_memory_cpu(benchmark, impl):
+    """Peak extra memory of one SnapKV compression on CPU (the process's high-water mark
+    after the inputs exist), in a fresh process so earlier cases do not hide it."""
+    import subprocess
+    import sys
+
+    case = next(c for c in CASES if c.name == "snapkv_cpu_fp32_L8192")
+    if getattr(benchmark, "disabled", False):
+        pytest.skip("measured only when benchmarking")
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, case.name, "eager" if impl == "eager" else "kvkern"],
+                         capture_output=True, text=True, check=True)
+    peak = int(out.stdout.strip().splitlines()[-1])
+    scores_bytes = case.B * case.Hkv * case.L * 4
+    window_bytes = case.B * case.Hq * case.W * case.L * 4
+    benchmark.extra_info.update({"case": case.name, "impl": impl, "peak_extra_MiB": peak / 2**20,
+                                 "scores_MiB": scores_bytes / 2**20, "window_probs_MiB": window_bytes / 2**20})
+    print(f"\n{case.name} {impl}: peak extra memory {peak / 2**20:.1f} MiB "
+          f"(one [B, Hkv, C] fp32 score array = {scores_bytes / 2**20:.2f} MiB; "
+          f"the [B, Hq, W, C] window probabilities = {window_bytes / 2**20:.1f} MiB)")
+    benchmark.pedantic(lambda: None, rounds=1)
