@@ -141,3 +141,23 @@ def test_cuda_graph_replay_matches_eager(backend):
     assert torch.equal(got[6], keep_eager)
     for a, b in zip(got[:6], (k, v, lengths, positions, hist, hist_lengths)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_hist", [False, True], ids=["snapkv", "gkv"])
+def test_opcheck(backend, with_hist):
+    B, Hkv, G, C, D, W = 1, 2, 3, 29, 32, 4
+    k, v, lengths, positions = make_cache(B, Hkv, C, D, lengths=torch.tensor([[29, 11]], dtype=torch.int32))
+    q_win = randn(B, G * Hkv, W, D, device=DEVICE)
+    hist = torch.rand(B, Hkv, C, device=DEVICE) if with_hist else None
+    hist_lengths = torch.full((B, Hkv), 5, dtype=torch.int32, device=DEVICE) if with_hist else None
+    from kvkern._fake import triton_twin
+
+    op = getattr(torch.ops.kvkern, "score_evict_" if backend == "cpp" else triton_twin("score_evict_")).default
+    args = (q_win, k, v, lengths, positions, None, 12, 1, 0, None, "mean", "max", True, "max", 3, hist,
+            hist_lengths, 0.8, "max", 1.0, 0.5, None, None, None)
+    # The test_schema utility reruns the op on copies; NaN-poisoned tails compare unequal to
+    # themselves, so give it a cache without poison.
+    torch.nan_to_num_(k)
+    torch.nan_to_num_(v)
+    torch.library.opcheck(op, args)
