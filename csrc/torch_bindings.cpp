@@ -69,6 +69,29 @@ STABLE_TORCH_LIBRARY(kvkern, m) {
       "float decay=0.8, str hist_mode=\"max\", float mix_lambda=1., float redundancy_threshold=0.5, "
       "Tensor? protect_ranges=None, Tensor? keep_mask=None, Tensor(f!)? log_w=None) -> Tensor",
   };
+  // ---- quantized KV (kvkern/reference.py: the layout and the quantizer) ----
+  // bits in {2, 4, 8}; group G in {32, 64, 128}; the residual ring R = k_res.size(2)
+  // (a multiple of G); capacity C = k_scale.size(2) * G (a multiple of R).
+  const char* quant_schemas[] = {
+      "quantize_kv{T}_(Tensor k, Tensor v, Tensor lengths, Tensor(a!) k_codes, Tensor(b!) k_scale, "
+      "Tensor(c!) k_min, Tensor(d!) v_codes, Tensor(e!) v_scale, Tensor(f!) v_min, Tensor(g!) k_res, "
+      "Tensor(h!) v_res, Tensor(i!)? k_mean, Tensor(j!)? v_mean, int bits, int group) -> ()",
+      "dequantize_kv{T}(Tensor k_codes, Tensor k_scale, Tensor k_min, Tensor v_codes, Tensor v_scale, "
+      "Tensor v_min, Tensor k_res, Tensor v_res, Tensor? k_mean, Tensor? v_mean, Tensor lengths, int bits, "
+      "int group) -> (Tensor, Tensor)",
+      "append_quantized_kv{T}_(Tensor k_new, Tensor v_new, Tensor(a!) lengths, Tensor(b!) k_codes, "
+      "Tensor(c!) k_scale, Tensor(d!) k_min, Tensor(e!) v_codes, Tensor(f!) v_scale, Tensor(g!) v_min, "
+      "Tensor(h!) k_res, Tensor(i!) v_res, Tensor(j!)? k_mean, Tensor(k!)? v_mean, int bits, int group) -> ()",
+      "quant_decode_attention{T}(Tensor q, Tensor k_codes, Tensor k_scale, Tensor k_min, Tensor v_codes, "
+      "Tensor v_scale, Tensor v_min, Tensor k_res, Tensor v_res, Tensor? k_mean, Tensor? v_mean, "
+      "Tensor lengths, int bits, int group, float? sm_scale=None, int num_splits=0) -> (Tensor, Tensor)",
+  };
+  for (const char* schema : quant_schemas) {
+    std::string s(schema);
+    const auto at = s.find("{T}");
+    m.def((s.substr(0, at) + s.substr(at + 3)).c_str());
+    m.def((s.substr(0, at) + "_triton" + s.substr(at + 3)).c_str());
+  }
   for (const char* schema : eviction_schemas) {
     std::string s(schema);
     const auto at = s.find("{T}");

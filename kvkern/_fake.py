@@ -102,3 +102,40 @@ def triton_twin(op: str) -> str:
 for _op, _fake in EVICTION_FAKES.items():
     for _name in (_op, triton_twin(_op)):
         torch.library.register_fake(f"kvkern::{_name}")(_fake)
+
+
+# ---- quantized KV ---------------------------------------------------------------
+
+def _quantize_kv_fake(k, v, lengths, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_res, v_res, k_mean,
+                      v_mean, bits, group):
+    return None
+
+
+def _dequantize_kv_fake(k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_res, v_res, k_mean, v_mean, lengths,
+                        bits, group):
+    B, H, _, D = k_codes.shape
+    C = k_scale.shape[2] * group
+    return k_res.new_empty((B, H, C, D)), k_res.new_empty((B, H, C, D))
+
+
+def _append_quantized_kv_fake(k_new, v_new, lengths, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_res, v_res,
+                              k_mean, v_mean, bits, group):
+    return None
+
+
+def _quant_decode_attention_fake(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_res, v_res, k_mean, v_mean,
+                                 lengths, bits, group, sm_scale=None, num_splits=0):
+    B, Hq, D = q.shape
+    return q.new_empty((B, Hq, D)), q.new_empty((B, Hq), dtype=torch.float32)
+
+
+QUANT_FAKES = {
+    "quantize_kv_": _quantize_kv_fake,
+    "dequantize_kv": _dequantize_kv_fake,
+    "append_quantized_kv_": _append_quantized_kv_fake,
+    "quant_decode_attention": _quant_decode_attention_fake,
+}
+
+for _op, _fake in QUANT_FAKES.items():
+    for _name in (_op, triton_twin(_op)):
+        torch.library.register_fake(f"kvkern::{_name}")(_fake)

@@ -644,3 +644,241 @@ def score_evict_(q_win, k_cache, v_cache, lengths, positions, budget, n_sink=0, 
         hist_lengths.copy_(torch.where(act, (lengths.to(torch.int64) - W).clamp(min=0),
                                        hist_lengths.to(torch.int64)).to(hist_lengths.dtype))
     return keep
+
+
+# ---------------------------------------------------------------------------
+# Quantized KV (specs/merge-latent-quant.md §3 TaDA, §4.1 KIVI). One layer's
+# quantized cache, all tensors in the cache dtype T (fp16 / bf16 / fp32) unless
+# int32; b = bits in {2, 4, 8}, G = group in {32, 64, 128}, R = residual
+# (a multiple of G), C = capacity (a multiple of R), P = 32 / b codes per word:
+#
+#   k_codes [B, Hkv, C / P, D] int32   keys per CHANNEL: word [w, d] holds tokens
+#                                      P*w + j of channel d at bits [b*j, b*j + b)
+#   k_scale, k_min [B, Hkv, C / G, D]  per (group of G tokens, channel)
+#   v_codes [B, Hkv, C, D / P] int32   values per TOKEN: word [t, w] holds channels
+#                                      P*w + j of token t at bits [b*j, b*j + b)
+#   v_scale, v_min [B, Hkv, C, D / G]  per (token, group of G channels)
+#   k_res, v_res [B, Hkv, R, D]        full-precision ring: token t at slot t % R
+#   k_mean, v_mean [B, C, D] or None   TaDA: per-token mean over the kv heads (T)
+#   lengths [B, Hkv] int32             tokens held
+#
+# With L = lengths: keys [0, L - L % R) are codes and [L - L % R, L) in the ring
+# (flushed in blocks of R); values [0, max(L - R, 0)) are codes and the newest
+# min(L, R) in the ring (a FIFO). Mean-centring needs every kv head of a batch
+# element to hold the same number of tokens.
+#
+# Quantizer of one group x (asymmetric min-max, round to nearest even):
+#   lo = round_down_T(min x); scale = round_up_T((max x - lo) / (2^b - 1))
+#   q = clamp(rint((x - lo) / scale), 0, 2^b - 1)   (q = 0 when scale == 0)
+#   x̂ = q * scale + lo     (fp32 arithmetic)
+# Rounding lo down and the scale up (in T) keeps every x inside the code range,
+# so |x - x̂| <= scale / 2 with the STORED scale, and a constant group is exact.
+# Mean-centred: m = round_T(mean over heads in fp32), the head's deviation
+# x - m is quantized, x̂ = m + dequantized deviation.
+# ---------------------------------------------------------------------------
+
+QUANT_BITS = (2, 4, 8)
+QUANT_GROUPS = (32, 64, 128)
+
+__all__ += ["round_down_to", "round_up_to", "quantize_group", "pack_codes", "unpack_codes", "quantize_kv",
+            "dequantize_kv", "append_quantized_kv_", "quant_decode_attention", "quantized_cache_shapes"]
+
+
+def round_down_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The largest value of ``dtype`` <= x (fp32 in, fp32 out)."""
+    x = x.to(torch.float32)
+    if dtype == torch.float32:
+        return x
+    r = x.to(dtype).to(torch.float32)
+    down = torch.nextafter(r.to(dtype), torch.full_like(r, -math.inf).to(dtype)).to(torch.float32)
+    return torch.where(r > x, down, r)
+
+
+def round_up_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The smallest value of ``dtype`` >= x (fp32 in, fp32 out)."""
+    x = x.to(torch.float32)
+    if dtype == torch.float32:
+        return x
+    r = x.to(dtype).to(torch.float32)
+    up = torch.nextafter(r.to(dtype), torch.full_like(r, math.inf).to(dtype)).to(torch.float32)
+    return torch.where(r < x, up, r)
+
+
+def quantize_group(x: torch.Tensor, bits: int, dtype: torch.dtype, dim: int = -1):
+    """Quantizes fp32 ``x`` in groups along ``dim`` (the whole dim is one group).
+    Returns ``(codes int64, scale fp32, lo fp32)`` with scale / lo representable in ``dtype``
+    and keepdim shapes."""
+    x = x.to(torch.float32)
+    qmax = (1 << bits) - 1
+    lo = round_down_to(x.amin(dim, keepdim=True), dtype)
+    hi = x.amax(dim, keepdim=True)
+    scale = round_up_to((hi - lo) / qmax, dtype)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.where(scale > 0, torch.round((x - lo) / safe), torch.zeros_like(x)).clamp(0, qmax)
+    return q.to(torch.int64), scale, lo
+
+
+def pack_codes(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Packs integer codes along ``dim`` (size a multiple of 32 / bits) into int32 words, LSB first."""
+    P = 32 // bits
+    c = codes.to(torch.int64).movedim(dim, -1)
+    c = c.reshape(*c.shape[:-1], c.shape[-1] // P, P)
+    shifts = torch.arange(P, device=c.device, dtype=torch.int64) * bits
+    words = (c << shifts).sum(-1)  # < 2^32, disjoint bit fields
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return words.movedim(-1, dim)
+
+
+def unpack_codes(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: int64 codes, ``dim`` grows by 32 / bits."""
+    P = 32 // bits
+    w = words.to(torch.int64).movedim(dim, -1) & 0xFFFFFFFF
+    shifts = torch.arange(P, device=w.device, dtype=torch.int64) * bits
+    c = (w.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return c.reshape(*w.shape[:-1], w.shape[-1] * P).movedim(-1, dim)
+
+
+def quantized_cache_shapes(B: int, Hkv: int, C: int, D: int, bits: int, group: int, residual: int,
+                           mean_centred: bool) -> dict:
+    """Shapes of every tensor of the layout above (None for absent means)."""
+    P = 32 // bits
+    return {
+        "k_codes": (B, Hkv, C // P, D), "k_scale": (B, Hkv, C // group, D), "k_min": (B, Hkv, C // group, D),
+        "v_codes": (B, Hkv, C, D // P), "v_scale": (B, Hkv, C, D // group), "v_min": (B, Hkv, C, D // group),
+        "k_res": (B, Hkv, residual, D), "v_res": (B, Hkv, residual, D),
+        "k_mean": (B, C, D) if mean_centred else None, "v_mean": (B, C, D) if mean_centred else None,
+    }
+
+
+def _head_mean(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # [B, Hkv, T, D] -> [B, T, D], the mean over kv heads rounded to the storage dtype.
+    return x.to(torch.float32).mean(1).to(dtype).to(torch.float32)
+
+
+def quantize_kv(k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, capacity: int, bits: int, group: int,
+                residual: int, mean_centred: bool) -> dict:
+    """Quantizes a filled dense cache ``k, v [B, Hkv, T, D]`` (T <= capacity) with ``lengths``
+    into the layout above. Returns a dict of the layout's tensors (storage dtype = k's; unwritten
+    parts zero). Keys of tokens [0, L - L % R) and values of [0, max(L - R, 0)) become codes;
+    the rest goes to the rings."""
+    B, H, T, D = k.shape
+    dt = k.dtype
+    C, G, R, P = capacity, group, residual, 32 // bits
+    shapes = quantized_cache_shapes(B, H, C, D, bits, G, R, mean_centred)
+    out = {n: (None if s is None else torch.zeros(s, dtype=torch.int32 if "codes" in n else dt)) for n, s in
+           shapes.items()}
+    kf = torch.zeros(B, H, C, D)
+    vf = torch.zeros(B, H, C, D)
+    valid = valid_slot_mask(lengths, T)
+    kf[:, :, :T] = torch.where(valid.unsqueeze(-1), k.to(torch.float32), 0.0)
+    vf[:, :, :T] = torch.where(valid.unsqueeze(-1), v.to(torch.float32), 0.0)
+    kdev, vdev = kf, vf
+    if mean_centred:
+        km, vm = _head_mean(kf, dt), _head_mean(vf, dt)  # [B, C, D]
+        kdev, vdev = kf - km.unsqueeze(1), vf - vm.unsqueeze(1)
+    for b in range(B):
+        for h in range(H):
+            L = int(lengths[b, h])
+            nk, nv = L - L % R, max(L - R, 0)
+            if nk:
+                x = kdev[b, h, :nk].reshape(nk // G, G, D)  # groups of G tokens per channel
+                q, s, lo = quantize_group(x, bits, dt, dim=1)
+                out["k_codes"][b, h, : nk // P] = pack_codes(q.reshape(nk, D), bits, dim=0)
+                out["k_scale"][b, h, : nk // G] = s.squeeze(1).to(dt)
+                out["k_min"][b, h, : nk // G] = lo.squeeze(1).to(dt)
+                if mean_centred:
+                    out["k_mean"][b, :nk] = km[b, :nk].to(dt)
+            if nv:
+                x = vdev[b, h, :nv].reshape(nv, D // G, G)  # groups of G channels per token
+                q, s, lo = quantize_group(x, bits, dt, dim=2)
+                out["v_codes"][b, h, :nv] = pack_codes(q.reshape(nv, D), bits, dim=1)
+                out["v_scale"][b, h, :nv] = s.squeeze(2).to(dt)
+                out["v_min"][b, h, :nv] = lo.squeeze(2).to(dt)
+                if mean_centred:
+                    out["v_mean"][b, :nv] = vm[b, :nv].to(dt)
+            for t in range(nk, L):
+                out["k_res"][b, h, t % R] = k[b, h, t]
+            for t in range(nv, L):
+                out["v_res"][b, h, t % R] = v[b, h, t]
+    return out
+
+
+def dequantize_kv(cache: dict, lengths: torch.Tensor, bits: int, group: int, *,
+                  dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense ``(k, v) [B, Hkv, C, D]`` in ``dtype`` from the layout above; 0 past ``lengths``."""
+    kc = cache["k_codes"]
+    B, H, _, D = kc.shape
+    G, R = group, cache["k_res"].shape[2]
+    C = cache["k_scale"].shape[2] * G
+    k = torch.zeros(B, H, C, D, dtype=dtype)
+    v = torch.zeros(B, H, C, D, dtype=dtype)
+    kq = unpack_codes(kc, bits, dim=2).to(torch.float32)  # [B, H, C, D]
+    vq = unpack_codes(cache["v_codes"], bits, dim=3).to(torch.float32)
+    ks = cache["k_scale"].to(torch.float32).repeat_interleave(G, dim=2)
+    kl = cache["k_min"].to(torch.float32).repeat_interleave(G, dim=2)
+    vs = cache["v_scale"].to(torch.float32).repeat_interleave(G, dim=3)
+    vl = cache["v_min"].to(torch.float32).repeat_interleave(G, dim=3)
+    kd, vd = kq * ks + kl, vq * vs + vl  # fp32, as every kernel computes it
+    if cache.get("k_mean") is not None:
+        kd = kd + cache["k_mean"].to(torch.float32).unsqueeze(1)
+        vd = vd + cache["v_mean"].to(torch.float32).unsqueeze(1)
+    for b in range(B):
+        for h in range(H):
+            L = int(lengths[b, h])
+            nk, nv = L - L % R, max(L - R, 0)
+            k[b, h, :nk] = kd[b, h, :nk].to(dtype)
+            v[b, h, :nv] = vd[b, h, :nv].to(dtype)
+            for t in range(nk, L):
+                k[b, h, t] = cache["k_res"][b, h, t % R].to(dtype)
+            for t in range(nv, L):
+                v[b, h, t] = cache["v_res"][b, h, t % R].to(dtype)
+    return k, v
+
+
+def append_quantized_kv_(cache: dict, lengths: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, bits: int,
+                         group: int) -> dict:
+    """One decode step, in place: token ``t = L`` of every head (``k_new, v_new [B, Hkv, D]``).
+    If ``t >= R`` the value at ring slot ``t % R`` (token ``t - R``) is quantized first; then the
+    new token goes to ring slot ``t % R``; if ``(t + 1) % R == 0`` the ring's R keys (tokens
+    ``t + 1 - R .. t``) become codes; ``lengths += 1``. Mean-centring takes each flushed token's
+    mean over heads (all heads hold the same t)."""
+    B, H, D = k_new.shape
+    dt = cache["k_res"].dtype
+    G, R, P = group, cache["k_res"].shape[2], 32 // bits
+    centred = cache.get("k_mean") is not None
+    for b in range(B):
+        t = int(lengths[b, 0])
+        if t >= R:
+            s = t - R
+            x = cache["v_res"][b, :, t % R].to(torch.float32)  # [H, D]
+            if centred:
+                m = x.mean(0).to(dt).to(torch.float32)
+                cache["v_mean"][b, s] = m.to(dt)
+                x = x - m
+            q, sc, lo = quantize_group(x.reshape(H, D // G, G), bits, dt, dim=2)
+            cache["v_codes"][b, :, s] = pack_codes(q.reshape(H, D), bits, dim=1)
+            cache["v_scale"][b, :, s] = sc.squeeze(2).to(dt)
+            cache["v_min"][b, :, s] = lo.squeeze(2).to(dt)
+        cache["k_res"][b, :, t % R] = k_new[b].to(dt)
+        cache["v_res"][b, :, t % R] = v_new[b].to(dt)
+        if (t + 1) % R == 0:
+            s0 = t + 1 - R
+            x = cache["k_res"][b].to(torch.float32)  # [H, R, D], ring slot j = token s0 + j
+            if centred:
+                m = x.mean(0).to(dt).to(torch.float32)  # [R, D]
+                cache["k_mean"][b, s0:s0 + R] = m.to(dt)
+                x = x - m
+            q, sc, lo = quantize_group(x.reshape(H, R // G, G, D), bits, dt, dim=2)
+            cache["k_codes"][b, :, s0 // P:(s0 + R) // P] = pack_codes(q.reshape(H, R, D), bits, dim=1)
+            cache["k_scale"][b, :, s0 // G:(s0 + R) // G] = sc.squeeze(2).to(dt)
+            cache["k_min"][b, :, s0 // G:(s0 + R) // G] = lo.squeeze(2).to(dt)
+        lengths[b] += 1
+    return cache
+
+
+def quant_decode_attention(q: torch.Tensor, cache: dict, lengths: torch.Tensor, bits: int, group: int,
+                           sm_scale: float | None = None, *, dtype: torch.dtype = torch.float64):
+    """Decode attention over the quantized cache: :func:`decode_attention` over
+    :func:`dequantize_kv` (the kernels dequantize in registers, never in memory)."""
+    k, v = dequantize_kv(cache, lengths, bits, group, dtype=dtype)
+    return decode_attention(q, k, v, lengths, None, sm_scale, dtype=dtype)
