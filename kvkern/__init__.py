@@ -46,6 +46,11 @@ from .eviction_ops import (  # noqa: E402
     query_statistics, score_evict_, select_keep, slot_scores, update_scores_, window_scores,
 )
 
-__all__ = ["__version__", "decode_attention", "reference", "ops", "window_scores", "expected_attention_scores",
+from .quant_ops import (  # noqa: E402
+    QuantizedKVCache, append_quantized_kv_, dequantize_kv, quant_decode_attention, quantize_kv_,
+)
+
+__all__ = ["__version__", "decode_attention", "reference", "ops", "QuantizedKVCache", "quantize_kv_",
+           "dequantize_kv", "append_quantized_kv_", "quant_decode_attention", "window_scores", "expected_attention_scores",
            "query_statistics", "average_rope", "slot_scores", "key_redundancy", "update_scores_", "select_keep",
            "compact_", "evict_", "allocate_head_budgets", "score_evict_"]

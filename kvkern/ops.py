@@ -21,8 +21,10 @@ from . import tuning
 
 from .eviction_ops import *  # noqa: E402,F401,F403  (the score-and-evict front doors)
 from .eviction_ops import __all__ as _EVICTION_ALL
+from .quant_ops import *  # noqa: E402,F401,F403  (the quantized-KV front doors)
+from .quant_ops import __all__ as _QUANT_ALL
 
-__all__ = ["decode_attention", "BACKENDS", *_EVICTION_ALL]
+__all__ = ["decode_attention", "BACKENDS", *_EVICTION_ALL, *_QUANT_ALL]
 
 BACKENDS = ("auto", "cpu", "cuda", "triton")
 _CONFIG_KEYS = ("num_splits", "block_n", "num_warps", "num_stages")

@@ -1,0 +1,192 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Front doors of the quantized-KV ops (re-exported by :mod:`kvkern.ops`) and the cache
+object that owns one layer's quantized buffers.
+
+The format (kvkern/reference.py, "Quantized KV"): keys per channel over groups of ``group``
+tokens (KIVI), values per token over groups of ``group`` channels, asymmetric min-max codes of
+2, 4 or 8 bits packed LSB-first into int32 words, metadata (scale, min) in the cache dtype, an
+optional 16-bit per-token mean over the kv heads (TaDA mean-centring: each head's deviation is
+quantized), and a full-precision ring of the newest ``residual`` tokens (keys flushed in blocks
+of ``residual``, values as a FIFO). Capacity is static; ``lengths`` says how many tokens each
+head holds; every op decides on the device what is codes and what is ring, so a decode loop of
+:meth:`QuantizedKVCache.append_` + :meth:`QuantizedKVCache.attention` captures in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from . import reference
+from ._fake import triton_twin
+
+__all__ = ["QuantizedKVCache", "quantize_kv_", "dequantize_kv", "append_quantized_kv_", "quant_decode_attention"]
+
+_BACKENDS = ("auto", "cpu", "cuda", "triton")
+FIELDS = ("k_codes", "k_scale", "k_min", "v_codes", "v_scale", "v_min", "k_res", "v_res", "k_mean", "v_mean")
+
+
+def _op(name: str, device: torch.device, backend: str, public: str):
+    if backend not in _BACKENDS:
+        raise ValueError(f"{public}: backend: expected one of {list(_BACKENDS)}, got {backend!r}")
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+    have = {}
+    if key and torch._C._dispatch_has_kernel_for_dispatch_key(f"kvkern::{name}", key):
+        have[device.type] = name
+    if key and torch._C._dispatch_has_kernel_for_dispatch_key(f"kvkern::{triton_twin(name)}", key):
+        have["triton"] = triton_twin(name)
+    if backend == "auto":
+        for b in (device.type, "triton"):
+            if b in have:
+                return getattr(torch.ops.kvkern, have[b])
+        raise RuntimeError(f"{public}: no backend is available for {device.type} tensors (python -m kvkern info)")
+    if backend not in have:
+        raise RuntimeError(f"{public}: backend: {backend!r} is not available for {device.type} tensors here; "
+                           f"available: {sorted(have)}")
+    return getattr(torch.ops.kvkern, have[backend])
+
+
+@dataclass
+class QuantizedKVCache:
+    """One layer's quantized KV cache (see the module docstring for the format).
+
+    Tensors (all on one device; T = the cache dtype, fp16 / bf16 / fp32; P = 32 // bits):
+        k_codes ``[B, Hkv, C / P, D]`` int32, k_scale / k_min ``[B, Hkv, C / group, D]`` T,
+        v_codes ``[B, Hkv, C, D / P]`` int32, v_scale / v_min ``[B, Hkv, C, D / group]`` T,
+        k_res / v_res ``[B, Hkv, residual, D]`` T, k_mean / v_mean ``[B, C, D]`` T or None,
+        lengths ``[B, Hkv]`` int32.
+    """
+
+    k_codes: torch.Tensor
+    k_scale: torch.Tensor
+    k_min: torch.Tensor
+    v_codes: torch.Tensor
+    v_scale: torch.Tensor
+    v_min: torch.Tensor
+    k_res: torch.Tensor
+    v_res: torch.Tensor
+    k_mean: torch.Tensor | None
+    v_mean: torch.Tensor | None
+    lengths: torch.Tensor
+    bits: int
+    group: int
+
+    @classmethod
+    def empty(cls, B: int, Hkv: int, capacity: int, D: int, *, bits: int = 4, group: int = 128,
+              residual: int = 128, mean_centred: bool = False, dtype=torch.bfloat16, device="cpu"):
+        """An empty cache (lengths 0). Raises ValueError for an unsupported format."""
+        public = "kvkern.QuantizedKVCache.empty"
+        if bits not in reference.QUANT_BITS:
+            raise ValueError(f"{public}: bits: expected one of {list(reference.QUANT_BITS)}, got {bits}")
+        if group not in reference.QUANT_GROUPS:
+            raise ValueError(f"{public}: group: expected one of {list(reference.QUANT_GROUPS)}, got {group}")
+        if residual < group or residual % group:
+            raise ValueError(f"{public}: residual: expected a positive multiple of group={group}, got {residual}")
+        if capacity % residual:
+            raise ValueError(f"{public}: capacity: expected a multiple of residual={residual}, got {capacity}")
+        if D % group:
+            raise ValueError(f"{public}: D: expected a multiple of group={group} (values are grouped along "
+                             f"channels), got {D}")
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"{public}: dtype: expected float16, bfloat16 or float32, got {dtype}")
+        if mean_centred and Hkv == 1:
+            warnings.warn(f"{public}: mean_centred with one kv head stores every token in full (the mean is the "
+                          f"token, the deviation 0): falling back to plain quantization", stacklevel=2)
+            mean_centred = False
+        shapes = reference.quantized_cache_shapes(B, Hkv, capacity, D, bits, group, residual, mean_centred)
+        t = {n: None if s is None else torch.zeros(s, dtype=torch.int32 if "codes" in n else dtype, device=device)
+             for n, s in shapes.items()}
+        return cls(**t, lengths=torch.zeros(B, Hkv, dtype=torch.int32, device=device), bits=bits, group=group)
+
+    @property
+    def tensors(self) -> tuple:
+        return tuple(getattr(self, f) for f in FIELDS)
+
+    @property
+    def capacity(self) -> int:
+        return self.k_scale.shape[2] * self.group
+
+    @property
+    def residual(self) -> int:
+        return self.k_res.shape[2]
+
+    def nbytes(self) -> dict:
+        """Exact bytes of every buffer, their total, and the ratio against a bf16 dense cache of the
+        same capacity (``2 * B * Hkv * C * D * 2`` bytes)."""
+        sizes = {f: (0 if t is None else t.numel() * t.element_size()) for f, t in zip(FIELDS, self.tensors)}
+        total = sum(sizes.values())
+        B, H, _, D = self.k_codes.shape
+        dense = 2 * B * H * self.capacity * D * 2
+        return {**sizes, "total": total, "bf16_dense": dense, "ratio": total / dense}
+
+    def fill_(self, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, *, backend: str = "auto"):
+        """Quantizes a prefilled dense cache ``k, v [B, Hkv, T, D]`` (T <= capacity) into this one;
+        ``lengths [B, Hkv]`` int32 tokens per head. Mutates every buffer and ``self.lengths``."""
+        quantize_kv_(k, v, lengths, self, backend=backend)
+        self.lengths.copy_(lengths)
+        return self
+
+    def append_(self, k_new: torch.Tensor, v_new: torch.Tensor, *, backend: str = "auto"):
+        """One decode step: ``k_new, v_new [B, Hkv, D]`` become token ``lengths`` of each head."""
+        append_quantized_kv_(k_new, v_new, self, backend=backend)
+        return self
+
+    def attention(self, q: torch.Tensor, sm_scale: float | None = None, *, return_lse: bool = False,
+                  backend: str = "auto", num_splits: int = 0):
+        """Decode attention of ``q [B, Hq, D]`` over this cache (see :func:`quant_decode_attention`)."""
+        return quant_decode_attention(q, self, sm_scale, return_lse=return_lse, backend=backend,
+                                      num_splits=num_splits)
+
+    def dequantize(self, *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense ``(k, v) [B, Hkv, C, D]`` in the cache dtype, 0 past ``lengths``."""
+        return dequantize_kv(self, backend=backend)
+
+
+def _check_cache(public: str, cache) -> None:
+    if not isinstance(cache, QuantizedKVCache):
+        raise TypeError(f"{public}: cache: expected a kvkern.QuantizedKVCache, got {type(cache).__name__}")
+
+
+def quantize_kv_(k, v, lengths, cache: QuantizedKVCache, *, backend: str = "auto") -> QuantizedKVCache:
+    """Quantizes a dense cache ``k, v [B, Hkv, T, D]`` (the cache's dtype, T <= capacity) with
+    ``lengths [B, Hkv]`` int32 into ``cache``'s buffers (mutated; ``cache.lengths`` is not)."""
+    public = "kvkern.quantize_kv_"
+    _check_cache(public, cache)
+    _op("quantize_kv_", k.device, backend, public)(k, v, lengths, *cache.tensors, cache.bits, cache.group)
+    return cache
+
+
+def dequantize_kv(cache: QuantizedKVCache, *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense ``(k, v) [B, Hkv, C, D]`` (cache dtype) of ``cache``; 0 past its lengths. Mutates nothing."""
+    public = "kvkern.dequantize_kv"
+    _check_cache(public, cache)
+    return _op("dequantize_kv", cache.k_codes.device, backend, public)(*cache.tensors, cache.lengths, cache.bits,
+                                                                         cache.group)
+
+
+def append_quantized_kv_(k_new, v_new, cache: QuantizedKVCache, *, backend: str = "auto") -> QuantizedKVCache:
+    """One decode step in place (no host sync): ``k_new, v_new [B, Hkv, D]`` go to the ring; a value
+    leaving the ring and a full block of R keys become codes, decided on the device from
+    ``cache.lengths`` (incremented)."""
+    public = "kvkern.append_quantized_kv_"
+    _check_cache(public, cache)
+    t = cache.tensors
+    _op("append_quantized_kv_", k_new.device, backend, public)(k_new, v_new, cache.lengths, *t, cache.bits,
+                                                                cache.group)
+    return cache
+
+
+def quant_decode_attention(q, cache: QuantizedKVCache, sm_scale: float | None = None, *, return_lse: bool = False,
+                           backend: str = "auto", num_splits: int = 0):
+    """Attention of one query per sequence ``q [B, Hq, D]`` (the cache dtype) over the quantized
+    cache, dequantizing in registers. Equals :func:`kvkern.decode_attention` over
+    :func:`dequantize_kv` (fp32 accumulation). Returns ``out [B, Hq, D]`` (and ``lse [B, Hq]``
+    float32 with ``return_lse``). Mutates nothing."""
+    public = "kvkern.quant_decode_attention"
+    _check_cache(public, cache)
+    out, lse = _op("quant_decode_attention", q.device, backend, public)(
+        q, *cache.tensors, cache.lengths, cache.bits, cache.group, None if sm_scale is None else float(sm_scale),
+        int(num_splits))
+    return (out, lse) if return_lse else out
