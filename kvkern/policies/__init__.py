@@ -32,6 +32,7 @@ from .cache import LayerCache, QueryWindow
 from .gkv import GKV
 from .infinipot import InfiniPotV
 from .scorers import H2O, TOVA, ExpectedAttention, KeyDiff, KNorm, RandomEviction, SnapKV, StreamingLLM
+from .tada import calibrate_layer_errors, choose_layer_bits, mixed_cache_bytes, quantized_cache_bytes  # noqa: F401
 
 __all__ = [
     "LayerCache", "QueryWindow", "EvictionPolicy", "protected_slots", "segment_cuts_from_spans",

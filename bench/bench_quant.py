@@ -1,0 +1,207 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Quantized KV: quant_decode_attention at 2 / 4 / 8 bits beside bf16 decode_attention and eager
+attention at the same shape; quantize_kv_ of a 32K-token prefill and one append step on CUDA.
+
+Written against torch.ops.kvkern.* and skipped, case by case, where an op has no kernel for the
+device in this build yet. The bytes of each quantized case are what the op must read at that bit
+width (live codes, scales, mins, means and ring rows, plus q, out, lse, lengths), so the fraction
+of copy bandwidth compares formats fairly.
+
+    python -m pytest bench/bench_quant.py -q
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import kvkern
+from kvkern import reference
+from kvkern.ops import available_backends
+from kvkern.policies.tada import quantized_cache_bytes
+
+from bench_decode_attention import eager_composite
+from conftest import record
+
+G, R = 128, 128  # the issue's "plain G = 128 format"; R = G keeps the ring small
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    device: str
+    B: int
+    Hq: int
+    Hkv: int
+    D: int
+    L: int
+    dtype: torch.dtype = torch.bfloat16
+
+
+CASES = [Case("cpu_bf16_B4_L4096", "cpu", 4, 32, 8, 128, 4096),
+         Case("cuda_bf16_B8_L32768", "cuda", 8, 32, 8, 128, 32768)]
+
+
+def _skip_unless_device(device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+
+
+def _op(name: str, backend: str):
+    """torch.ops.kvkern.<name> (backend "cpu"/"cuda") or its Triton twin, or skip."""
+    from kvkern._fake import triton_twin
+    return getattr(torch.ops.kvkern, name if backend != "triton" else triton_twin(name))
+
+
+def _backends(op: str, device: str):
+    found = [b for b in available_backends(op, device) if not (b == "triton" and device == "cpu")]
+    return found  # the Triton interpreter is a correctness tool, not a peer
+
+
+FIELDS = ("k_codes", "k_scale", "k_min", "v_codes", "v_scale", "v_min", "k_res", "v_res", "k_mean", "v_mean")
+
+_INPUTS: dict = {}
+
+
+def dense_inputs(case: Case):
+    if case.name not in _INPUTS:
+        _INPUTS.clear()
+        gen = torch.Generator(device=case.device).manual_seed(1234)
+        mk = lambda *s: torch.randn(*s, device=case.device, dtype=case.dtype, generator=gen)  # noqa: E731
+        q = mk(case.B, case.Hq, case.D)
+        k, v = mk(case.B, case.Hkv, case.L, case.D), mk(case.B, case.Hkv, case.L, case.D)
+        lengths = torch.full((case.B, case.Hkv), case.L, dtype=torch.int32, device=case.device)
+        _INPUTS[case.name] = (q, k, v, lengths)
+    return _INPUTS[case.name]
+
+
+def empty_layout(case: Case, bits: int, mean_centred: bool, C: int | None = None) -> dict:
+    shapes = reference.quantized_cache_shapes(case.B, case.Hkv, C or case.L, case.D, bits, G, R, mean_centred)
+    return {n: None if s is None else torch.empty(s, device=case.device,
+                                                   dtype=torch.int32 if "codes" in n else case.dtype)
+            for n, s in shapes.items()}
+
+
+def quantized_cache(case: Case, bits: int, mean_centred: bool) -> dict:
+    """Built by the device's quantize_kv_ kernel, else by the reference on CPU (then moved)."""
+    q, k, v, lengths = dense_inputs(case)
+    backends = available_backends("quantize_kv_", case.device)
+    if backends:
+        cache = empty_layout(case, bits, mean_centred)
+        _op("quantize_kv_", backends[0])(k, v, lengths, *(cache[f] for f in FIELDS), bits, G)
+        return cache
+    if case.device != "cpu":
+        pytest.skip("no quantize_kv_ kernel on this device to build the cache")
+    return reference.quantize_kv(k, v, lengths, case.L, bits, G, R, mean_centred)
+
+
+def live_read_bytes(case: Case, bits: int, mean_centred: bool) -> int:
+    """What quant_decode_attention must read with every head at L = C: all key codes (L % R == 0
+    leaves the key ring empty), value codes of the first L - R tokens and the R value ring rows,
+    their metadata and means, plus q, out (q's dtype), lse (fp32) and lengths."""
+    assert case.L % R == 0
+    full = quantized_cache_bytes(case.B, case.Hkv, case.L, case.D, bits, G, R, mean_centred, case.dtype)
+    elem = torch.empty((), dtype=case.dtype).element_size()
+    frac_v = (case.L - R) / case.L
+    v_quant = round((full["v_codes"] + full["v_scale"] + full["v_min"] + full["v_mean"]) * frac_v)
+    k_quant = full["k_codes"] + full["k_scale"] + full["k_min"] + full["k_mean"]
+    qo = 2 * case.B * case.Hq * case.D * elem + case.B * case.Hq * 4 + case.B * case.Hkv * 4
+    return k_quant + v_quant + full["v_res"] + qo
+
+
+def dense_read_bytes(case: Case) -> int:
+    elem = torch.empty((), dtype=case.dtype).element_size()
+    return 2 * case.B * case.Hkv * case.L * case.D * elem + 2 * case.B * case.Hq * case.D * elem \
+        + case.B * case.Hq * 4 + case.B * case.Hkv * 4
+
+
+QUANT_IMPLS = ["cpu", "cuda", "triton"]
+
+
+@pytest.mark.parametrize("mean_centred", [False, True], ids=["plain", "centred"])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("impl", QUANT_IMPLS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def bench_quant_decode_attention(benchmark, case, impl, bits, mean_centred):
+    _skip_unless_device(case.device)
+    if impl not in _backends("quant_decode_attention", case.device):
+        pytest.skip(f"quant_decode_attention has no {impl} kernel on {case.device} in this build")
+    q, _, _, lengths = dense_inputs(case)
+    cache = quantized_cache(case, bits, mean_centred)
+    op = _op("quant_decode_attention", impl)
+    fn = lambda: op(q, *(cache[f] for f in FIELDS), lengths, bits, G)  # noqa: E731
+    deq = available_backends("dequantize_kv", case.device)
+    if deq:  # the fused op must equal dense attention over the dequantized cache
+        kd, vd = _op("dequantize_kv", deq[0])(*(cache[f] for f in FIELDS), lengths, bits, G)
+        expected = kvkern.decode_attention(q, kd.to(case.dtype), vd.to(case.dtype), lengths)
+        torch.testing.assert_close(fn()[0].float(), expected.float(), atol=2e-2, rtol=2e-2)
+    label = f"{'centred' if mean_centred else 'plain'}-{bits}b"
+    record(benchmark, case=case.name, impl=f"kvkern/{impl}/{label}", device=case.device, fn=fn,
+           nbytes=live_read_bytes(case, bits, mean_centred), note=f"G={G} R={R}")
+
+
+@pytest.mark.parametrize("impl", ["kvkern-cpu", "kvkern-cuda", "eager"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def bench_quant_dense_peers(benchmark, case, impl):
+    """The yardsticks at the same shape: bf16 decode_attention and the eager composite."""
+    _skip_unless_device(case.device)
+    q, k, v, lengths = dense_inputs(case)
+    if impl == "eager":
+        fn = lambda: eager_composite(q, k, v, lengths, None)  # noqa: E731
+    else:
+        backend = impl[len("kvkern-"):]
+        if backend != case.device or backend not in available_backends("decode_attention", case.device):
+            pytest.skip(f"{impl} does not run on {case.device}")
+        fn = lambda: kvkern.decode_attention(q, k, v, lengths, backend=backend)  # noqa: E731
+    record(benchmark, case=case.name, impl=impl.replace("kvkern-", "kvkern/") + "/bf16-dense", device=case.device,
+           fn=fn, nbytes=dense_read_bytes(case))
+
+
+PREFILL = Case("cuda_bf16_B8_L32768_prefill", "cuda", 8, 32, 8, 128, 32768)
+
+
+@pytest.mark.parametrize("mean_centred", [False, True], ids=["plain", "centred"])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("impl", ["cuda", "triton"])
+def bench_quantize_kv_prefill(benchmark, impl, bits, mean_centred):
+    case = PREFILL
+    _skip_unless_device(case.device)
+    if impl not in available_backends("quantize_kv_", case.device):
+        pytest.skip(f"quantize_kv_ has no {impl} kernel on cuda in this build")
+    _, k, v, lengths = dense_inputs(case)
+    cache = empty_layout(case, bits, mean_centred)
+    op = _op("quantize_kv_", impl)
+    fn = lambda: op(k, v, lengths, *(cache[f] for f in FIELDS), bits, G)  # noqa: E731
+    full = quantized_cache_bytes(case.B, case.Hkv, case.L, case.D, bits, G, R, mean_centred, case.dtype)
+    dense = 2 * k.numel() * k.element_size()
+    record(benchmark, case=f"{case.name}_{bits}b", impl=f"kvkern/{impl}/{'centred' if mean_centred else 'plain'}",
+           device=case.device, fn=fn, nbytes=dense + full["total"], note="read dense K,V + write the layout")
+
+
+@pytest.mark.parametrize("mean_centred", [False, True], ids=["plain", "centred"])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("impl", ["cuda", "triton"])
+def bench_append_step(benchmark, impl, bits, mean_centred):
+    """One decode step on a half-full 32K cache. Every call appends (lengths grow by one, 16K slots
+    of room); one step in R flushes a key block, so the median is the plain step."""
+    case = Case("cuda_bf16_B8_C32768_append", "cuda", 8, 32, 8, 128, 32768)
+    _skip_unless_device(case.device)
+    if impl not in available_backends("append_quantized_kv_", case.device):
+        pytest.skip(f"append_quantized_kv_ has no {impl} kernel on cuda in this build")
+    cache = empty_layout(case, bits, mean_centred)
+    for name, t in cache.items():
+        if t is not None:
+            t.zero_()
+    lengths = torch.full((case.B, case.Hkv), case.L // 2 + 1, dtype=torch.int32, device="cuda")
+    k_new = torch.randn(case.B, case.Hkv, case.D, device="cuda", dtype=case.dtype)
+    v_new = torch.randn_like(k_new)
+    op = _op("append_quantized_kv_", impl)
+    fn = lambda: op(k_new, v_new, lengths, *(cache[f] for f in FIELDS), bits, G)  # noqa: E731
+    elem = k_new.element_size()
+    # read k_new, v_new, the ring row of the value leaving it; write two ring rows, its codes and metadata
+    row = case.B * case.Hkv * case.D * elem
+    nbytes = 5 * row + case.B * case.Hkv * (case.D * bits // 8 + 2 * (case.D // G) * elem) + 2 * lengths.numel() * 4
+    record(benchmark, case=f"{case.name}_{bits}b", impl=f"kvkern/{impl}/{'centred' if mean_centred else 'plain'}",
+           device=case.device, fn=fn, nbytes=nbytes, note="one launch; target < 5 us")
