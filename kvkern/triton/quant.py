@@ -176,7 +176,7 @@ def dequantize_kv_triton(k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_res
             k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_res, v_res,
             k_mean if centred else k_res, v_mean if centred else k_res, lengths, k, v,
             H, C, R, D, lengths.stride(0), lengths.stride(1),
-            TILE=tile, GROUP=group, BLOCK_D=_block_d(D), BITS=bits, CENTRED=centred, **_EXACT)
+            TILE=tile, GROUP=group, BLOCK_D=_block_d(D), BITS=bits, CENTRED=centred, DT=_DT[dt], **_EXACT)
     return k, v
 
 

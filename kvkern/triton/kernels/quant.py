@@ -332,6 +332,7 @@ def dequantize_kernel(
     k_out_ptr, v_out_ptr,
     H, C, R, D, stride_lb, stride_lh,
     TILE: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.constexpr, BITS: tl.constexpr, CENTRED: tl.constexpr,
+    DT: tl.constexpr,
 ):
     """dequantize_kv. Grid (B * H, C / TILE): TILE tokens of one head, all channels;
     writes dense k, v [B, H, C, D] (contiguous, storage dtype), 0 at and past L."""
@@ -357,8 +358,8 @@ def dequantize_kernel(
     v = tl.where((offs_t < nv)[:, None], v, _ring_rows(vres_ptr, head, offs_t, live & (offs_t >= nv), offs_d,
                                                        mask_d, R, D))
     out = (head * C + offs_t)[:, None] * D + offs_d[None, :]
-    tl.store(k_out_ptr + out, k.to(k_out_ptr.dtype.element_ty), mask=mask_d[None, :])
-    tl.store(v_out_ptr + out, v.to(v_out_ptr.dtype.element_ty), mask=mask_d[None, :])
+    tl.store(k_out_ptr + out, _to_storage(k, DT), mask=mask_d[None, :])
+    tl.store(v_out_ptr + out, _to_storage(v, DT), mask=mask_d[None, :])
 
 
 @triton.jit
