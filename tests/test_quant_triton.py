@@ -175,3 +175,19 @@ def test_compile_fullgraph():
     out, lse = step(q, lengths, *as_args(got))
     ro, rl = reference.quant_decode_attention(q.cpu(), want, lengths.cpu(), bits, group)
     torch.testing.assert_close(out.cpu().double(), ro, atol=ATOL[dtype], rtol=0)
+
+
+def test_strided_inputs():
+    """k, v and q may be views whose only contiguous dimension is the last."""
+    B, H, C, R, D, bits, group = 1, 2, 64, 32, 64, 4, 32
+    big = torch.randn(B, C, H, 2 * D, device=DEVICE)
+    k, v = big[..., :D].transpose(1, 2), big[..., D:].transpose(1, 2)
+    lengths = torch.tensor([[50, 61]], dtype=torch.int32, device=DEVICE)
+    got = empty_cache(B, H, C, D, bits, group, R, False, torch.float32, DEVICE)
+    OPS.quantize_kv_triton_(k, v, lengths, *as_args(got), bits, group)
+    want = reference.quantize_kv(k.cpu(), v.cpu(), lengths.cpu(), C, bits, group, R, False)
+    assert live_equal(got, want, lengths.cpu(), bits, group) == []
+    q = torch.randn(B, 2 * H, 2 * D, device=DEVICE)[..., :D]
+    out, _ = OPS.quant_decode_attention_triton(q, *as_args(got), lengths, bits, group)
+    ro, _ = reference.quant_decode_attention(q.cpu(), want, lengths.cpu(), bits, group)
+    torch.testing.assert_close(out.cpu().double(), ro, atol=ATOL[torch.float32], rtol=0)
