@@ -840,39 +840,43 @@ def append_quantized_kv_(cache: dict, lengths: torch.Tensor, k_new: torch.Tensor
     """One decode step, in place: token ``t = L`` of every head (``k_new, v_new [B, Hkv, D]``).
     If ``t >= R`` the value at ring slot ``t % R`` (token ``t - R``) is quantized first; then the
     new token goes to ring slot ``t % R``; if ``(t + 1) % R == 0`` the ring's R keys (tokens
-    ``t + 1 - R .. t``) become codes; ``lengths += 1``. Mean-centring takes each flushed token's
-    mean over heads (all heads hold the same t)."""
+    ``t + 1 - R .. t``) become codes; ``lengths += 1``. Plain caches step each head from its own
+    length; mean-centring takes each flushed token's mean over the heads, which all hold the same t."""
     B, H, D = k_new.shape
     dt = cache["k_res"].dtype
     G, R, P = group, cache["k_res"].shape[2], 32 // bits
     centred = cache.get("k_mean") is not None
-    for b in range(B):
-        t = int(lengths[b, 0])
+    # Mean-centred: every head of b holds the same t and flushes together (the mean spans the
+    # heads). Plain: each head steps from its own length.
+    groups = [(b, list(range(H))) for b in range(B)] if centred else [(b, [h]) for b in range(B) for h in range(H)]
+    for b, heads in groups:
+        t = int(lengths[b, heads[0]])
         if t >= R:
             s = t - R
-            x = cache["v_res"][b, :, t % R].to(torch.float32)  # [H, D]
+            x = cache["v_res"][b, heads, t % R].to(torch.float32)  # [heads, D]
             if centred:
                 m = x.mean(0).to(dt).to(torch.float32)
                 cache["v_mean"][b, s] = m.to(dt)
                 x = x - m
-            q, sc, lo = quantize_group(x.reshape(H, D // G, G), bits, dt, dim=2)
-            cache["v_codes"][b, :, s] = pack_codes(q.reshape(H, D), bits, dim=1)
-            cache["v_scale"][b, :, s] = sc.squeeze(2).to(dt)
-            cache["v_min"][b, :, s] = lo.squeeze(2).to(dt)
-        cache["k_res"][b, :, t % R] = k_new[b].to(dt)
-        cache["v_res"][b, :, t % R] = v_new[b].to(dt)
+            q, sc, lo = quantize_group(x.reshape(len(heads), D // G, G), bits, dt, dim=2)
+            cache["v_codes"][b, heads, s] = pack_codes(q.reshape(len(heads), D), bits, dim=1)
+            cache["v_scale"][b, heads, s] = sc.squeeze(2).to(dt)
+            cache["v_min"][b, heads, s] = lo.squeeze(2).to(dt)
+        cache["k_res"][b, heads, t % R] = k_new[b, heads].to(dt)
+        cache["v_res"][b, heads, t % R] = v_new[b, heads].to(dt)
         if (t + 1) % R == 0:
             s0 = t + 1 - R
-            x = cache["k_res"][b].to(torch.float32)  # [H, R, D], ring slot j = token s0 + j
+            x = cache["k_res"][b, heads].to(torch.float32)  # [heads, R, D], ring slot j = token s0 + j
             if centred:
                 m = x.mean(0).to(dt).to(torch.float32)  # [R, D]
                 cache["k_mean"][b, s0:s0 + R] = m.to(dt)
                 x = x - m
-            q, sc, lo = quantize_group(x.reshape(H, R // G, G, D), bits, dt, dim=2)
-            cache["k_codes"][b, :, s0 // P:(s0 + R) // P] = pack_codes(q.reshape(H, R, D), bits, dim=1)
-            cache["k_scale"][b, :, s0 // G:(s0 + R) // G] = sc.squeeze(2).to(dt)
-            cache["k_min"][b, :, s0 // G:(s0 + R) // G] = lo.squeeze(2).to(dt)
-        lengths[b] += 1
+            q, sc, lo = quantize_group(x.reshape(len(heads), R // G, G, D), bits, dt, dim=2)
+            cache["k_codes"][b, heads, s0 // P:(s0 + R) // P] = pack_codes(q.reshape(len(heads), R, D), bits, dim=1)
+            cache["k_scale"][b, heads, s0 // G:(s0 + R) // G] = sc.squeeze(2).to(dt)
+            cache["k_min"][b, heads, s0 // G:(s0 + R) // G] = lo.squeeze(2).to(dt)
+        for h in heads:
+            lengths[b, h] += 1
     return cache
 
 
