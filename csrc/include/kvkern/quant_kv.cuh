@@ -414,7 +414,7 @@ __global__ void __launch_bounds__(kAttnThreads) quant_merge_kernel(MergeArgs a) 
   float mx = kQNegInf;
   bool has_nan = false;
   for (int s = 0; s < S; ++s) {
-    has_nan |= isnan(ls[s]);
+    has_nan |= ls[s] != ls[s];  // NaN
     mx = fmaxf(mx, ls[s]);
   }
   float total = 0.f;
