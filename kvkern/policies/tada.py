@@ -45,7 +45,9 @@ from .. import reference
 __all__ = ["OPS", "CalibrationResult", "calibrate_layer_errors", "choose_layer_bits", "quantized_cache_bytes",
            "mixed_cache_bytes"]
 
-# The ops this module calls, by name: the fp64 references until the kernels are merged.
+# The ops calibration calls, by name. Calibration is offline and measures errors, so it runs the
+# fp64 references on purpose (the figures then carry no kernel rounding); a caller may swap in
+# kernel-backed callables with the same signatures for speed on long calibration sets.
 OPS = {
     "quantize_kv": reference.quantize_kv,
     "dequantize_kv": reference.dequantize_kv,
