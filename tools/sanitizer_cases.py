@@ -93,6 +93,35 @@ def run_eviction(backend: str) -> int:
     return failures
 
 
+def run_quant(backend: str) -> int:
+    """Quantized cache: fill, a few appends across a flush, attention; exact buffers (C slots),
+    checked against the reference."""
+    failures = 0
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for bits, group, centred, G in ((2, 32, False, 1), (4, 64, True, 4), (8, 128, False, 3)):
+            B, Hkv, D, R = 2, 2, 128, 128
+            C = 2 * R
+            cache = kvkern.QuantizedKVCache.empty(B, Hkv, C, D, bits=bits, group=group, residual=R,
+                                                  mean_centred=centred, dtype=dtype, device="cuda")
+            k = torch.randn(B, Hkv, C, D, device="cuda", dtype=dtype)
+            v = torch.randn(B, Hkv, C, D, device="cuda", dtype=dtype)
+            lengths = torch.full((B, Hkv), R - 2, dtype=torch.int32, device="cuda")
+            cache.fill_(k, v, lengths, backend=backend)
+            for t in range(R - 2, R + 3):
+                cache.append_(k[:, :, t], v[:, :, t], backend=backend)
+            q = torch.randn(B, G * Hkv, D, device="cuda", dtype=dtype)
+            out = cache.attention(q, backend=backend)
+            ref_cache = {f: (None if getattr(cache, f) is None else getattr(cache, f).cpu())
+                         for f in kvkern.quant_ops.FIELDS}
+            ref, _ = reference.quant_decode_attention(q.cpu(), ref_cache, cache.lengths.cpu(), bits, group)
+            torch.cuda.synchronize()
+            err = (out.double().cpu() - ref).abs().max().item()
+            if not err < 3e-2:
+                print(f"FAIL quant {backend} {dtype} bits={bits} G={G}: max error {err}")
+                failures += 1
+    return failures
+
+
 def main() -> int:
     which = sys.argv[1] if len(sys.argv) > 1 else "all"
     backends = [b for b in kvkern.ops.available_backends("decode_attention", "cuda")
@@ -101,6 +130,9 @@ def main() -> int:
     for b in kvkern.ops.available_backends("score_evict_", "cuda"):
         if which in ("all", b):
             failures += run_eviction(b)
+    for b in kvkern.ops.available_backends("quant_decode_attention", "cuda"):
+        if which in ("all", b):
+            failures += run_quant(b)
     torch.cuda.synchronize()
     print(f"sanitizer cases: backends {backends}, {failures} failures")
     return 1 if failures else 0
