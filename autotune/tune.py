@@ -310,13 +310,19 @@ class _SelectInputs:
     scores: torch.Tensor
     lengths: torch.Tensor
     budget: int
+    n_sink: int
+    n_recent: int
 
 
 def _sk_inputs(static: dict, dims: dict, device: torch.device, gen: torch.Generator) -> _SelectInputs:
     B, Hkv = _da_layout(dims["batch_heads"])
     C = dims["capacity"]
+    # G-KV's proportions (budget 1/16 of the cache, a 32-slot window, 4 sinks), scaled down so
+    # small buckets stay feasible.
+    n_sink, n_recent = min(4, C // 16), min(32, C // 8)
     return _SelectInputs(scores=torch.rand(B, Hkv, C, generator=gen, device=device),
-                         lengths=torch.full((B, Hkv), C, dtype=torch.int32, device=device), budget=max(1, C // 16))
+                         lengths=torch.full((B, Hkv), C, dtype=torch.int32, device=device),
+                         budget=max(C // 16, n_sink + n_recent + 1), n_sink=n_sink, n_recent=n_recent)
 
 
 def _select_keep_tuner() -> OpTuner:
@@ -335,10 +341,79 @@ def _select_keep_tuner() -> OpTuner:
         make_inputs=_sk_inputs,
         input_bytes=lambda static, dims: 4 * dims["batch_heads"] * dims["capacity"],
         run=lambda backend, x, cfg: tuple(t.to(torch.int32) for t in _eviction_op("select_keep", backend)(
-            x.scores, x.lengths, None, None, x.budget, 4, 32)),
+            x.scores, x.lengths, None, None, x.budget, x.n_sink, x.n_recent)),
         reference=lambda x: tuple(t.to(torch.int32) for t in __import__("kvkern").reference.select_keep(
-            x.scores.cpu(), x.lengths.cpu(), None, x.budget, 4, 32)),
+            x.scores.cpu(), x.lengths.cpu(), None, x.budget, x.n_sink, x.n_recent)),
         tolerance=lambda static: (0.0, 0.0),
+    )
+
+
+# --- quant_decode_attention: backend and split count over the quantized cache ---
+
+@dataclass
+class _QuantInputs:
+    q: torch.Tensor
+    cache: Any
+
+
+def _qa_inputs(static: dict, dims: dict, device: torch.device, gen: torch.Generator) -> _QuantInputs:
+    import kvkern
+
+    B, Hkv = _da_layout(dims["batch_heads"])
+    C, D, G = dims["capacity"], static["head_dim"], static["group"]
+    dtype = _DTYPES[static["dtype"]]
+    qg = static["quant_group"]
+    cache = kvkern.QuantizedKVCache.empty(B, Hkv, C, D, bits=static["bits"], group=qg, residual=max(qg, 128),
+                                          dtype=dtype, device=device)
+    k = torch.randn(B, Hkv, C, D, generator=gen, device=device, dtype=dtype)
+    v = torch.randn(B, Hkv, C, D, generator=gen, device=device, dtype=dtype)
+    cache.fill_(k, v, torch.full((B, Hkv), C, dtype=torch.int32, device=device))  # full: time the whole cache
+    return _QuantInputs(q=torch.randn(B, Hkv * G, D, generator=gen, device=device, dtype=dtype), cache=cache)
+
+
+def _qa_bytes(static: dict, dims: dict) -> int:
+    elt = _DTYPES[static["dtype"]].itemsize
+    n = dims["batch_heads"] * dims["capacity"] * static["head_dim"]
+    return 2 * n * static["bits"] // 8 + 4 * n * elt // static["quant_group"]
+
+
+def _qa_run(backend: str, x: _QuantInputs, cfg: dict) -> tuple:
+    import kvkern
+
+    return kvkern.quant_decode_attention(x.q, x.cache, return_lse=True, backend=backend,
+                                         num_splits=cfg["num_splits"])
+
+
+def _qa_reference(x: _QuantInputs) -> tuple:
+    k, v = x.cache.dequantize()
+    return _da_reference(_DecodeInputs(q=x.q, k=k, v=v, lengths=x.cache.lengths))
+
+
+def _quant_decode_attention_tuner() -> OpTuner:
+    from kvkern.quant_ops import QUANT_DECODE_ATTENTION_TUNING
+
+    return OpTuner(
+        spec=QUANT_DECODE_ATTENTION_TUNING,
+        static_args=(
+            StaticArg("head_dim", int, (64, 128, 256), (128,)),
+            StaticArg("dtype", str, tuple(_DTYPES), ("bf16",)),
+            StaticArg("group", int, None, (4,)),
+            StaticArg("bits", int, (2, 4, 8), (4, 2)),
+            StaticArg("quant_group", int, (32, 64, 128), (128,)),
+        ),
+        grids={
+            "tiny": {"batch_heads": (1, 8), "capacity": (512, 2048)},
+            "quick": {"batch_heads": (8, 64), "capacity": (4096, 32768)},
+            "full": {"batch_heads": (1, 8, 32, 64, 256), "capacity": (1024, 4096, 16384, 32768, 131072)},
+        },
+        backends=_eviction_backends("quant_decode_attention"),
+        candidates=lambda backend, static, dims: [{"num_splits": s} for s in (0, 1, 2, 4, 8, 16, 32)
+                                                  if s == 0 or dims["capacity"] >= 64 * s],
+        make_inputs=_qa_inputs,
+        input_bytes=_qa_bytes,
+        run=_qa_run,
+        reference=_qa_reference,
+        tolerance=lambda static: _TOLERANCES[static["dtype"]],
     )
 
 
@@ -346,6 +421,7 @@ OPS: dict[str, OpTuner] = {
     "decode_attention": _decode_attention_tuner(),
     "window_scores": _window_scores_tuner(),
     "select_keep": _select_keep_tuner(),
+    "quant_decode_attention": _quant_decode_attention_tuner(),
 }
 
 

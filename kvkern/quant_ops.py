@@ -19,10 +19,40 @@ from dataclasses import dataclass
 
 import torch
 
-from . import reference
+import functools
+import os
+
+from . import reference, tuning
 from ._fake import triton_twin
 
-__all__ = ["QuantizedKVCache", "quantize_kv_", "dequantize_kv", "append_quantized_kv_", "quant_decode_attention"]
+__all__ = ["QuantizedKVCache", "quantize_kv_", "dequantize_kv", "append_quantized_kv_", "quant_decode_attention",
+           "QUANT_DECODE_ATTENTION_TUNING"]
+
+# The tuner picks the backend and the split count per bucket (python -m autotune --op
+# quant_decode_attention). "group" is the GQA group, "quant_group" the quantization group.
+QUANT_DECODE_ATTENTION_TUNING = tuning.OpSpec(
+    op="quant_decode_attention", static=("head_dim", "dtype", "group", "bits", "quant_group"),
+    dims=("batch_heads", "capacity"), config=("num_splits",))
+tuning.register_spec(QUANT_DECODE_ATTENTION_TUNING)
+_DTYPE_KEYS = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+@torch.compiler.assume_constant_result
+def _tuned_attention(*key) -> tuple:
+    return _tuned_attention_cached(*key)
+
+
+@functools.lru_cache(maxsize=4096)
+def _tuned_attention_cached(device_index: int, head_dim: int, dtype_key: str, group: int, bits: int,
+                            quant_group: int, batch_heads: int, capacity: int, tuned_dir: str | None) -> tuple:
+    # (backend or "", num_splits) from the database; ("", 0) when nothing is tuned.
+    entry = tuning.lookup(QUANT_DECODE_ATTENTION_TUNING, tuning.device_name(torch.device("cuda", device_index)),
+                          {"head_dim": head_dim, "dtype": dtype_key, "group": group, "bits": bits,
+                           "quant_group": quant_group},
+                          {"batch_heads": batch_heads, "capacity": capacity})
+    if entry is None:
+        return ("", 0)
+    return (entry.get("backend", ""), int(entry.get("num_splits", 0)))
 
 _BACKENDS = ("auto", "cpu", "cuda", "triton")
 FIELDS = ("k_codes", "k_scale", "k_min", "v_codes", "v_scale", "v_min", "k_res", "v_res", "k_mean", "v_mean")
@@ -186,6 +216,14 @@ def quant_decode_attention(q, cache: QuantizedKVCache, sm_scale: float | None = 
     float32 with ``return_lse``). Mutates nothing."""
     public = "kvkern.quant_decode_attention"
     _check_cache(public, cache)
+    B, Hkv, C = cache.k_codes.shape[0], cache.k_codes.shape[1], cache.capacity
+    if (q.device.type == "cuda" and backend == "auto" and num_splits == 0 and q.dtype in _DTYPE_KEYS
+            and all(isinstance(x, int) for x in (B, Hkv, C, q.shape[1], q.shape[2]))):
+        tuned_backend, tuned_splits = _tuned_attention(
+            q.device.index or 0, int(q.shape[2]), _DTYPE_KEYS[q.dtype], int(q.shape[1] // Hkv), cache.bits,
+            cache.group, int(B * Hkv), int(C), os.environ.get(tuning.ENV_DIR))
+        backend = tuned_backend or backend
+        num_splits = tuned_splits
     out, lse = _op("quant_decode_attention", q.device, backend, public)(
         q, *cache.tensors, cache.lengths, cache.bits, cache.group, None if sm_scale is None else float(sm_scale),
         int(num_splits))

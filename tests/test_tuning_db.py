@@ -683,3 +683,26 @@ def test_build_py_ships_the_configs(tmp_path):
     assert (build / "kvkern" / "tuning.py").exists()
     for rel in shipped:
         assert (tuned / rel).read_bytes() == (configs / rel).read_bytes()
+
+
+@pytest.mark.parametrize("op, flags, name", [
+    ("quant_decode_attention", ["--dtype", "fp32", "--head-dim", "64", "--group", "2", "--bits", "4",
+                                "--quant-group", "32", "--capacity", "256", "512"],
+     "device=cpu,head_dim=64,dtype=fp32,group=2,bits=4,quant_group=32.json"),
+    ("window_scores", ["--dtype", "fp32", "--head-dim", "64", "--group", "2", "--window", "4", "--capacity", "64",
+                       "256"], "device=cpu,head_dim=64,dtype=fp32,group=2,window=4.json"),
+    ("select_keep", ["--capacity", "64", "256"], "device=cpu.json"),
+])
+def test_tuner_covers_the_newer_ops_on_cpu(tmp_path, capsys, op, flags, name):
+    # Every op the tuner knows writes a valid file whose winners were checked against the reference.
+    from autotune import tune
+
+    out = tmp_path / "db"
+    rc = tune.main(["--op", op, "--device", "cpu", "--batch-heads", "1", "2", "--warmup", "1", "--iters", "2",
+                    "--out-dir", str(out), *flags])
+    assert rc == 0, capsys.readouterr().err
+    files = sorted((out / op).iterdir())
+    assert [f.name for f in files] == [name]
+    assert tuning.validate_config_file(files[0]) == []
+    entries = json.loads(files[0].read_text())["entries"]
+    assert len(entries) == 4 and all(e["backend"] == "cpu" for e in entries.values())

@@ -142,9 +142,12 @@ def step_tune(out: Path) -> dict:
               "--capacity", "4096", "32768", "--dtype", "bf16", "--head-dim", "128", "--group", "4",
               "--out-dir", str(cfg_dir)],
              timeout=900, log=out / "tune.log")
-    # The eviction ops tune only the backend choice (CUDA C++ vs Triton): one bucket pair each.
+    # The eviction ops tune the backend choice (CUDA C++ vs Triton), the quantized attention the
+    # backend and split count: one bucket pair each.
     for op, extra in (("window_scores", ["--dtype", "bf16", "--head-dim", "128", "--group", "4", "--window", "32"]),
-                      ("select_keep", [])):
+                      ("select_keep", []),
+                      ("quant_decode_attention", ["--dtype", "bf16", "--head-dim", "128", "--group", "4", "--bits",
+                                                  "4", "2", "--quant-group", "128"])):
         more = sh([sys.executable, "-m", "autotune", "--op", op, "--batch-heads", "8", "--capacity", "4096", "32768",
                    *extra, "--out-dir", str(cfg_dir)], timeout=300, log=out / f"tune_{op}.log")
         res[op] = {k: more[k] for k in ("rc", "seconds") if k in more}
