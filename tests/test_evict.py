@@ -213,7 +213,9 @@ def test_opcheck(op):
                               None, 12), {"n_sink": 1, "hist": state["hist"], "log_w": state["log_w"]})
     budgets = torch.randint(4, 37, (2, 3), dtype=torch.int32, device=DEVICE)
     torch.library.opcheck(f, (state["k_cache"], state["v_cache"], state["lengths"], None, scores, budgets, 0),
-                          {"segment_cuts": _i32([15]), "n_recent": 2})
+                          # n_recent=1: the last segment's quota is never below 1 when it has slots, so
+                          # every random budget is feasible (2 could exceed a 1-slot quota).
+                          {"segment_cuts": _i32([15]), "n_recent": 1})
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
