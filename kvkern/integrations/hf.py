@@ -392,7 +392,9 @@ class KVKernLayer(CacheLayerMixin):
         s = self.spec
         return s.interval if s.interval > 0 and self.policy is not None else s.max_new_tokens
 
+    @torch.no_grad()
     def _attend(self, module, query, attention_mask, scaling, kwargs):
+        # Inference only: the cache is mutated in place and nothing here is differentiable.
         key, value = self._pending
         self._pending = None
         B, Hq, T, D = query.shape
@@ -404,17 +406,17 @@ class KVKernLayer(CacheLayerMixin):
             out = self._extend(query, key, value, scaling, pos)
         return out, None
 
-    def _compress(self, **obs) -> None:
-        t0 = time.perf_counter()
+    def _compress(self, t0: float | None = None, **obs) -> None:
+        t0 = time.perf_counter() if t0 is None else t0
         self.policy.compress(self.lc, **obs)
         self.spec.stats["compress_s"] += time.perf_counter() - t0
         self.spec.stats["compressions"] += 1
 
-    def _obs(self, query, pos, prefill: bool) -> dict:
-        m = self.spec.method
+    def _obs(self) -> dict:
+        """What the policy observes at a decode-time compression."""
         if self.q_win is not None:
             return {"q_win": self.q_win.get()}
-        if m == "expected_attention":
+        if self.q_pre is not None:
             return {"q_prerope": self.q_pre.get()}
         return {}
 
@@ -449,19 +451,19 @@ class KVKernLayer(CacheLayerMixin):
                         lengths=torch.full((B, key.shape[1]), T, dtype=torch.int32, device=key.device),
                         positions=pos.to(torch.int32).unsqueeze(1).expand(B, key.shape[1], T).contiguous(),
                         next_position=int(pos.max()) + 1)
-        self._push(query, pos)
-        obs = self._obs(query, pos, prefill=True)
         t0 = time.perf_counter()
+        self._push(query, pos)
         if spec.method == "observed_attention":
-            obs = {"q": query}
+            obs = {"q": query}  # H2O accumulates the attention of every prompt query first
         elif spec.method == "expected_attention":
-            obs = {"q_prerope": _unrope(query, pos, spec.inv_freq, spec.attention_scaling)}
-        self.policy.compress(lc, **obs)
-        spec.stats["compress_s"] += time.perf_counter() - t0
-        spec.stats["compressions"] += 1
+            obs = {"q_prerope": _unrope(query, pos, spec.inv_freq, spec.attention_scaling)}  # the whole prompt's
+        else:
+            obs = self._obs()
+        self.lc = lc
+        self._compress(t0, **obs)
+        # A prompt shorter than the budget grows up to it before the first decode-time compression.
         kept = int(lc.lengths.max())
-        floor = spec.budget if spec.budget is not None else kept
-        self.lc = self._reallocate(lc, max(kept, floor) + self._slack())
+        self.lc = self._reallocate(lc, max(kept, self.policy.n_kept(T)) + self._slack())
         return out
 
     def _reallocate(self, lc: LayerCache, capacity: int) -> LayerCache:
@@ -506,7 +508,7 @@ class KVKernLayer(CacheLayerMixin):
             before, self.decoded = self.decoded, self.decoded + T
             iv = self.spec.interval
             if iv > 0 and self.decoded // iv > before // iv:
-                self._compress(**self._obs(query, pos, prefill=False))
+                self._compress(**self._obs())
         out = torch.stack(outs, dim=2)  # [B, Hq, T, D]
         return out.transpose(1, 2).contiguous()
 
