@@ -206,8 +206,44 @@ def test_errors(tiny):
     with pytest.raises(TypeError):
         hf.make_cache(tiny.model, "knorm", budget=8, no_such_option=1)
     with pytest.raises(ValueError, match="budget 4 is smaller"):  # SnapKV keeps its window
-        tiny.model.generate(tiny.ids, past_key_values=hf.make_cache(tiny.model, "snapkv", budget=4, window=8),
-                            max_new_tokens=1)
+        hf.make_cache(tiny.model, "snapkv", budget=4, window=8)
+    with pytest.raises(ValueError, match="group"):
+        hf.make_cache(tiny.model, "kivi4", group=48)
+    with pytest.raises(ValueError, match="takes only group= and residual="):
+        hf.make_cache(tiny.model, "kivi2", seed=3)
+    # the cache must be used through the kvkern attention function
+    cache = hf.make_cache(tiny.model, "full", max_new_tokens=2)
+    cache.update(torch.zeros(1, 2, 3, 64), torch.zeros(1, 2, 3, 64), 0)
+    with pytest.raises(RuntimeError, match="never consumed"):
+        cache.update(torch.zeros(1, 2, 3, 64), torch.zeros(1, 2, 3, 64), 0)
+    with pytest.raises(NotImplementedError, match="cannot be cropped"):
+        cache.crop(-1)
+
+
+def test_unrope_inverts_rotary_embedding(tiny):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    rot = tiny.model.model.rotary_emb
+    q = torch.randn(2, 4, 7, 64)
+    pos = torch.tensor([[0, 1, 2, 3, 100, 200, 511], [5, 6, 7, 8, 9, 10, 11]])
+    cos, sin = rot(q, pos)
+    q_rot, _ = apply_rotary_pos_emb(q, q, cos, sin)
+    back = hf._unrope(q_rot, pos, rot.inv_freq, rot.attention_scaling)
+    torch.testing.assert_close(back, q, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["full", "tova", "kivi4"])
+def test_tiny_bf16(method):
+    with torch.random.fork_rng():
+        torch.manual_seed(11)
+        model = LlamaForCausalLM(tiny_config()).to(torch.bfloat16).eval()
+    ids = torch.randint(0, 128, (1, 50))
+    ext = torch.cat([ids, torch.randint(0, 128, (1, 4))], 1)
+    ref = teacher_forced_logits(model, ext, DynamicCache(config=model.config), 50).float()
+    cache = hf.make_cache(model, method, max_new_tokens=4, **kwargs_for(method, 40))
+    got = teacher_forced_logits(model, ext, cache, 50).float()
+    assert bool(torch.isfinite(got).all())
+    if method == "full":  # bf16 rounding of SDPA vs the fp32-accumulating kernel
+        torch.testing.assert_close(got, ref, atol=5e-2, rtol=5e-2)
 
 
 def test_unsupported_models():

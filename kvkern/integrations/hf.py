@@ -259,6 +259,11 @@ def _unrope(q: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, scaling:
     return ((qf * cos - rot * sin) / scaling).to(q.dtype)
 
 
+def _stack_heads(outs: list) -> torch.Tensor:
+    """T outputs ``[B, Hq, D]`` -> ``[B, T, Hq, D]``, the layout attention functions return."""
+    return outs[0].unsqueeze(1) if len(outs) == 1 else torch.stack(outs, dim=1)
+
+
 class KVKernLayer(CacheLayerMixin):
     """One layer of a :class:`KVKernCache`: a :class:`~kvkern.policies.LayerCache` (or a
     :class:`kvkern.QuantizedKVCache`), its policy and its query windows."""
@@ -494,10 +499,11 @@ class KVKernLayer(CacheLayerMixin):
             self.lc = lc = self._reallocate(lc, need + self._slack())
         outs = []
         h2o = self.spec.method == "observed_attention"
+        # A chunk attends token by token: each query sees the live slots plus the chunk's earlier
+        # tokens, which is exactly the causal mask over a compacted cache.
         for t in range(T):
             lc.append_(key[:, :, t:t + 1], value[:, :, t:t + 1], pos[:, t:t + 1].to(torch.int32))
-            q = query[:, :, t]
-            outs.append(kvkern.decode_attention(q, lc.k, lc.v, lc.lengths, lc.log_w, scaling))
+            outs.append(kvkern.decode_attention(query[:, :, t], lc.k, lc.v, lc.lengths, lc.log_w, scaling))
             if h2o:
                 t0 = time.perf_counter()
                 self.policy.observe(lc, query[:, :, t:t + 1])
@@ -509,8 +515,7 @@ class KVKernLayer(CacheLayerMixin):
             iv = self.spec.interval
             if iv > 0 and self.decoded // iv > before // iv:
                 self._compress(**self._obs())
-        out = torch.stack(outs, dim=2)  # [B, Hq, T, D]
-        return out.transpose(1, 2).contiguous()
+        return _stack_heads(outs)
 
     # -- quantized ------------------------------------------------------------------------------
     def _prefill_quant(self, key, value, T: int) -> None:
@@ -533,7 +538,7 @@ class KVKernLayer(CacheLayerMixin):
             qc.append_(key[:, :, t].contiguous(), value[:, :, t].contiguous())
             outs.append(qc.attention(query[:, :, t].contiguous(), scaling))
         self.n_seen = max(self.n_seen + T, int(pos.max()) + 1)
-        return torch.stack(outs, dim=2).transpose(1, 2).contiguous()
+        return _stack_heads(outs)
 
     def _grow_quant(self, need: int) -> None:
         bits, centred, group, residual = self.spec.quant
@@ -644,7 +649,15 @@ def make_cache(model, method: str, *, budget: int | None = None, ratio: float | 
                  cfg.num_hidden_layers, rot.inv_freq.detach().clone(), float(getattr(rot, "attention_scaling", 1.0)),
                  quant)
     # The layers build their policies now, so bad policy kwargs fail here rather than mid-forward.
-    return KVKernCache(spec)
+    cache = KVKernCache(spec)
+    pol = cache.layers[0].policy
+    if pol is not None and budget is not None:
+        pol._check_budget(budget)  # e.g. SnapKV's budget must hold its window
+    if quant is not None:
+        D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kvkern.QuantizedKVCache.empty(1, 2, quant[3], D, bits=quant[0], group=quant[2], residual=quant[3],
+                                      dtype=torch.float32)  # raises for a bad group / residual
+    return cache
 
 
 def cache_nbytes(cache) -> int:
