@@ -246,6 +246,23 @@ def test_tiny_bf16(method):
         torch.testing.assert_close(got, ref, atol=5e-2, rtol=5e-2)
 
 
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+def test_other_llama_family_models(family):
+    cls, ccls = {"mistral": ("MistralForCausalLM", "MistralConfig"), "qwen2": ("Qwen2ForCausalLM", "Qwen2Config"),
+                 "qwen3": ("Qwen3ForCausalLM", "Qwen3Config")}[family]
+    cfg = getattr(transformers, ccls)(num_hidden_layers=2, hidden_size=256, intermediate_size=256,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=128,
+                                      max_position_embeddings=512, sliding_window=None)
+    model = getattr(transformers, cls)(cfg).eval()
+    ext = torch.randint(0, 128, (1, 45))
+    ref = teacher_forced_logits(model, ext, DynamicCache(config=model.config), 40)
+    got = teacher_forced_logits(model, ext, hf.make_cache(model, "full", max_new_tokens=5), 40)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    cache = hf.make_cache(model, "snapkv", budget=20, interval=2, max_new_tokens=5, window=8)
+    teacher_forced_logits(model, ext, cache, 40)
+    assert all(bool((L == 21).all()) for L in cache.lengths())
+
+
 def test_unsupported_models():
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=64, n_head=1, vocab_size=64))
     with pytest.raises(ValueError, match="model_type='gpt2'.*not supported.*llama"):

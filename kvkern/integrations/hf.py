@@ -33,15 +33,22 @@ sizes: RoPE positions keep counting absolute positions), each slot stores its ab
 (``LayerCache.positions``), and a decode query attends to every live slot (the causal mask over a
 compacted cache is "all live slots").
 
-Supported: transformers 5.23.0 (tested); other 5.x releases whose attention modules call
-``past_key_values.update(k, v, layer_idx)`` and then ``ALL_ATTENTION_FUNCTIONS.get_interface(...)`` are
-expected to work. 4.x is not supported (its cache API differs). Models: the Llama family with GQA or MHA
-(``model_type`` in :data:`SUPPORTED_MODEL_TYPES`; tested: Llama — SmolLM2 and a random tiny Llama;
-Mistral / Qwen2 / Qwen3 share the attention interface and are expected to work), full attention in every
-layer (no sliding-window or chunked layers), head dim 64 / 128 / 256 (the decode kernel's), RoPE with a
-static ``inv_freq`` (not "dynamic"/"longrope"). Anything else raises one ``ValueError`` naming what was
-found. Greedy decoding and sampling work; beam search works through ``reorder_cache`` (``index_select``
-on the batch dim). Batches: ``B > 1`` without padding; a padded batch is refused.
+Supported versions: transformers 5.23.0 (tested). Other 5.x releases whose attention modules call
+``past_key_values.update(k, v, layer_idx)`` and then ``ALL_ATTENTION_FUNCTIONS.get_interface(...)``, and
+whose ``CacheLayerMixin`` has this interface, are expected to work; 4.x is not supported (its cache API
+differs: ``cache_position`` kwargs, no layer objects).
+
+Supported models: ``model_type`` in :data:`SUPPORTED_MODEL_TYPES` — tested: Llama (SmolLM2-135M and a
+random tiny Llama), and random tiny Mistral, Qwen2 and Qwen3 (full budget equal to ``DynamicCache``).
+GQA or MHA, full attention in every layer (no sliding-window or chunked layers), head dim 64 / 128 / 256
+(the decode kernel's), RoPE over the whole head with a static ``inv_freq`` (not "dynamic"/"longrope").
+Anything else raises one ``ValueError`` naming what was found.
+
+Generation: greedy decoding and sampling; beam search through ``reorder_cache`` (``index_select`` on the
+batch dim); no assisted/speculative decoding (a compressed cache cannot ``crop``); no
+``torch.compile`` of the model (the decode path has host-side bookkeeping). Batches: ``B > 1`` without
+padding (each sequence keeps its own slots); a padded batch is refused. Inference only (no autograd
+through the cache). ``output_attentions`` returns None for kvkern layers.
 """
 
 from __future__ import annotations
@@ -338,6 +345,8 @@ class KVKernLayer(CacheLayerMixin):
         self.is_initialized = False
 
     def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove == 0:  # generate's deferred stop check calls crop(0)
+            return
         raise NotImplementedError("kvkern.integrations.hf: a compressed cache cannot be cropped (evicted tokens are "
                                   "gone); assisted / speculative decoding is not supported")
 
