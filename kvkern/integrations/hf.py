@@ -450,7 +450,7 @@ class KVKernLayer(CacheLayerMixin):
                                  "mask hides some tokens); run sequences one at a time or without padding")
         out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling,
                                         **{k: v for k, v in kwargs.items() if k in ("is_causal",)})
-        self.n_seen = T
+        self.n_seen = max(T, int(pos.max()) + 1)
         spec = self.spec
         if spec.quant is not None:
             self._prefill_quant(key, value, T)
