@@ -176,6 +176,13 @@ def test_tiny_ratio_and_growth(tiny):
     cache = hf.make_cache(tiny.model, "knorm", ratio=0.5, max_new_tokens=2)
     tiny.model.generate(tiny.ids, past_key_values=cache, max_new_tokens=1, do_sample=False)
     assert all(bool((L == int(T * 0.5)).all()) for L in live(cache))
+    # A ratio while decoding keeps a fraction of the tokens seen, so the kept count (and the
+    # capacity, by reallocation) grows with every compression.
+    cache = hf.make_cache(tiny.model, "knorm", ratio=0.5, interval=2, max_new_tokens=10)
+    tiny.model.generate(tiny.ids, past_key_values=cache, max_new_tokens=10, do_sample=False)
+    seen = T + 8  # 9 tokens fed, the last compression after the 8th
+    assert all(bool((L == int(seen * 0.5) + 1).all()) for L in live(cache))
+    assert all(cap >= int(seen * 0.5) + 1 for cap in cache.capacities())
     # More tokens than max_new_tokens: the cache grows instead of failing, and stays exact.
     ids = torch.cat([tiny.ids, torch.randint(0, 128, (1, 6))], 1)
     ref = teacher_forced_logits(tiny.model, ids, DynamicCache(config=tiny.cfg), T)

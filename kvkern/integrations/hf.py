@@ -591,7 +591,13 @@ class KVKernCache(Cache):
         return out
 
     def capacities(self) -> list[int]:
+        """Per layer: the slots allocated per (batch, kv head)."""
         return [layer.capacity for layer in self.layers]
+
+    @property
+    def stats(self) -> dict:
+        """``{"compress_s": wall seconds inside the policies, "compressions": policy calls (all layers)}``."""
+        return dict(self.spec.stats)
 
     def reset(self):
         super().reset()
