@@ -203,6 +203,18 @@ def test_tiny_quantized_bytes_formula(tiny, method):
     assert all(bool((L == T + new - 1).all()) for L in live(cache))
 
 
+def test_quantized_cache_grows_past_its_capacity(tiny):
+    T = tiny.ids.shape[1]  # 61 -> capacity 64 with residual 32
+    ids = torch.cat([tiny.ids, torch.randint(0, 128, (1, 8))], 1)
+    cache = hf.make_cache(tiny.model, "kivi4", max_new_tokens=0, residual=32)
+    got = teacher_forced_logits(tiny.model, ids, cache, T)
+    assert cache.get_seq_length() == T + 8 and all(bool((L == T + 8).all()) for L in live(cache))
+    assert cache.capacities()[0] >= T + 8 and cache.capacities()[0] % 32 == 0
+    ref = teacher_forced_logits(tiny.model, ids, DynamicCache(config=tiny.cfg), T)
+    assert bool(torch.isfinite(got).all())
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.5
+
+
 def test_errors(tiny):
     with pytest.raises(ValueError, match="unknown method 'nope'.*snapkv.*streaming_llm"):
         hf.make_cache(tiny.model, "nope", budget=8)

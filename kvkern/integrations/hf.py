@@ -53,7 +53,6 @@ through the cache). ``output_attentions`` returns None for kvkern layers.
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -62,13 +61,20 @@ import torch
 
 try:
     import transformers
+except ModuleNotFoundError as err:  # pragma: no cover - exercised only without transformers
+    raise ModuleNotFoundError(
+        "kvkern.integrations.hf needs transformers>=5 (tested 5.23.0): pip install transformers==5.23.0") from err
+if int(transformers.__version__.split(".")[0]) < 5:
+    raise ImportError(f"kvkern.integrations.hf needs transformers>=5 (tested 5.23.0); found {transformers.__version__}, "
+                      "whose cache API differs: pip install transformers==5.23.0")
+try:
     from transformers.cache_utils import Cache, CacheLayerMixin
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     from transformers.modeling_utils import AttentionInterface
-except ModuleNotFoundError as err:  # pragma: no cover - exercised only without transformers
-    raise ModuleNotFoundError(
-        "kvkern.integrations.hf needs transformers>=5 (tested 5.23.0): pip install transformers==5.23.0") from err
+except ImportError as err:  # pragma: no cover - a 5.x release that moved these
+    raise ImportError(f"kvkern.integrations.hf: transformers {transformers.__version__} lacks an interface it needs "
+                      f"({err}); tested with 5.23.0") from err
 
 import kvkern
 
