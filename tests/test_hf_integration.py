@@ -155,6 +155,10 @@ def test_tiny_batch_and_beam_search(tiny):
     b_ref = tiny.model.generate(tiny.ids, past_key_values=DynamicCache(config=tiny.cfg), **kw)
     b_got = tiny.model.generate(tiny.ids, past_key_values=hf.make_cache(tiny.model, "full", max_new_tokens=6), **kw)
     assert torch.equal(b_got, b_ref)
+    cache = hf.make_cache(tiny.model, "observed_attention", budget=20, interval=2, max_new_tokens=6)
+    out = tiny.model.generate(tiny.ids, past_key_values=cache, **kw)
+    assert out.shape == (1, tiny.ids.shape[1] + 6)
+    assert all(L.shape == (3, 2) and bool((L == 21).all()) for L in cache.lengths())
     # Sampling (and several samples per prompt) runs through the same path.
     cache = hf.make_cache(tiny.model, "tova", budget=20, interval=2, max_new_tokens=5)
     out = tiny.model.generate(tiny.ids, past_key_values=cache, max_new_tokens=5, do_sample=True, top_k=10,
