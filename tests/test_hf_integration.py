@@ -407,3 +407,21 @@ def test_real_quantized_generates(real):
     assert hf.cache_nbytes(cache) == n_layers * per_layer
     agree = (out.sequences[0, N_PROMPT:] == real.seq[0, N_PROMPT:]).float().mean().item()
     assert agree >= 0.5, agree
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_tiny(dtype):
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        model = LlamaForCausalLM(tiny_config()).to("cuda", dtype).eval()
+    ext = torch.randint(0, 128, (1, 70), device="cuda")
+    ref = teacher_forced_logits(model, ext, DynamicCache(config=model.config), 60).float()
+    got = teacher_forced_logits(model, ext, hf.make_cache(model, "full", max_new_tokens=10), 60).float()
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(got, ref, atol=tol, rtol=tol)
+    for method in ("snapkv", "observed_attention", "adakv", "gkv", "kivi4", "tada4"):
+        cache = hf.make_cache(model, method, interval=3, max_new_tokens=10, window=8, **kwargs_for(method, 24))
+        out = teacher_forced_logits(model, ext, cache, 60)
+        assert bool(torch.isfinite(out).all()), method
