@@ -315,6 +315,14 @@ def test_cache_nbytes_of_transformers_caches(tiny):
         tiny.model(input_ids=tiny.ids, past_key_values=cache, use_cache=True)
     T = tiny.ids.shape[1]
     assert hf.cache_nbytes(cache) == tiny.cfg.num_hidden_layers * 2 * 2 * T * 64 * 4
+    # A StaticCache runs through the fallback too (with its 4D masks) and counts its whole length.
+    hf.enable(tiny.model)
+    ref = tiny.model.generate(tiny.ids, past_key_values=DynamicCache(config=tiny.cfg), max_new_tokens=4,
+                              do_sample=False)
+    static = transformers.StaticCache(config=tiny.cfg, max_cache_len=80)
+    out = tiny.model.generate(tiny.ids, past_key_values=static, max_new_tokens=4, do_sample=False)
+    assert torch.equal(out, ref)
+    assert hf.cache_nbytes(static) == tiny.cfg.num_hidden_layers * 2 * 2 * 80 * 64 * 4
 
 
 # ---------------------------------------------------------------------------------------------
