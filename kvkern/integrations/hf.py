@@ -272,6 +272,21 @@ def _unrope(q: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, scaling:
     return ((qf * cos - rot * sin) / scaling).to(q.dtype)
 
 
+def _append_token(lc: LayerCache, k1: torch.Tensor, v1: torch.Tensor, pos1: torch.Tensor, n_seen: int) -> None:
+    """Writes one token (``k1, v1 [B, Hkv, 1, D]``, absolute position ``pos1 [B, 1]``) at each head's
+    length. ``LayerCache.append_`` without its host-side checks (the caller sized the capacity), so a
+    decode step reads nothing back from the device."""
+    B, H, _, D = lc.k.shape
+    idx = lc.lengths.to(torch.int64).view(B, H, 1)
+    lc.k.scatter_(2, idx.unsqueeze(-1).expand(B, H, 1, D), k1.to(lc.k.dtype))
+    lc.v.scatter_(2, idx.unsqueeze(-1).expand(B, H, 1, D), v1.to(lc.v.dtype))
+    lc.positions.scatter_(2, idx, pos1.to(torch.int32).view(B, 1, 1).expand(B, H, 1))
+    if lc.log_w is not None:
+        lc.log_w.scatter_(2, idx, torch.zeros(B, H, 1, dtype=lc.log_w.dtype, device=lc.log_w.device))
+    lc.lengths += 1
+    lc.next_position = n_seen
+
+
 def _stack_heads(outs: list) -> torch.Tensor:
     """T outputs ``[B, Hq, D]`` -> ``[B, T, Hq, D]``, the layout attention functions return."""
     return outs[0].unsqueeze(1) if len(outs) == 1 else torch.stack(outs, dim=1)
@@ -295,6 +310,9 @@ class KVKernLayer(CacheLayerMixin):
         self.qc = None  # kvkern.QuantizedKVCache for the quantized methods
         self.n_seen = 0
         self.decoded = 0  # tokens appended since the prefill (the compression clock)
+        # Host copy of max(lengths), kept without reading the device: a decode step then needs no
+        # host sync (one per compression instead).
+        self.live_max = 0
         self._pending = None
         m = spec.method
         self.q_win = QueryWindow(max(spec.window, 1)) if m in ("snapkv", "tova", "adakv", "pyramidkv", "gkv") else None
@@ -342,7 +360,7 @@ class KVKernLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.lc = self.qc = None
-        self.n_seen = self.decoded = 0
+        self.n_seen = self.decoded = self.live_max = 0
         self._pending = None
         if self.q_win is not None:
             self.q_win.q = None
@@ -371,6 +389,8 @@ class KVKernLayer(CacheLayerMixin):
         for w in (self.q_win, self.q_pre):
             if w is not None and w.q is not None:
                 w.q = f(w.q)
+        lengths = self.lc.lengths if self.lc is not None else self.qc.lengths if self.qc is not None else None
+        self.live_max = int(lengths.max()) if lengths is not None and lengths.numel() else 0
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_batch(lambda x: x.index_select(0, beam_idx.to(x.device)).contiguous())
@@ -429,6 +449,7 @@ class KVKernLayer(CacheLayerMixin):
     def _compress(self, t0: float | None = None, **obs) -> None:
         t0 = time.perf_counter() if t0 is None else t0
         self.policy.compress(self.lc, **obs)
+        self.live_max = int(self.lc.lengths.max())
         self.spec.stats["compress_s"] += time.perf_counter() - t0
         self.spec.stats["compressions"] += 1
 
@@ -464,7 +485,7 @@ class KVKernLayer(CacheLayerMixin):
         if self.policy is None:  # "full": one allocation at prompt + max_new_tokens
             lc = LayerCache.empty(B, key.shape[1], T + spec.max_new_tokens, D, key.dtype, key.device)
             lc.append_(key, value, pos.to(torch.int32))
-            self.lc = lc
+            self.lc, self.live_max = lc, T
             return out
         # Compress the prompt's own buffers in place, then move the survivors to the static capacity.
         lc = LayerCache(k=key.contiguous(), v=value.contiguous(),
@@ -482,8 +503,7 @@ class KVKernLayer(CacheLayerMixin):
         self.lc = lc
         self._compress(t0, **obs)
         # A prompt shorter than the budget grows up to it before the first decode-time compression.
-        kept = int(lc.lengths.max())
-        self.lc = self._reallocate(lc, max(kept, self.policy.n_kept(T)) + self._slack())
+        self.lc = self._reallocate(lc, max(self.live_max, self.policy.n_kept(T)) + self._slack())
         return out
 
     def _reallocate(self, lc: LayerCache, capacity: int) -> LayerCache:
@@ -508,7 +528,7 @@ class KVKernLayer(CacheLayerMixin):
         if self.qc is not None:
             return self._extend_quant(query, key, value, scaling, pos)
         lc = self.lc
-        need = int(lc.lengths.max()) + T
+        need = self.live_max + T
         if need > lc.capacity:
             # Past what make_cache sized for (more tokens than max_new_tokens, or a growing ratio budget).
             self.lc = lc = self._reallocate(lc, need + self._slack())
@@ -517,13 +537,15 @@ class KVKernLayer(CacheLayerMixin):
         # A chunk attends token by token: each query sees the live slots plus the chunk's earlier
         # tokens, which is exactly the causal mask over a compacted cache.
         for t in range(T):
-            lc.append_(key[:, :, t:t + 1], value[:, :, t:t + 1], pos[:, t:t + 1].to(torch.int32))
+            _append_token(lc, key[:, :, t:t + 1], value[:, :, t:t + 1], pos[:, t:t + 1], self.n_seen + t + 1)
             outs.append(kvkern.decode_attention(query[:, :, t], lc.k, lc.v, lc.lengths, lc.log_w, scaling))
             if h2o:
                 t0 = time.perf_counter()
                 self.policy.observe(lc, query[:, :, t:t + 1])
                 self.spec.stats["compress_s"] += time.perf_counter() - t0
-        self.n_seen = max(self.n_seen + T, int(pos.max()) + 1)
+        # position_ids come from get_seq_length() (transformers) or follow on (ours): no device read
+        self.n_seen += T
+        self.live_max += T
         if self.policy is not None:
             self._push(query, pos)
             before, self.decoded = self.decoded, self.decoded + T
@@ -540,19 +562,20 @@ class KVKernLayer(CacheLayerMixin):
         qc = kvkern.QuantizedKVCache.empty(B, H, cap, D, bits=bits, group=group, residual=residual,
                                            mean_centred=centred, dtype=key.dtype, device=key.device)
         qc.fill_(key.contiguous(), value.contiguous(), torch.full((B, H), T, dtype=torch.int32, device=key.device))
-        self.qc = qc
+        self.qc, self.live_max = qc, T
 
     def _extend_quant(self, query, key, value, scaling, pos):
         B, Hq, T, D = query.shape
         qc = self.qc
-        if int(qc.lengths.max()) + T > qc.capacity:
-            self._grow_quant(int(qc.lengths.max()) + T)
+        if self.live_max + T > qc.capacity:
+            self._grow_quant(self.live_max + T)
             qc = self.qc
         outs = []
         for t in range(T):
             qc.append_(key[:, :, t].contiguous(), value[:, :, t].contiguous())
             outs.append(qc.attention(query[:, :, t].contiguous(), scaling))
-        self.n_seen = max(self.n_seen + T, int(pos.max()) + 1)
+        self.n_seen += T
+        self.live_max += T
         return _stack_heads(outs)
 
     def _grow_quant(self, need: int) -> None:
