@@ -54,12 +54,7 @@ std::tuple<Tensor, Tensor> decode_attention_cpu(const Tensor& q, const Tensor& k
   STD_TORCH_CHECK(q.is_cpu(), op, ": expected CPU tensors here");
 
   // On CPU, reading lengths costs nothing, so out-of-range values are an error.
-  for (int64_t b = 0; b < p.batch; ++b)
-    for (int64_t j = 0; j < p.num_kv_heads; ++j) {
-      const int32_t len = p.lengths[b * p.lengths_stride_b + j * p.lengths_stride_h];
-      STD_TORCH_CHECK(len >= 0 && len <= p.capacity, op, ": lengths: expected every value in [0, C] = [0, ",
-                      p.capacity, "], got ", len, " at [", b, ", ", j, "]");
-    }
+  check_host_lengths(op, p);
 
   p.block_n = block_n > 0 ? static_cast<int>(block_n) : kCpuDefaultBlockN;
   p.num_splits = num_splits > 0 ? static_cast<int>(num_splits)

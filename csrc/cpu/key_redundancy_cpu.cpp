@@ -35,8 +35,7 @@ Tensor key_redundancy_cpu(const Tensor& k_cache, const Tensor& lengths, int64_t 
   const char* op = "kvkern::key_redundancy";
   KeyRedundancyParams p = make_key_redundancy_params(op, k_cache, lengths, n_window, threshold);
   STD_TORCH_CHECK(k_cache.is_cpu(), op, ": k_cache: expected a CPU tensor here");
-  window_args::check_host_lengths(op, p.lengths, p.lengths_stride_b, p.lengths_stride_h, p.batch,
-                                  p.num_kv_heads, p.capacity);
+  check_host_lengths(op, p);
   Tensor out = torch::stable::new_empty(k_cache, {p.batch, p.num_kv_heads, p.capacity}, ScalarType::Float);
   p.out = static_cast<float*>(out.mutable_data_ptr());
   if (out.numel() == 0) return out;

@@ -18,18 +18,6 @@
 namespace kvkern::torch_glue {
 namespace {
 
-// Every value of an int32 [B, H] tensor in [0, capacity], or one error naming it.
-void check_lengths_values(const char* op, const char* name, const int32_t* v, int64_t B, int64_t H,
-                          int64_t sb, int64_t sh, int64_t capacity) {
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t j = 0; j < H; ++j) {
-      const int32_t len = v[b * sb + j * sh];
-      STD_TORCH_CHECK(len >= 0 && len <= capacity, op, ": ", name,
-                      ": expected every value in [0, C] = [0, ", capacity, "], got ", len, " at [", b,
-                      ", ", j, "]");
-    }
-}
-
 template <typename F>
 void for_each_head(int64_t heads, int64_t grain, const F& fn) {
   if (heads > 0) torch::stable::parallel_for(0, heads, grain, fn);
@@ -50,8 +38,7 @@ Tensor expected_attention_scores_cpu(const Tensor& mean, const std::optional<Ten
   ExpectedAttentionParams p = make_expected_attention_params(op, mean, cov, k_cache, v_cache, lengths,
                                                              n_sink, epsilon, sm_scale);
   STD_TORCH_CHECK(k_cache.is_cpu(), op, ": expected CPU tensors here");
-  check_lengths_values(op, "lengths", p.lengths, p.batch, p.num_kv_heads, p.lengths_stride_b,
-                       p.lengths_stride_h, p.capacity);
+  check_host_lengths(op, p);
   Tensor out = new_scores(k_cache, p.batch, p.num_kv_heads, p.capacity);
   p.out = static_cast<float*>(out.mutable_data_ptr());
   if (p.capacity == 0) return out;
@@ -75,8 +62,7 @@ Tensor slot_scores_cpu(const Tensor& k_cache, const std::optional<Tensor>& v_cac
   const char* op = "kvkern::slot_scores";
   SlotScoresParams p = make_slot_scores_params(op, k_cache, v_cache, lengths, kind, seed);
   STD_TORCH_CHECK(k_cache.is_cpu(), op, ": expected CPU tensors here");
-  check_lengths_values(op, "lengths", p.lengths, p.batch, p.num_kv_heads, p.lengths_stride_b,
-                       p.lengths_stride_h, p.capacity);
+  check_host_lengths(op, p);
   Tensor out = new_scores(k_cache, p.batch, p.num_kv_heads, p.capacity);
   p.out = static_cast<float*>(out.mutable_data_ptr());
   if (p.capacity == 0) return out;
@@ -101,10 +87,9 @@ void update_scores_cpu(Tensor hist, const Tensor& fresh, const Tensor& lengths,
   UpdateScoresParams p = make_update_scores_params(op, hist, fresh, lengths, hist_lengths, decay, mode);
   STD_TORCH_CHECK(hist.is_cpu(), op, ": expected CPU tensors here");
   // Both checked before anything is written: a bad call leaves hist as it was.
-  check_lengths_values(op, "lengths", p.lengths, p.batch, p.num_kv_heads, p.lengths_stride_b,
-                       p.lengths_stride_h, p.capacity);
-  check_lengths_values(op, "hist_lengths", p.hist_lengths, p.batch, p.num_kv_heads,
-                       p.hist_lengths_stride_b, p.hist_lengths_stride_h, p.capacity);
+  check_host_lengths(op, p);
+  check_host_lengths(op, "hist_lengths", p.hist_lengths, p.hist_lengths_stride_b,
+                     p.hist_lengths_stride_h, p.batch, p.num_kv_heads, p.capacity);
   if (p.capacity == 0) return;
   // Rows are short and cheap: several heads per task.
   for_each_head(p.batch * p.num_kv_heads, 16, [&](int64_t begin, int64_t end) {

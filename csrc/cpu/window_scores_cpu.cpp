@@ -42,8 +42,7 @@ Tensor window_scores_cpu(const Tensor& q_win, const Tensor& k_cache, const Tenso
   WindowScoresParams p = make_window_scores_params(op, q_win, k_cache, lengths, sm_scale, query_reduce,
                                                    group_reduce, normalize, pool, pool_kernel);
   STD_TORCH_CHECK(q_win.is_cpu(), op, ": q_win: expected a CPU tensor here");
-  window_args::check_host_lengths(op, p.lengths, p.lengths_stride_b, p.lengths_stride_h, p.batch,
-                                  p.num_kv_heads, p.capacity);
+  check_host_lengths(op, p);
   Tensor out = torch::stable::new_empty(k_cache, {p.batch, p.num_kv_heads, p.capacity}, ScalarType::Float);
   p.out = static_cast<float*>(out.mutable_data_ptr());
   if (out.numel() == 0) return out;

@@ -188,14 +188,7 @@ Tensor score_evict_cuda(const Tensor& q_win, const Tensor& k_cache, const Tensor
   if (hist_mode == "ema") mode = UpdateMode::kEma;
   else if (hist_mode == "sum") mode = UpdateMode::kSum;
   else STD_TORCH_CHECK(hist_mode == "max", op, ": hist_mode: expected one of max, ema, sum, got '", hist_mode, "'");
-  if (hist_lengths) {
-    check_rank(op, "hist_lengths", *hist_lengths, 2, "[B, Hkv]");
-    check_dtype(op, "hist_lengths", *hist_lengths, ScalarType::Int);
-    check_same_device(op, "hist_lengths", *hist_lengths, q_win, "q_win");
-    STD_TORCH_CHECK(hist_lengths->size(0) == wp.batch && hist_lengths->size(1) == wp.num_kv_heads, op,
-                    ": hist_lengths: expected shape [B, Hkv] = [", wp.batch, ", ", wp.num_kv_heads, "], got ",
-                    shape_str(*hist_lengths));
-  }
+  if (hist_lengths) check_head_ints(op, "hist_lengths", *hist_lengths, wp.batch, wp.num_kv_heads, q_win, "q_win");
 
   std::optional<Tensor> redundancy;
   if (mix_lambda < 1.0) redundancy = key_redundancy_via_triton(k_cache, lengths, wp.window, redundancy_threshold);

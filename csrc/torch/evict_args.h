@@ -17,18 +17,6 @@
 
 namespace kvkern::torch_glue {
 
-// A [B, Hkv, C] per-slot tensor of `dtype` on `ref`'s device, last dim contiguous.
-inline void check_slot_tensor(const char* op, const char* name, const Tensor& t, ScalarType dtype,
-                              int64_t B, int64_t H, int64_t C, const Tensor& ref,
-                              const char* ref_name) {
-  check_rank(op, name, t, 3, "[B, Hkv, C]");
-  check_dtype(op, name, t, dtype);
-  check_same_device(op, name, t, ref, ref_name);
-  STD_TORCH_CHECK(t.size(0) == B && t.size(1) == H && t.size(2) == C, op, ": ", name,
-                  ": expected shape [B, Hkv, C] = [", B, ", ", H, ", ", C, "], got ", shape_str(t));
-  check_last_dim_contiguous(op, name, t);
-}
-
 inline void check_count(const char* op, const char* name, int64_t value) {
   STD_TORCH_CHECK(value >= 0, op, ": ", name, ": expected a value >= 0, got ", value);
 }
@@ -54,11 +42,7 @@ inline SelectParams make_select_params(
   check_dtype(op, "scores", scores, ScalarType::Float);
   check_last_dim_contiguous(op, "scores", scores);
   const int64_t B = scores.size(0), H = scores.size(1), C = scores.size(2);
-  check_rank(op, "lengths", lengths, 2, "[B, Hkv]");
-  check_dtype(op, "lengths", lengths, ScalarType::Int);
-  check_same_device(op, "lengths", lengths, scores, "scores");
-  STD_TORCH_CHECK(lengths.size(0) == B && lengths.size(1) == H, op,
-                  ": lengths: expected shape [B, Hkv] = [", B, ", ", H, "], got ", shape_str(lengths));
+  check_head_ints(op, "lengths", lengths, B, H, scores, "scores");
   check_count(op, "budget", budget);
   check_count(op, "n_sink", n_sink);
   check_count(op, "n_recent", n_recent);
@@ -86,11 +70,7 @@ inline SelectParams make_select_params(
   }
   if (budgets.has_value()) {
     const Tensor& t = *budgets;
-    check_rank(op, "budgets", t, 2, "[B, Hkv]");
-    check_dtype(op, "budgets", t, ScalarType::Int);
-    check_same_device(op, "budgets", t, scores, "scores");
-    STD_TORCH_CHECK(t.size(0) == B && t.size(1) == H, op, ": budgets: expected shape [B, Hkv] = [",
-                    B, ", ", H, "], got ", shape_str(t));
+    check_head_ints(op, "budgets", t, B, H, scores, "scores");
     p.budgets = static_cast<const int32_t*>(t.const_data_ptr());
     p.budgets_stride_b = t.stride(0);
     p.budgets_stride_h = t.stride(1);
@@ -152,24 +132,15 @@ inline CompactParams make_compact_params(const char* op, const Tensor& k_cache,
                                          const std::optional<Tensor>& log_w) {
   check_rank(op, "k_cache", k_cache, 4, "[B, Hkv, C, D]");
   check_rank(op, "v_cache", v_cache, 4, "[B, Hkv, C, D]");
-  const ScalarType dt = k_cache.scalar_type();
-  STD_TORCH_CHECK(dt == ScalarType::Float || dt == ScalarType::Half || dt == ScalarType::BFloat16,
-                  op, ": k_cache: expected dtype float16, bfloat16 or float32, got ", dtype_name(dt));
-  check_dtype(op, "v_cache", v_cache, dt);
+  check_cache_dtype(op, "k_cache", k_cache);
+  check_dtype(op, "v_cache", v_cache, k_cache.scalar_type());
   check_same_device(op, "v_cache", v_cache, k_cache, "k_cache");
   const int64_t B = k_cache.size(0), H = k_cache.size(1), C = k_cache.size(2),
                 D = k_cache.size(3);
-  STD_TORCH_CHECK(v_cache.size(0) == B && v_cache.size(1) == H && v_cache.size(2) == C &&
-                      v_cache.size(3) == D,
-                  op, ": v_cache: expected the shape of k_cache ", shape_str(k_cache), ", got ",
-                  shape_str(v_cache));
+  check_same_shape(op, "v_cache", v_cache, k_cache, "k_cache");
   check_last_dim_contiguous(op, "k_cache", k_cache);
   check_last_dim_contiguous(op, "v_cache", v_cache);
-  check_rank(op, "lengths", lengths, 2, "[B, Hkv]");
-  check_dtype(op, "lengths", lengths, ScalarType::Int);
-  check_same_device(op, "lengths", lengths, k_cache, "k_cache");
-  STD_TORCH_CHECK(lengths.size(0) == B && lengths.size(1) == H, op,
-                  ": lengths: expected shape [B, Hkv] = [", B, ", ", H, "], got ", shape_str(lengths));
+  check_head_ints(op, "lengths", lengths, B, H, k_cache, "k_cache");
   check_slot_tensor(op, "keep", keep, ScalarType::Bool, B, H, C, k_cache, "k_cache");
 
   CompactParams p;
@@ -231,11 +202,7 @@ inline HeadBudgetParams make_head_budget_params(const char* op, const Tensor& sc
   check_dtype(op, "scores", scores, ScalarType::Float);
   check_last_dim_contiguous(op, "scores", scores);
   const int64_t B = scores.size(0), H = scores.size(1), C = scores.size(2);
-  check_rank(op, "lengths", lengths, 2, "[B, Hkv]");
-  check_dtype(op, "lengths", lengths, ScalarType::Int);
-  check_same_device(op, "lengths", lengths, scores, "scores");
-  STD_TORCH_CHECK(lengths.size(0) == B && lengths.size(1) == H, op,
-                  ": lengths: expected shape [B, Hkv] = [", B, ", ", H, "], got ", shape_str(lengths));
+  check_head_ints(op, "lengths", lengths, B, H, scores, "scores");
   check_count(op, "budget", budget);
   check_count(op, "n_sink", n_sink);
   check_count(op, "n_recent", n_recent);
