@@ -167,18 +167,17 @@ Tensor score_evict_cuda(const Tensor& q_win, const Tensor& k_cache, const Tensor
                         const std::optional<Tensor>& protect_ranges, const std::optional<Tensor>& keep_mask,
                         const std::optional<Tensor>& log_w) {
   const char* op = "kvkern::score_evict_";
-  // The pieces' checks: window scores (q_win, k_cache, lengths, options), selection and
-  // compaction (a placeholder scores tensor of the cache's [B, Hkv, C] carries the shape).
+  // The pieces' checks: window scores (q_win, k_cache, lengths, options), selection (for
+  // the cache's [B, Hkv, C]: the scores are made inside) and compaction.
   WindowScoresParams wp = make_window_scores_params(op, q_win, k_cache, lengths, sm_scale, query_reduce,
                                                     group_reduce, normalize, pool, pool_kernel);
   require_cuda(op, "q_win", q_win);
   const int32_t device = q_win.get_device_index();
   torch::stable::accelerator::DeviceGuard guard(device);
+  SelectParams sp = make_select_params(op, wp.batch, wp.num_kv_heads, wp.capacity, k_cache, "k_cache", lengths,
+                                       positions, budgets, budget, n_sink, n_recent, protect_ranges, keep_mask,
+                                       std::nullopt, std::nullopt);
   Tensor keep = torch::stable::new_empty(k_cache, {wp.batch, wp.num_kv_heads, wp.capacity}, ScalarType::Bool);
-  SelectParams sp = make_select_params(op, torch::stable::new_empty(k_cache, {wp.batch, wp.num_kv_heads, wp.capacity},
-                                                                    ScalarType::Float),
-                                       lengths, positions, budgets, budget, n_sink, n_recent, protect_ranges,
-                                       keep_mask, std::nullopt, std::nullopt);
   CompactParams cp = make_compact_params(op, k_cache, v_cache, lengths, keep, positions, hist, log_w);
   STD_TORCH_CHECK(hist.has_value() == hist_lengths.has_value(), op,
                   ": hist and hist_lengths: expected both or neither");

@@ -23,39 +23,34 @@ inline void check_count(const char* op, const char* name, int64_t value) {
 
 // 1-D int32 tensor read as a plain array (stride 1).
 inline void check_int_vector(const char* op, const char* name, const Tensor& t, const Tensor& ref,
-                             const char* layout) {
+                             const char* ref_name, const char* layout) {
   check_rank(op, name, t, 1, layout);
   check_dtype(op, name, t, ScalarType::Int);
-  check_same_device(op, name, t, ref, "scores");
+  check_same_device(op, name, t, ref, ref_name);
   STD_TORCH_CHECK(t.size(0) <= 1 || t.stride(0) == 1, op, ": ", name,
                   ": expected a contiguous tensor, got stride ", t.stride(0));
 }
 
-// Fills everything but the outputs (keep, new_lengths).
+// Everything of the selection's arguments but the scores (and the outputs keep,
+// new_lengths) for a [B, Hkv, C] cache whose shape and device come from `ref`
+// (scores, or in score_evict_, where the scores are made inside, k_cache).
 inline SelectParams make_select_params(
-    const char* op, const Tensor& scores, const Tensor& lengths,
-    const std::optional<Tensor>& positions, const std::optional<Tensor>& budgets, int64_t budget,
-    int64_t n_sink, int64_t n_recent, const std::optional<Tensor>& protect_ranges,
-    const std::optional<Tensor>& keep_mask, const std::optional<Tensor>& segment_cuts,
-    const std::optional<Tensor>& segment_min) {
-  check_rank(op, "scores", scores, 3, "[B, Hkv, C]");
-  check_dtype(op, "scores", scores, ScalarType::Float);
-  check_last_dim_contiguous(op, "scores", scores);
-  const int64_t B = scores.size(0), H = scores.size(1), C = scores.size(2);
-  check_head_ints(op, "lengths", lengths, B, H, scores, "scores");
+    const char* op, int64_t B, int64_t H, int64_t C, const Tensor& ref, const char* ref_name,
+    const Tensor& lengths, const std::optional<Tensor>& positions,
+    const std::optional<Tensor>& budgets, int64_t budget, int64_t n_sink, int64_t n_recent,
+    const std::optional<Tensor>& protect_ranges, const std::optional<Tensor>& keep_mask,
+    const std::optional<Tensor>& segment_cuts, const std::optional<Tensor>& segment_min) {
+  check_head_ints(op, "lengths", lengths, B, H, ref, ref_name);
   check_count(op, "budget", budget);
   check_count(op, "n_sink", n_sink);
   check_count(op, "n_recent", n_recent);
-  STD_TORCH_CHECK(C <= INT32_MAX, op, ": scores: expected a capacity C below 2^31, got ", C);
+  STD_TORCH_CHECK(C <= INT32_MAX, op, ": ", ref_name, ": expected a capacity C below 2^31, got ", C);
 
   SelectParams p;
-  p.scores = static_cast<const float*>(scores.const_data_ptr());
   p.lengths = static_cast<const int32_t*>(lengths.const_data_ptr());
   p.batch = B;
   p.num_kv_heads = H;
   p.capacity = C;
-  p.scores_stride_b = scores.stride(0);
-  p.scores_stride_h = scores.stride(1);
   p.lengths_stride_b = lengths.stride(0);
   p.lengths_stride_h = lengths.stride(1);
   p.budget = budget;
@@ -63,14 +58,14 @@ inline SelectParams make_select_params(
   p.n_recent = n_recent;
 
   if (positions.has_value()) {
-    check_slot_tensor(op, "positions", *positions, ScalarType::Int, B, H, C, scores, "scores");
+    check_slot_tensor(op, "positions", *positions, ScalarType::Int, B, H, C, ref, ref_name);
     p.positions = static_cast<const int32_t*>(positions->const_data_ptr());
     p.positions_stride_b = positions->stride(0);
     p.positions_stride_h = positions->stride(1);
   }
   if (budgets.has_value()) {
     const Tensor& t = *budgets;
-    check_head_ints(op, "budgets", t, B, H, scores, "scores");
+    check_head_ints(op, "budgets", t, B, H, ref, ref_name);
     p.budgets = static_cast<const int32_t*>(t.const_data_ptr());
     p.budgets_stride_b = t.stride(0);
     p.budgets_stride_h = t.stride(1);
@@ -81,7 +76,7 @@ inline SelectParams make_select_params(
                     ": protect_ranges: expected a 2-D tensor [R, 2] or a 3-D tensor [B, R, 2], got a ",
                     t.dim(), "-D tensor of shape ", shape_str(t));
     check_dtype(op, "protect_ranges", t, ScalarType::Int);
-    check_same_device(op, "protect_ranges", t, scores, "scores");
+    check_same_device(op, "protect_ranges", t, ref, ref_name);
     const bool batched = t.dim() == 3;
     STD_TORCH_CHECK(t.size(t.dim() - 1) == 2 && (!batched || t.size(0) == B), op,
                     ": protect_ranges: expected shape [R, 2] or [B, R, 2] with B = ", B, ", got ",
@@ -96,13 +91,13 @@ inline SelectParams make_select_params(
     p.ranges_stride_b = batched ? t.stride(0) : 0;
   }
   if (keep_mask.has_value()) {
-    check_slot_tensor(op, "keep_mask", *keep_mask, ScalarType::Bool, B, H, C, scores, "scores");
+    check_slot_tensor(op, "keep_mask", *keep_mask, ScalarType::Bool, B, H, C, ref, ref_name);
     p.keep_mask = static_cast<const bool*>(keep_mask->const_data_ptr());
     p.keep_mask_stride_b = keep_mask->stride(0);
     p.keep_mask_stride_h = keep_mask->stride(1);
   }
   if (segment_cuts.has_value()) {
-    check_int_vector(op, "segment_cuts", *segment_cuts, scores, "[S - 1]");
+    check_int_vector(op, "segment_cuts", *segment_cuts, ref, ref_name, "[S - 1]");
     // An empty tensor may have no storage; one segment still means "segment mode"
     // (quotas or minima), so point at something that is never read.
     static const int32_t kNoCuts = 0;
@@ -115,12 +110,32 @@ inline SelectParams make_select_params(
     STD_TORCH_CHECK(segment_cuts.has_value(), op,
                     ": segment_min: expected segment_cuts as well (minima are per segment), got "
                     "segment_cuts=None");
-    check_int_vector(op, "segment_min", *segment_min, scores, "[S]");
+    check_int_vector(op, "segment_min", *segment_min, ref, ref_name, "[S]");
     STD_TORCH_CHECK(segment_min->size(0) == p.num_segments, op,
                     ": segment_min: expected shape [S] = [", p.num_segments,
                     "] (one more than segment_cuts), got ", shape_str(*segment_min));
     p.segment_min = static_cast<const int32_t*>(segment_min->const_data_ptr());
   }
+  return p;
+}
+
+// Fills everything but the outputs (keep, new_lengths).
+inline SelectParams make_select_params(
+    const char* op, const Tensor& scores, const Tensor& lengths,
+    const std::optional<Tensor>& positions, const std::optional<Tensor>& budgets, int64_t budget,
+    int64_t n_sink, int64_t n_recent, const std::optional<Tensor>& protect_ranges,
+    const std::optional<Tensor>& keep_mask, const std::optional<Tensor>& segment_cuts,
+    const std::optional<Tensor>& segment_min) {
+  check_rank(op, "scores", scores, 3, "[B, Hkv, C]");
+  check_dtype(op, "scores", scores, ScalarType::Float);
+  check_last_dim_contiguous(op, "scores", scores);
+  SelectParams p = make_select_params(op, scores.size(0), scores.size(1), scores.size(2), scores,
+                                      "scores", lengths, positions, budgets, budget, n_sink,
+                                      n_recent, protect_ranges, keep_mask, segment_cuts,
+                                      segment_min);
+  p.scores = static_cast<const float*>(scores.const_data_ptr());
+  p.scores_stride_b = scores.stride(0);
+  p.scores_stride_h = scores.stride(1);
   return p;
 }
 
