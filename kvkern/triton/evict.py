@@ -78,20 +78,14 @@ def _check_select_args(op, scores, lengths, positions, budgets, budget, n_sink, 
     V.require_dtype(op, "scores", scores, (torch.float32,))
     V.require_last_dim_contiguous(op, "scores", scores)
     B, H, C = scores.shape
-    V.require_tensor(op, "lengths", lengths, 2, "[B, Hkv]")
-    V.require_dtype(op, "lengths", lengths, (torch.int32,))
-    V.require_same_device(op, "lengths", lengths, scores, "scores")
-    V.require_shape(op, "lengths", lengths, (B, H), "[B, Hkv]")
+    V.require_head_ints(op, "lengths", lengths, B, H, scores, "scores")
     _check_count(op, "budget", budget)
     _check_count(op, "n_sink", n_sink)
     _check_count(op, "n_recent", n_recent)
     if positions is not None:
         _check_slot_tensor(op, "positions", positions, (torch.int32,), (B, H, C), scores, "scores")
     if budgets is not None:
-        V.require_tensor(op, "budgets", budgets, 2, "[B, Hkv]")
-        V.require_dtype(op, "budgets", budgets, (torch.int32,))
-        V.require_same_device(op, "budgets", budgets, scores, "scores")
-        V.require_shape(op, "budgets", budgets, (B, H), "[B, Hkv]")
+        V.require_head_ints(op, "budgets", budgets, B, H, scores, "scores")
     if protect_ranges is not None:
         t = protect_ranges
         if not isinstance(t, torch.Tensor) or t.dim() not in (2, 3):
@@ -157,10 +151,7 @@ def _check_compact_args(op, k_cache, v_cache, lengths, keep, positions, hist, lo
     V.require_shape(op, "v_cache", v_cache, (B, H, C, D), "[B, Hkv, C, D]")
     V.require_last_dim_contiguous(op, "k_cache", k_cache)
     V.require_last_dim_contiguous(op, "v_cache", v_cache)
-    V.require_tensor(op, "lengths", lengths, 2, "[B, Hkv]")
-    V.require_dtype(op, "lengths", lengths, (torch.int32,))
-    V.require_same_device(op, "lengths", lengths, k_cache, "k_cache")
-    V.require_shape(op, "lengths", lengths, (B, H), "[B, Hkv]")
+    V.require_head_ints(op, "lengths", lengths, B, H, k_cache, "k_cache")
     if keep is not None:
         _check_slot_tensor(op, "keep", keep, (torch.bool,), (B, H, C), k_cache, "k_cache")
     for name, t, dtype in (("positions", positions, torch.int32), ("hist", hist, torch.float32),
@@ -355,10 +346,7 @@ def allocate_head_budgets_triton(scores, lengths, budget, safeguard=0.2, n_sink=
     V.require_dtype(op, "scores", scores, (torch.float32,))
     V.require_last_dim_contiguous(op, "scores", scores)
     B, H, C = scores.shape
-    V.require_tensor(op, "lengths", lengths, 2, "[B, Hkv]")
-    V.require_dtype(op, "lengths", lengths, (torch.int32,))
-    V.require_same_device(op, "lengths", lengths, scores, "scores")
-    V.require_shape(op, "lengths", lengths, (B, H), "[B, Hkv]")
+    V.require_head_ints(op, "lengths", lengths, B, H, scores, "scores")
     _check_count(op, "budget", budget)
     _check_count(op, "n_sink", n_sink)
     _check_count(op, "n_recent", n_recent)
