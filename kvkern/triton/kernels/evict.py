@@ -41,6 +41,24 @@ def _order_key(bits):
 
 
 @triton.jit
+def _take_digit(hist, need, thr, pos, d: tl.constexpr):
+    """One radix pass's outcome: from the histogram of digit ``d`` of the candidates
+    that match the prefix so far, the digit where the ``need``-th best lies, appended
+    to the key prefix ``thr`` (digits 0-3) or the slot prefix ``pos``; ``need``
+    becomes the rank within that digit."""
+    # above[b]: candidates with a larger digit (non-increasing in b). The need-th
+    # best has the first digit with above < need; those above it are picked.
+    above = tl.cumsum(hist, 0, reverse=True) - hist
+    digit = tl.minimum(tl.sum((above >= need).to(tl.int32), 0), NUM_BINS - 1)
+    need -= tl.max(tl.where(above < need, above, 0), 0)
+    if d < 4:
+        thr = thr * 256 + digit
+    else:
+        pos = pos * 256 + digit
+    return need, thr, pos
+
+
+@triton.jit
 def _row_threshold(key_row, cls_row, n_slots, need, cls_lo, cls_hi,
                    ANY_PROTECTION: tl.constexpr, BLOCK: tl.constexpr, SLOT_DIGITS: tl.constexpr):
     """Threshold (T, P) of the ``need`` best candidates among slots [0, n_slots) of one
@@ -76,15 +94,7 @@ def _row_threshold(key_row, cls_row, n_slots, need, cls_lo, cls_hi,
                     sel = sel & ((offs >> (8 * (4 + SLOT_DIGITS - d))) == pos)
                 digit_of = (offs >> (8 * (3 + SLOT_DIGITS - d))) & 255
             hist += tl.histogram(digit_of, NUM_BINS, mask=sel)
-        # above[d]: candidates with a larger digit (non-increasing in d). The need-th
-        # best has the first digit with above < need; those above it are picked.
-        above = tl.cumsum(hist, 0, reverse=True) - hist
-        digit = tl.minimum(tl.sum((above >= need).to(tl.int32), 0), NUM_BINS - 1)
-        need -= tl.max(tl.where(above < need, above, 0), 0)
-        if d < 4:
-            thr = thr * 256 + digit
-        else:
-            pos = pos * 256 + digit
+        need, thr, pos = _take_digit(hist, need, thr, pos, d)
     return thr, pos
 
 
@@ -398,13 +408,7 @@ def head_budget_kernel(
                         sel = sel & ((offs >> (8 * (4 + SLOT_DIGITS - d))) == pos)
                     digit_of = (offs >> (8 * (3 + SLOT_DIGITS - d))) & 255
                 hist += tl.histogram(digit_of, NUM_BINS, mask=sel)
-        above = tl.cumsum(hist, 0, reverse=True) - hist
-        digit = tl.minimum(tl.sum((above >= need).to(tl.int32), 0), NUM_BINS - 1)
-        need -= tl.max(tl.where(above < need, above, 0), 0)
-        if d < 4:
-            thr = thr * 256 + digit
-        else:
-            pos = pos * 256 + digit
+        need, thr, pos = _take_digit(hist, need, thr, pos, d)
     # Heads whose slot `pos` holds the key `thr`: the highest `need` of them win the tie.
     at = tl.load(key_ptr + (b * num_heads + hids) * capacity + pos, mask=(hids < num_heads) & (pos < lens),
                  other=0).to(tl.int64) + 2147483648
