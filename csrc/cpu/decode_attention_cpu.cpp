@@ -10,6 +10,7 @@
 #include <tuple>
 
 #include "cpu/decode_attention_kernel.h"
+#include "cpu/dtype_dispatch.h"
 #include "torch/decode_attention_args.h"
 
 namespace kvkern::torch_glue {
@@ -77,12 +78,7 @@ std::tuple<Tensor, Tensor> decode_attention_cpu(const Tensor& q, const Tensor& k
     p.partial_lse = static_cast<float*>(partial_lse.mutable_data_ptr());
   }
 
-  switch (q.scalar_type()) {
-    case ScalarType::Float: run<float>(p); break;
-    case ScalarType::Half: run<cpu::Half>(p); break;
-    case ScalarType::BFloat16: run<cpu::BFloat16>(p); break;
-    default: STD_TORCH_CHECK(false, op, ": unreachable dtype");
-  }
+  dispatch_cache_dtype(op, q.scalar_type(), [&](auto tag) { run<decltype(tag)>(p); });
   return {out, lse};
 }
 

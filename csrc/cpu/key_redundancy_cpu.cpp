@@ -13,6 +13,7 @@
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
 
+#include "cpu/dtype_dispatch.h"
 #include "cpu/key_redundancy_kernel.h"
 #include "torch/key_redundancy_args.h"
 
@@ -39,12 +40,7 @@ Tensor key_redundancy_cpu(const Tensor& k_cache, const Tensor& lengths, int64_t 
   Tensor out = torch::stable::new_empty(k_cache, {p.batch, p.num_kv_heads, p.capacity}, ScalarType::Float);
   p.out = static_cast<float*>(out.mutable_data_ptr());
   if (out.numel() == 0) return out;
-  switch (k_cache.scalar_type()) {
-    case ScalarType::Float: run<float>(p); break;
-    case ScalarType::Half: run<cpu::Half>(p); break;
-    case ScalarType::BFloat16: run<cpu::BFloat16>(p); break;
-    default: STD_TORCH_CHECK(false, op, ": unreachable dtype");
-  }
+  dispatch_cache_dtype(op, k_cache.scalar_type(), [&](auto tag) { run<decltype(tag)>(p); });
   return out;
 }
 

@@ -12,6 +12,7 @@
 #include <optional>
 #include <string>
 
+#include "cpu/dtype_dispatch.h"
 #include "cpu/scorers_kernel.h"
 #include "torch/scorer_args.h"
 
@@ -23,8 +24,20 @@ void for_each_head(int64_t heads, int64_t grain, const F& fn) {
   if (heads > 0) torch::stable::parallel_for(0, heads, grain, fn);
 }
 
-Tensor new_scores(const Tensor& like, int64_t B, int64_t H, int64_t C) {
-  return torch::stable::new_empty(like, {B, H, C}, ScalarType::Float);
+// The per-slot scorers after their argument checks: CPU tensors, lengths in
+// [0, C], a new [B, Hkv, C] fp32 output, then items(T{}, begin, end) over the
+// (batch, kv head) items, T the cache's element type.
+template <class P, class Items>
+Tensor score_slots(const char* op, const Tensor& k_cache, P& p, const Items& items) {
+  STD_TORCH_CHECK(k_cache.is_cpu(), op, ": expected CPU tensors here");
+  check_host_lengths(op, p);
+  Tensor out = torch::stable::new_empty(k_cache, {p.batch, p.num_kv_heads, p.capacity}, ScalarType::Float);
+  p.out = static_cast<float*>(out.mutable_data_ptr());
+  if (p.capacity == 0) return out;
+  dispatch_cache_dtype(op, k_cache.scalar_type(), [&](auto tag) {
+    for_each_head(p.batch * p.num_kv_heads, 1, [&](int64_t begin, int64_t end) { items(tag, begin, end); });
+  });
+  return out;
 }
 
 }  // namespace
@@ -37,48 +50,18 @@ Tensor expected_attention_scores_cpu(const Tensor& mean, const std::optional<Ten
   const char* op = "kvkern::expected_attention_scores";
   ExpectedAttentionParams p = make_expected_attention_params(op, mean, cov, k_cache, v_cache, lengths,
                                                              n_sink, epsilon, sm_scale);
-  STD_TORCH_CHECK(k_cache.is_cpu(), op, ": expected CPU tensors here");
-  check_host_lengths(op, p);
-  Tensor out = new_scores(k_cache, p.batch, p.num_kv_heads, p.capacity);
-  p.out = static_cast<float*>(out.mutable_data_ptr());
-  if (p.capacity == 0) return out;
-  auto body = [&](auto tag) {
-    using T = decltype(tag);
-    for_each_head(p.batch * p.num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-      cpu::scorer::expected_attention_items<T>(p, begin, end);
-    });
-  };
-  switch (k_cache.scalar_type()) {
-    case ScalarType::Float: body(float{}); break;
-    case ScalarType::Half: body(cpu::Half{}); break;
-    case ScalarType::BFloat16: body(cpu::BFloat16{}); break;
-    default: STD_TORCH_CHECK(false, op, ": unreachable dtype");
-  }
-  return out;
+  return score_slots(op, k_cache, p, [&](auto tag, int64_t begin, int64_t end) {
+    cpu::scorer::expected_attention_items<decltype(tag)>(p, begin, end);
+  });
 }
 
 Tensor slot_scores_cpu(const Tensor& k_cache, const std::optional<Tensor>& v_cache,
                        const Tensor& lengths, std::string kind, int64_t seed) {
   const char* op = "kvkern::slot_scores";
   SlotScoresParams p = make_slot_scores_params(op, k_cache, v_cache, lengths, kind, seed);
-  STD_TORCH_CHECK(k_cache.is_cpu(), op, ": expected CPU tensors here");
-  check_host_lengths(op, p);
-  Tensor out = new_scores(k_cache, p.batch, p.num_kv_heads, p.capacity);
-  p.out = static_cast<float*>(out.mutable_data_ptr());
-  if (p.capacity == 0) return out;
-  auto body = [&](auto tag) {
-    using T = decltype(tag);
-    for_each_head(p.batch * p.num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-      cpu::scorer::slot_scores_items<T>(p, begin, end);
-    });
-  };
-  switch (k_cache.scalar_type()) {
-    case ScalarType::Float: body(float{}); break;
-    case ScalarType::Half: body(cpu::Half{}); break;
-    case ScalarType::BFloat16: body(cpu::BFloat16{}); break;
-    default: STD_TORCH_CHECK(false, op, ": unreachable dtype");
-  }
-  return out;
+  return score_slots(op, k_cache, p, [&](auto tag, int64_t begin, int64_t end) {
+    cpu::scorer::slot_scores_items<decltype(tag)>(p, begin, end);
+  });
 }
 
 void update_scores_cpu(Tensor hist, const Tensor& fresh, const Tensor& lengths,

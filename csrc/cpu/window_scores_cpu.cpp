@@ -16,6 +16,7 @@
 #include <optional>
 #include <string>
 
+#include "cpu/dtype_dispatch.h"
 #include "cpu/window_scores_kernel.h"
 #include "torch/window_scores_args.h"
 
@@ -46,12 +47,7 @@ Tensor window_scores_cpu(const Tensor& q_win, const Tensor& k_cache, const Tenso
   Tensor out = torch::stable::new_empty(k_cache, {p.batch, p.num_kv_heads, p.capacity}, ScalarType::Float);
   p.out = static_cast<float*>(out.mutable_data_ptr());
   if (out.numel() == 0) return out;
-  switch (q_win.scalar_type()) {
-    case ScalarType::Float: run<float>(p); break;
-    case ScalarType::Half: run<cpu::Half>(p); break;
-    case ScalarType::BFloat16: run<cpu::BFloat16>(p); break;
-    default: STD_TORCH_CHECK(false, op, ": unreachable dtype");
-  }
+  dispatch_cache_dtype(op, q_win.scalar_type(), [&](auto tag) { run<decltype(tag)>(p); });
   return out;
 }
 
