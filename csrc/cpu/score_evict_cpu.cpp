@@ -20,7 +20,7 @@
 #include <vector>
 
 #include "cpu/eviction_cpu_ops.h"
-#include "torch/checks.h"
+#include "torch/evict_args.h"
 
 namespace kvkern::torch_glue {
 namespace {
@@ -54,11 +54,7 @@ Tensor score_evict_cpu(const Tensor& q_win, const Tensor& k_cache, const Tensor&
   const char* op = "kvkern::score_evict_";
   check_rank(op, "q_win", q_win, 4, "[B, Hq, W, D]");
   check_rank(op, "k_cache", k_cache, 4, "[B, Hkv, C, D]");
-  STD_TORCH_CHECK(hist.has_value() == hist_lengths.has_value(), op,
-                  ": hist and hist_lengths: expected both or neither, got ", hist ? "hist" : "no hist", " and ",
-                  hist_lengths ? "hist_lengths" : "no hist_lengths");
-  STD_TORCH_CHECK(mix_lambda >= 0.0 && mix_lambda <= 1.0, op, ": mix_lambda: expected a value in [0, 1], got ",
-                  mix_lambda);
+  check_score_evict_options(op, hist, hist_lengths, mix_lambda);
   STD_TORCH_CHECK(budget >= 0, op, ": budget: expected an int >= 0, got ", budget);
   // Read below (before the pieces check them): lengths and budgets [B, Hkv] int32 on the CPU.
   check_head_ints(op, "lengths", lengths, k_cache.size(0), k_cache.size(1), k_cache, "k_cache");

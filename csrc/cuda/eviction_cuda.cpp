@@ -27,6 +27,7 @@
 #include <tuple>
 
 #include "torch/evict_args.h"
+#include "torch/scorer_args.h"
 #include "torch/window_scores_args.h"
 
 namespace kvkern::torch_glue {
@@ -179,14 +180,8 @@ Tensor score_evict_cuda(const Tensor& q_win, const Tensor& k_cache, const Tensor
                                        std::nullopt, std::nullopt);
   Tensor keep = torch::stable::new_empty(k_cache, {wp.batch, wp.num_kv_heads, wp.capacity}, ScalarType::Bool);
   CompactParams cp = make_compact_params(op, k_cache, v_cache, lengths, keep, positions, hist, log_w);
-  STD_TORCH_CHECK(hist.has_value() == hist_lengths.has_value(), op,
-                  ": hist and hist_lengths: expected both or neither");
-  STD_TORCH_CHECK(mix_lambda >= 0.0 && mix_lambda <= 1.0, op, ": mix_lambda: expected a value in [0, 1], got ",
-                  mix_lambda);
-  UpdateMode mode = UpdateMode::kMax;
-  if (hist_mode == "ema") mode = UpdateMode::kEma;
-  else if (hist_mode == "sum") mode = UpdateMode::kSum;
-  else STD_TORCH_CHECK(hist_mode == "max", op, ": hist_mode: expected one of max, ema, sum, got '", hist_mode, "'");
+  check_score_evict_options(op, hist, hist_lengths, mix_lambda);
+  const UpdateMode mode = parse_update_mode(op, hist_mode);
   if (hist_lengths) check_head_ints(op, "hist_lengths", *hist_lengths, wp.batch, wp.num_kv_heads, q_win, "q_win");
 
   std::optional<Tensor> redundancy;

@@ -208,6 +208,17 @@ inline void check_scores_match_cache(const char* op, const Tensor& scores, const
   check_same_device(op, "scores", scores, k_cache, "k_cache");
 }
 
+// score_evict_'s own options (the pieces check the rest).
+inline void check_score_evict_options(const char* op, const std::optional<Tensor>& hist,
+                                      const std::optional<Tensor>& hist_lengths,
+                                      double mix_lambda) {
+  STD_TORCH_CHECK(hist.has_value() == hist_lengths.has_value(), op,
+                  ": hist and hist_lengths: expected both or neither, got ",
+                  hist ? "hist" : "no hist", " and ", hist_lengths ? "hist_lengths" : "no hist_lengths");
+  STD_TORCH_CHECK(mix_lambda >= 0.0 && mix_lambda <= 1.0, op,
+                  ": mix_lambda: expected a value in [0, 1], got ", mix_lambda);
+}
+
 // Fills everything but the output.
 inline HeadBudgetParams make_head_budget_params(const char* op, const Tensor& scores,
                                                 const Tensor& lengths, int64_t budget,

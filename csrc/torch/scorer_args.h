@@ -36,6 +36,30 @@ inline void check_like_k(const char* op, const Tensor& v_cache, const Tensor& k_
   check_last_dim_contiguous(op, "v_cache", v_cache);
 }
 
+// The cache fields, which the scorers' Params name alike: k (and v when given),
+// lengths, their strides and [B, Hkv, C, D].
+template <class P>
+void fill_cache_fields(P& p, const Tensor& k_cache, const std::optional<Tensor>& v_cache,
+                       const Tensor& lengths) {
+  p.k = k_cache.const_data_ptr();
+  p.lengths = static_cast<const int32_t*>(lengths.const_data_ptr());
+  p.batch = k_cache.size(0);
+  p.num_kv_heads = k_cache.size(1);
+  p.capacity = k_cache.size(2);
+  p.head_dim = k_cache.size(3);
+  p.k_stride_b = k_cache.stride(0);
+  p.k_stride_h = k_cache.stride(1);
+  p.k_stride_c = k_cache.stride(2);
+  if (v_cache.has_value()) {
+    p.v = v_cache->const_data_ptr();
+    p.v_stride_b = v_cache->stride(0);
+    p.v_stride_h = v_cache->stride(1);
+    p.v_stride_c = v_cache->stride(2);
+  }
+  p.lengths_stride_b = lengths.stride(0);
+  p.lengths_stride_h = lengths.stride(1);
+}
+
 inline ExpectedAttentionParams make_expected_attention_params(
     const char* op, const Tensor& mean, const std::optional<Tensor>& cov, const Tensor& k_cache,
     const std::optional<Tensor>& v_cache, const Tensor& lengths, int64_t n_sink, double epsilon,
@@ -44,7 +68,7 @@ inline ExpectedAttentionParams make_expected_attention_params(
   check_dtype(op, "mean", mean, ScalarType::Float);
   check_cache_and_lengths(op, k_cache, lengths);
   check_same_device(op, "mean", mean, k_cache, "k_cache");
-  const int64_t B = k_cache.size(0), Hkv = k_cache.size(1), C = k_cache.size(2), D = k_cache.size(3);
+  const int64_t B = k_cache.size(0), D = k_cache.size(3);
   const int64_t Hq = mean.size(1);
   check_head_groups(op, "mean", Hq, "k_cache", k_cache);
   STD_TORCH_CHECK(D > 0, op, ": k_cache: expected a head dim D >= 1, got shape ", shape_str(k_cache));
@@ -66,14 +90,9 @@ inline ExpectedAttentionParams make_expected_attention_params(
   const double scale = resolve_sm_scale(op, sm_scale, D);
 
   ExpectedAttentionParams p;
+  fill_cache_fields(p, k_cache, v_cache, lengths);
   p.mean = static_cast<const float*>(mean.const_data_ptr());
-  p.k = k_cache.const_data_ptr();
-  p.lengths = static_cast<const int32_t*>(lengths.const_data_ptr());
-  p.batch = B;
   p.num_q_heads = Hq;
-  p.num_kv_heads = Hkv;
-  p.capacity = C;
-  p.head_dim = D;
   p.mean_stride_b = mean.stride(0);
   p.mean_stride_h = mean.stride(1);
   if (cov.has_value()) {
@@ -82,17 +101,6 @@ inline ExpectedAttentionParams make_expected_attention_params(
     p.cov_stride_h = cov->stride(1);
     p.cov_stride_r = cov->stride(2);
   }
-  p.k_stride_b = k_cache.stride(0);
-  p.k_stride_h = k_cache.stride(1);
-  p.k_stride_c = k_cache.stride(2);
-  if (v_cache.has_value()) {
-    p.v = v_cache->const_data_ptr();
-    p.v_stride_b = v_cache->stride(0);
-    p.v_stride_h = v_cache->stride(1);
-    p.v_stride_c = v_cache->stride(2);
-  }
-  p.lengths_stride_b = lengths.stride(0);
-  p.lengths_stride_h = lengths.stride(1);
   p.n_sink = n_sink;
   p.epsilon = static_cast<float>(epsilon);
   p.sm_scale = static_cast<float>(scale);
@@ -122,23 +130,7 @@ inline SlotScoresParams make_slot_scores_params(const char* op, const Tensor& k_
   if (v_cache.has_value()) check_like_k(op, *v_cache, k_cache);
 
   SlotScoresParams p;
-  p.k = k_cache.const_data_ptr();
-  p.lengths = static_cast<const int32_t*>(lengths.const_data_ptr());
-  p.batch = k_cache.size(0);
-  p.num_kv_heads = k_cache.size(1);
-  p.capacity = k_cache.size(2);
-  p.head_dim = k_cache.size(3);
-  p.k_stride_b = k_cache.stride(0);
-  p.k_stride_h = k_cache.stride(1);
-  p.k_stride_c = k_cache.stride(2);
-  if (v_cache.has_value()) {
-    p.v = v_cache->const_data_ptr();
-    p.v_stride_b = v_cache->stride(0);
-    p.v_stride_h = v_cache->stride(1);
-    p.v_stride_c = v_cache->stride(2);
-  }
-  p.lengths_stride_b = lengths.stride(0);
-  p.lengths_stride_h = lengths.stride(1);
+  fill_cache_fields(p, k_cache, v_cache, lengths);
   p.kind = k;
   // Two's complement truncation: the reference's (seed + ...) & 0xFFFFFFFF.
   p.seed = static_cast<uint32_t>(static_cast<uint64_t>(seed));
