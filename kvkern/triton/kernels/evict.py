@@ -23,6 +23,8 @@ issues a barrier so that every thread sees the other threads' writes.
 import triton
 import triton.language as tl
 
+from ._heads import head_length as _head_length
+
 NUM_BINS: tl.constexpr = tl.constexpr(256)
 # The key of allocate_head_budgets' pinned slots: +inf's (the reference pins with +inf).
 KEY_PINNED: tl.constexpr = tl.constexpr(0x7F800000)
@@ -297,9 +299,7 @@ def compact_kernel(
     chunk = tl.program_id(1)
     b = (row // num_heads).to(tl.int64)
     j = (row % num_heads).to(tl.int64)
-    length = tl.load(len_in_ptr + b * stride_lb + j * stride_lh)
-    bad_length = (length < 0) | (length > capacity)
-    n_slots = tl.where(bad_length, 0, length)
+    n_slots, bad_length = _head_length(len_in_ptr, b, j, stride_lb, stride_lh, capacity)
     first = chunk == 0
     d_offs = chunk * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = d_offs < head_dim
