@@ -263,6 +263,21 @@ def _run_compact(k_cache, v_cache, lengths_in, lengths_out, keep, positions, his
 
 # ---- the ops ---------------------------------------------------------------------
 
+def _checked_select(op, scores, lengths, positions, budgets, budget, n_sink, n_recent, protect_ranges, keep_mask,
+                    segment_cuts, segment_min):
+    """The selection of checked arguments; where values are free to read (CPU, eager),
+    their value checks first and the infeasible heads' errors after. Returns
+    ``(keep, new_lengths)``."""
+    check = V.should_check_values(scores)
+    if check:
+        _check_select_values(op, lengths, scores.shape[2], budgets, protect_ranges, segment_cuts)
+    keep, new_lengths, status = _run_select(scores, lengths, positions, budgets, budget, n_sink, n_recent,
+                                            protect_ranges, keep_mask, segment_cuts, segment_min)
+    if check:
+        _raise_status(op, status, scores.shape[1])
+    return keep, new_lengths
+
+
 def select_keep_triton(scores, lengths, positions, budgets, budget, n_sink=0, n_recent=0, protect_ranges=None,
                        keep_mask=None, segment_cuts=None, segment_min=None):
     """Triton kernel of ``kvkern::select_keep_triton`` (semantics: ``kvkern.reference.select_keep``).
@@ -283,15 +298,9 @@ def select_keep_triton(scores, lengths, positions, budgets, budget, n_sink=0, n_
     op = "kvkern::select_keep_triton"
     _check_select_args(op, scores, lengths, positions, budgets, budget, n_sink, n_recent, protect_ranges,
                        keep_mask, segment_cuts, segment_min)
-    check = V.should_check_values(scores)
-    if check:
-        _check_select_values(op, lengths, scores.shape[2], budgets, protect_ranges, segment_cuts)
     with _device_guard(scores):
-        keep, new_lengths, status = _run_select(scores, lengths, positions, budgets, budget, n_sink, n_recent,
-                                                protect_ranges, keep_mask, segment_cuts, segment_min)
-    if check:
-        _raise_status(op, status, scores.shape[1])
-    return keep, new_lengths
+        return _checked_select(op, scores, lengths, positions, budgets, budget, n_sink, n_recent, protect_ranges,
+                               keep_mask, segment_cuts, segment_min)
 
 
 def compact_triton_(k_cache, v_cache, lengths, keep, positions=None, hist=None, log_w=None):
@@ -325,14 +334,10 @@ def evict_triton_(k_cache, v_cache, lengths, positions, scores, budgets, budget,
     V.require_same_device(op, "scores", scores, k_cache, "k_cache")
     _check_select_args(op, scores, lengths, positions, budgets, budget, n_sink, n_recent, protect_ranges,
                        keep_mask, segment_cuts, segment_min)
-    check = V.should_check_values(scores)
-    if check:
-        _check_select_values(op, lengths, scores.shape[2], budgets, protect_ranges, segment_cuts)
     with _device_guard(k_cache):
-        keep, _, status = _run_select(scores, lengths, positions, budgets, budget, n_sink, n_recent,
-                                      protect_ranges, keep_mask, segment_cuts, segment_min)
-        if check:
-            _raise_status(op, status, scores.shape[1])  # before anything is written
+        # Raises (where values are free to read) before anything is written.
+        keep, _ = _checked_select(op, scores, lengths, positions, budgets, budget, n_sink, n_recent,
+                                  protect_ranges, keep_mask, segment_cuts, segment_min)
         _run_compact(k_cache, v_cache, lengths.clone(), lengths, keep, positions, hist, log_w)
     return keep
 
