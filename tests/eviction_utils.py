@@ -59,3 +59,23 @@ def make_cache(B, Hkv, C, D, dtype=torch.float32, lengths=None, device=DEVICE, p
 
 def valid_mask(lengths: torch.Tensor, C: int) -> torch.Tensor:
     return torch.arange(C, device=lengths.device).view(1, 1, C) < lengths.to(torch.int64).unsqueeze(-1)
+
+
+def with_changes(good, **changes):
+    """A builder of bad arguments for the error tests: ``good()`` with each named
+    argument replaced by ``fn(args)`` when ``fn`` is callable, else by the value itself."""
+    def make():
+        a = good()
+        for name, fn in changes.items():
+            a[name] = fn(a) if callable(fn) else fn
+        return a
+    return make
+
+
+def out_of_range_cases(with_, name: str = "lengths") -> list:
+    """Error cases of ``name`` values outside [0, C] (``with_``: a ``with_changes``
+    builder). None on CUDA, where the ops do not read those values (a host sync)."""
+    if DEVICE == "cuda":
+        return []
+    return [(f"{name}_negative", name, "[0, C]", with_(**{name: lambda a: a[name] - 100})),
+            (f"{name}_over_capacity", name, "[0, C]", with_(**{name: lambda a: a[name] + 100}))]

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from kvkern import reference
-from eviction_utils import DEVICE, SCORE_TOLERANCES, call, make_cache, op_backends
+from eviction_utils import DEVICE, SCORE_TOLERANCES, call, make_cache, op_backends, out_of_range_cases, with_changes
 from utils import assert_verbose_allclose, poison_past_lengths
 
 OP = "key_redundancy"
@@ -180,12 +180,7 @@ def _good():
 
 
 def _with(**changes):
-    def make():
-        a = _good()
-        for name, fn in changes.items():
-            a[name] = fn(a) if callable(fn) else fn
-        return a
-    return make
+    return with_changes(_good, **changes)
 
 
 BAD = [
@@ -198,12 +193,7 @@ BAD = [
      _with(k_cache=lambda a: a["k_cache"].repeat_interleave(2, dim=-1)[..., ::2])),
     ("n_window_negative", "n_window", ">= 0", _with(n_window=-1)),
     ("threshold_nan", "threshold", "nan", _with(threshold=float("nan"))),
-]
-if DEVICE == "cpu":
-    BAD += [
-        ("lengths_negative", "lengths", "[0, C]", _with(lengths=lambda a: a["lengths"] - 100)),
-        ("lengths_over_capacity", "lengths", "[0, C]", _with(lengths=lambda a: a["lengths"] + 100)),
-    ]
+] + out_of_range_cases(_with)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

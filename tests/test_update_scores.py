@@ -10,7 +10,7 @@ import torch
 from kvkern import reference
 from kvkern.triton import scorers as triton_scorers
 
-from eviction_utils import DEVICE, call, op_backends, valid_mask
+from eviction_utils import DEVICE, call, op_backends, out_of_range_cases, valid_mask, with_changes
 from utils import randn
 
 OP = "update_scores_"
@@ -141,12 +141,7 @@ def good():
 
 
 def _with(**changes):
-    def make():
-        a = good()
-        for name, fn in changes.items():
-            a[name] = fn(a)
-        return a
-    return make
+    return with_changes(good, **changes)
 
 
 BAD = [
@@ -163,14 +158,7 @@ BAD = [
     ("lengths_shape", "lengths", "shape", _with(lengths=lambda a: a["lengths"][:, :2])),
     ("hist_lengths_rank", "hist_lengths", "2-D", _with(hist_lengths=lambda a: a["hist_lengths"][0])),
     ("hist_lengths_dtype", "hist_lengths", "int32", _with(hist_lengths=lambda a: a["hist_lengths"].float())),
-    ("lengths_negative", "lengths", "[0, C]", _with(lengths=lambda a: a["lengths"] - 100)),
-    ("lengths_over_capacity", "lengths", "[0, C]", _with(lengths=lambda a: a["lengths"] + 100)),
-    ("hist_lengths_negative", "hist_lengths", "[0, C]", _with(hist_lengths=lambda a: a["hist_lengths"] - 100)),
-    ("hist_lengths_over_capacity", "hist_lengths", "[0, C]",
-     _with(hist_lengths=lambda a: a["hist_lengths"] + 100)),
-]
-if DEVICE == "cuda":
-    BAD = [b for b in BAD if "negative" not in b[0] and "over_capacity" not in b[0]]
+] + out_of_range_cases(_with) + out_of_range_cases(_with, "hist_lengths")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
