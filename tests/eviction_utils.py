@@ -57,6 +57,14 @@ def make_cache(B, Hkv, C, D, dtype=torch.float32, lengths=None, device=DEVICE, p
     return k, v, lengths, positions
 
 
+def ragged_lengths(B: int, Hkv: int, C: int, device=DEVICE) -> torch.Tensor:
+    """Lengths ``[B, Hkv]`` int32 uniform in [0, C] with a 0 and a C always present."""
+    lengths = torch.randint(0, C + 1, (B, Hkv), dtype=torch.int32)
+    lengths.view(-1)[0] = 0
+    lengths.view(-1)[-1] = C
+    return lengths.to(device)
+
+
 def valid_mask(lengths: torch.Tensor, C: int) -> torch.Tensor:
     return torch.arange(C, device=lengths.device).view(1, 1, C) < lengths.to(torch.int64).unsqueeze(-1)
 

@@ -13,8 +13,8 @@ import torch
 from kvkern import reference
 from kvkern.triton import scorers as triton_scorers
 
-from eviction_utils import (DEVICE, SCORE_TOLERANCES, call, make_cache, op_backends, out_of_range_cases, valid_mask,
-                            with_changes)
+from eviction_utils import (DEVICE, SCORE_TOLERANCES, call, make_cache, op_backends, out_of_range_cases,
+                            ragged_lengths, valid_mask, with_changes)
 from utils import assert_verbose_allclose, randn
 
 OP = "expected_attention_scores"
@@ -32,14 +32,6 @@ def make_stats(B, Hq, D, cov=True, device=DEVICE, mean_scale=2.0):
         return mean, None
     a = randn(B, Hq, D, D, device=device)
     return mean, (a @ a.transpose(-1, -2) / D).contiguous()
-
-
-def ragged_lengths(B, Hkv, C):
-    """Uniform in [0, C] with a 0 and a C always present."""
-    lengths = torch.randint(0, C + 1, (B, Hkv), dtype=torch.int32)
-    lengths.view(-1)[0] = 0
-    lengths.view(-1)[-1] = C
-    return lengths.to(DEVICE)
 
 
 def check(backend, mean, cov, k, v, lengths, n_sink=4, epsilon=0.0, sm_scale=None, what=""):

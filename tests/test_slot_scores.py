@@ -10,8 +10,8 @@ import torch
 from kvkern import reference
 from kvkern.triton import scorers as triton_scorers
 
-from eviction_utils import (DEVICE, SCORE_TOLERANCES, call, make_cache, op_backends, out_of_range_cases, valid_mask,
-                            with_changes)
+from eviction_utils import (DEVICE, SCORE_TOLERANCES, call, make_cache, op_backends, out_of_range_cases,
+                            ragged_lengths, valid_mask, with_changes)
 from utils import assert_verbose_allclose, randn
 
 OP = "slot_scores"
@@ -20,14 +20,6 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KINDS = reference.SLOT_SCORE_KINDS
 
 pytestmark = pytest.mark.skipif(not BACKENDS, reason="no slot_scores kernel on this device")
-
-
-def ragged_lengths(B, Hkv, C):
-    """Uniform in [0, C] with a 0 and a C always present."""
-    lengths = torch.randint(0, C + 1, (B, Hkv), dtype=torch.int32)
-    lengths.view(-1)[0] = 0
-    lengths.view(-1)[-1] = C
-    return lengths.to(DEVICE)
 
 
 def _inverse_lowbias32(y: int) -> int:

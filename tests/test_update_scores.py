@@ -10,7 +10,7 @@ import torch
 from kvkern import reference
 from kvkern.triton import scorers as triton_scorers
 
-from eviction_utils import DEVICE, call, op_backends, out_of_range_cases, valid_mask, with_changes
+from eviction_utils import DEVICE, call, op_backends, out_of_range_cases, ragged_lengths, valid_mask, with_changes
 from utils import randn
 
 OP = "update_scores_"
@@ -25,17 +25,10 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.int32)
 
 
-def ragged(B, H, C):
-    lengths = torch.randint(0, C + 1, (B, H), dtype=torch.int32)
-    lengths.view(-1)[0] = 0
-    lengths.view(-1)[-1] = C
-    return lengths.to(DEVICE)
-
-
 def make_inputs(B, H, C):
     """hist and new with NaN (and odd payloads) past lengths; hist_lengths on both sides of lengths."""
-    lengths = ragged(B, H, C)
-    hist_lengths = ragged(B, H, C)
+    lengths = ragged_lengths(B, H, C)
+    hist_lengths = ragged_lengths(B, H, C)
     hist = randn(B, H, C, device=DEVICE).abs() * 3
     new = randn(B, H, C, device=DEVICE).abs() * 3
     tail = ~valid_mask(lengths, C)
@@ -103,8 +96,8 @@ def test_strided_and_aliased(backend, mode):
     store = randn(H, B, C + 9, device=DEVICE)
     hist = store.transpose(0, 1)[..., 4:C + 4]  # [B, H, C], batch and heads swapped, offset slots
     new = randn(B, H, 2 * C, device=DEVICE)[..., ::2].contiguous()
-    lengths = ragged(B, 2 * H, C)[:, 1::2]
-    hist_lengths = ragged(H, B, C).t()
+    lengths = ragged_lengths(B, 2 * H, C)[:, 1::2]
+    hist_lengths = ragged_lengths(H, B, C).t()
     assert not (hist.is_contiguous() or lengths.is_contiguous() or hist_lengths.is_contiguous())
     store_before = store.clone()
     check(backend, hist, new, lengths, hist_lengths, 0.75, mode)
