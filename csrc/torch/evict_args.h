@@ -21,6 +21,19 @@ inline void check_count(const char* op, const char* name, int64_t value) {
   STD_TORCH_CHECK(value >= 0, op, ": ", name, ": expected a value >= 0, got ", value);
 }
 
+inline void check_selection_counts(const char* op, int64_t budget, int64_t n_sink, int64_t n_recent) {
+  check_count(op, "budget", budget);
+  check_count(op, "n_sink", n_sink);
+  check_count(op, "n_recent", n_recent);
+}
+
+// scores [B, Hkv, C] float32, last dim contiguous.
+inline void check_scores(const char* op, const Tensor& scores) {
+  check_rank(op, "scores", scores, 3, "[B, Hkv, C]");
+  check_dtype(op, "scores", scores, ScalarType::Float);
+  check_last_dim_contiguous(op, "scores", scores);
+}
+
 // 1-D int32 tensor read as a plain array (stride 1).
 inline void check_int_vector(const char* op, const char* name, const Tensor& t, const Tensor& ref,
                              const char* ref_name, const char* layout) {
@@ -41,9 +54,7 @@ inline SelectParams make_select_params(
     const std::optional<Tensor>& protect_ranges, const std::optional<Tensor>& keep_mask,
     const std::optional<Tensor>& segment_cuts, const std::optional<Tensor>& segment_min) {
   check_head_ints(op, "lengths", lengths, B, H, ref, ref_name);
-  check_count(op, "budget", budget);
-  check_count(op, "n_sink", n_sink);
-  check_count(op, "n_recent", n_recent);
+  check_selection_counts(op, budget, n_sink, n_recent);
   STD_TORCH_CHECK(C <= INT32_MAX, op, ": ", ref_name, ": expected a capacity C below 2^31, got ", C);
 
   SelectParams p;
@@ -126,9 +137,7 @@ inline SelectParams make_select_params(
     int64_t n_sink, int64_t n_recent, const std::optional<Tensor>& protect_ranges,
     const std::optional<Tensor>& keep_mask, const std::optional<Tensor>& segment_cuts,
     const std::optional<Tensor>& segment_min) {
-  check_rank(op, "scores", scores, 3, "[B, Hkv, C]");
-  check_dtype(op, "scores", scores, ScalarType::Float);
-  check_last_dim_contiguous(op, "scores", scores);
+  check_scores(op, scores);
   SelectParams p = make_select_params(op, scores.size(0), scores.size(1), scores.size(2), scores,
                                       "scores", lengths, positions, budgets, budget, n_sink,
                                       n_recent, protect_ranges, keep_mask, segment_cuts,
@@ -224,14 +233,10 @@ inline HeadBudgetParams make_head_budget_params(const char* op, const Tensor& sc
                                                 const Tensor& lengths, int64_t budget,
                                                 double safeguard, int64_t n_sink,
                                                 int64_t n_recent) {
-  check_rank(op, "scores", scores, 3, "[B, Hkv, C]");
-  check_dtype(op, "scores", scores, ScalarType::Float);
-  check_last_dim_contiguous(op, "scores", scores);
+  check_scores(op, scores);
   const int64_t B = scores.size(0), H = scores.size(1), C = scores.size(2);
   check_head_ints(op, "lengths", lengths, B, H, scores, "scores");
-  check_count(op, "budget", budget);
-  check_count(op, "n_sink", n_sink);
-  check_count(op, "n_recent", n_recent);
+  check_selection_counts(op, budget, n_sink, n_recent);
   STD_TORCH_CHECK(std::isfinite(safeguard) && safeguard >= 0.0, op,
                   ": safeguard: expected a finite value >= 0, got ", safeguard);
   STD_TORCH_CHECK(C <= INT32_MAX, op, ": scores: expected a capacity C below 2^31, got ", C);

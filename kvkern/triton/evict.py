@@ -72,8 +72,9 @@ def _check_int_vector(op, name, t, ref, layout):
     V.require_same_device(op, name, t, ref, "scores")
 
 
-def _check_select_args(op, scores, lengths, positions, budgets, budget, n_sink, n_recent, protect_ranges,
-                       keep_mask, segment_cuts, segment_min):
+def _check_scores_lengths_counts(op, scores, lengths, budget, n_sink, n_recent):
+    """scores [B, Hkv, C] float32, lengths [B, Hkv] int32 on its device, the counts >= 0;
+    returns (B, Hkv, C)."""
     V.require_tensor(op, "scores", scores, 3, "[B, Hkv, C]")
     V.require_dtype(op, "scores", scores, (torch.float32,))
     V.require_last_dim_contiguous(op, "scores", scores)
@@ -82,6 +83,12 @@ def _check_select_args(op, scores, lengths, positions, budgets, budget, n_sink, 
     _check_count(op, "budget", budget)
     _check_count(op, "n_sink", n_sink)
     _check_count(op, "n_recent", n_recent)
+    return B, H, C
+
+
+def _check_select_args(op, scores, lengths, positions, budgets, budget, n_sink, n_recent, protect_ranges,
+                       keep_mask, segment_cuts, segment_min):
+    B, H, C = _check_scores_lengths_counts(op, scores, lengths, budget, n_sink, n_recent)
     if positions is not None:
         _check_slot_tensor(op, "positions", positions, (torch.int32,), (B, H, C), scores, "scores")
     if budgets is not None:
@@ -347,14 +354,7 @@ def allocate_head_budgets_triton(scores, lengths, budget, safeguard=0.2, n_sink=
     ``kvkern.reference.allocate_head_budgets``): AdaKV head budgets ``[B, Hkv]`` int32
     from ``scores [B, Hkv, C]`` float32 and ``lengths [B, Hkv]`` int32. Nothing is mutated."""
     op = "kvkern::allocate_head_budgets_triton"
-    V.require_tensor(op, "scores", scores, 3, "[B, Hkv, C]")
-    V.require_dtype(op, "scores", scores, (torch.float32,))
-    V.require_last_dim_contiguous(op, "scores", scores)
-    B, H, C = scores.shape
-    V.require_head_ints(op, "lengths", lengths, B, H, scores, "scores")
-    _check_count(op, "budget", budget)
-    _check_count(op, "n_sink", n_sink)
-    _check_count(op, "n_recent", n_recent)
+    B, H, C = _check_scores_lengths_counts(op, scores, lengths, budget, n_sink, n_recent)
     safeguard = float(safeguard)
     if not (safeguard >= 0.0 and safeguard != float("inf")):
         raise ValueError(f"{op}: safeguard: expected a finite value >= 0, got {safeguard}")
