@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kvkern._fake import triton_twin
@@ -87,3 +88,13 @@ def out_of_range_cases(with_, name: str = "lengths") -> list:
         return []
     return [(f"{name}_negative", name, "[0, C]", with_(**{name: lambda a: a[name] - 100})),
             (f"{name}_over_capacity", name, "[0, C]", with_(**{name: lambda a: a[name] + 100}))]
+
+
+def assert_error_names(op: str, backend: str, args, arg: str, words: str) -> None:
+    """Calling ``op`` on ``backend`` with ``args`` raises one error that names the op
+    (its Triton twin for "triton"), the argument ``arg`` and contains ``words``."""
+    with pytest.raises((RuntimeError, ValueError, TypeError)) as info:
+        call(op, backend, *args)
+    msg = str(info.value)
+    name = f"kvkern::{op}" + ("_triton" if backend == "triton" else "")
+    assert f"{name}: {arg}: " in msg and words in msg, msg
