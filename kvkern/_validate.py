@@ -44,6 +44,14 @@ def require_shape(op: str, name: str, x: torch.Tensor, expected: tuple, layout: 
         raise ValueError(f"{op}: {name}: expected shape {layout} = {list(expected)}, got {list(x.shape)}")
 
 
+def require_head_ints(op: str, name: str, x, B: int, H: int, ref: torch.Tensor, ref_name: str) -> None:
+    """A per-head int32 tensor [B, Hkv] (lengths, budgets) on ``ref``'s device."""
+    require_tensor(op, name, x, 2, "[B, Hkv]")
+    require_dtype(op, name, x, (torch.int32,))
+    require_same_device(op, name, x, ref, ref_name)
+    require_shape(op, name, x, (B, H), "[B, Hkv]")
+
+
 def require_last_dim_contiguous(op: str, name: str, x: torch.Tensor) -> None:
     if x.shape[-1] > 1 and x.stride(-1) != 1:
         raise ValueError(

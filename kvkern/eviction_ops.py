@@ -167,6 +167,16 @@ def _check_feasible(public, lengths, positions, budgets, budget, n_sink, n_recen
         raise ValueError(f"{public}: segment_cuts: expected strictly increasing positions, got {segment_cuts.tolist()}")
 
 
+def _window_args(public, q_win, k_cache, lengths, query_reduce, group_reduce, pool) -> None:
+    """The argument types and options of the window scoring (window_scores, score_evict_)."""
+    _tensor(public, "q_win", q_win, 4, "[B, Hq, W, D]")
+    _tensor(public, "k_cache", k_cache, 4, "[B, Hkv, C, D]")
+    _tensor(public, "lengths", lengths, 2, "[B, Hkv]")
+    _choice(public, "query_reduce", query_reduce, ("mean", "sum"))
+    _choice(public, "group_reduce", group_reduce, ("mean", "max", "mean_all"))
+    _choice(public, "pool", pool, ("none", "avg", "max"))
+
+
 def window_scores(q_win, k_cache, lengths, sm_scale=None, *, query_reduce="mean", group_reduce="mean",
                   normalize=False, pool="none", pool_kernel=1, backend="auto") -> torch.Tensor:
     """Attention that the last ``W`` queries pay to every cached slot (SnapKV, TOVA, G-KV, PyramidKV, AdaKV).
@@ -186,12 +196,7 @@ def window_scores(q_win, k_cache, lengths, sm_scale=None, *, query_reduce="mean"
     Returns: float32 ``[B, Hkv, C]``; 0 past ``lengths``. Mutates nothing.
     """
     public = "kvkern.window_scores"
-    _tensor(public, "q_win", q_win, 4, "[B, Hq, W, D]")
-    _tensor(public, "k_cache", k_cache, 4, "[B, Hkv, C, D]")
-    _tensor(public, "lengths", lengths, 2, "[B, Hkv]")
-    _choice(public, "query_reduce", query_reduce, ("mean", "sum"))
-    _choice(public, "group_reduce", group_reduce, ("mean", "max", "mean_all"))
-    _choice(public, "pool", pool, ("none", "avg", "max"))
+    _window_args(public, q_win, k_cache, lengths, query_reduce, group_reduce, pool)
     _int(public, "pool_kernel", pool_kernel, 1)
     static = ()
     if q_win.dtype in _DTYPE_KEYS and k_cache.shape[1] > 0:
@@ -445,12 +450,7 @@ def score_evict_(q_win, k_cache, v_cache, lengths, budget, *, positions=None, n_
     Returns: the keep mask bool ``[B, Hkv, C]`` taken before compaction.
     """
     public = "kvkern.score_evict_"
-    _tensor(public, "q_win", q_win, 4, "[B, Hq, W, D]")
-    _tensor(public, "k_cache", k_cache, 4, "[B, Hkv, C, D]")
-    _tensor(public, "lengths", lengths, 2, "[B, Hkv]")
-    _choice(public, "query_reduce", query_reduce, ("mean", "sum"))
-    _choice(public, "group_reduce", group_reduce, ("mean", "max", "mean_all"))
-    _choice(public, "pool", pool, ("none", "avg", "max"))
+    _window_args(public, q_win, k_cache, lengths, query_reduce, group_reduce, pool)
     _choice(public, "hist_mode", hist_mode, ("max", "ema", "sum"))
     if (hist is None) != (hist_lengths is None):
         raise ValueError(f"{public}: hist and hist_lengths: expected both or neither, got "

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kvkern._fake import triton_twin
@@ -57,5 +58,43 @@ def make_cache(B, Hkv, C, D, dtype=torch.float32, lengths=None, device=DEVICE, p
     return k, v, lengths, positions
 
 
+def ragged_lengths(B: int, Hkv: int, C: int, device=DEVICE) -> torch.Tensor:
+    """Lengths ``[B, Hkv]`` int32 uniform in [0, C] with a 0 and a C always present."""
+    lengths = torch.randint(0, C + 1, (B, Hkv), dtype=torch.int32)
+    lengths.view(-1)[0] = 0
+    lengths.view(-1)[-1] = C
+    return lengths.to(device)
+
+
 def valid_mask(lengths: torch.Tensor, C: int) -> torch.Tensor:
     return torch.arange(C, device=lengths.device).view(1, 1, C) < lengths.to(torch.int64).unsqueeze(-1)
+
+
+def with_changes(good, **changes):
+    """A builder of bad arguments for the error tests: ``good()`` with each named
+    argument replaced by ``fn(args)`` when ``fn`` is callable, else by the value itself."""
+    def make():
+        a = good()
+        for name, fn in changes.items():
+            a[name] = fn(a) if callable(fn) else fn
+        return a
+    return make
+
+
+def out_of_range_cases(with_, name: str = "lengths") -> list:
+    """Error cases of ``name`` values outside [0, C] (``with_``: a ``with_changes``
+    builder). None on CUDA, where the ops do not read those values (a host sync)."""
+    if DEVICE == "cuda":
+        return []
+    return [(f"{name}_negative", name, "[0, C]", with_(**{name: lambda a: a[name] - 100})),
+            (f"{name}_over_capacity", name, "[0, C]", with_(**{name: lambda a: a[name] + 100}))]
+
+
+def assert_error_names(op: str, backend: str, args, arg: str, words: str) -> None:
+    """Calling ``op`` on ``backend`` with ``args`` raises one error that names the op
+    (its Triton twin for "triton"), the argument ``arg`` and contains ``words``."""
+    with pytest.raises((RuntimeError, ValueError, TypeError)) as info:
+        call(op, backend, *args)
+    msg = str(info.value)
+    name = f"kvkern::{op}" + ("_triton" if backend == "triton" else "")
+    assert f"{name}: {arg}: " in msg and words in msg, msg

@@ -13,7 +13,8 @@ import torch
 from kvkern import reference
 from kvkern.triton import scorers as triton_scorers
 
-from eviction_utils import DEVICE, SCORE_TOLERANCES, call, make_cache, op_backends, valid_mask
+from eviction_utils import (DEVICE, SCORE_TOLERANCES, call, make_cache, op_backends, out_of_range_cases,
+                            ragged_lengths, valid_mask, with_changes)
 from utils import assert_verbose_allclose, randn
 
 OP = "expected_attention_scores"
@@ -31,14 +32,6 @@ def make_stats(B, Hq, D, cov=True, device=DEVICE, mean_scale=2.0):
         return mean, None
     a = randn(B, Hq, D, D, device=device)
     return mean, (a @ a.transpose(-1, -2) / D).contiguous()
-
-
-def ragged_lengths(B, Hkv, C):
-    """Uniform in [0, C] with a 0 and a C always present."""
-    lengths = torch.randint(0, C + 1, (B, Hkv), dtype=torch.int32)
-    lengths.view(-1)[0] = 0
-    lengths.view(-1)[-1] = C
-    return lengths.to(DEVICE)
 
 
 def check(backend, mean, cov, k, v, lengths, n_sink=4, epsilon=0.0, sm_scale=None, what=""):
@@ -358,12 +351,7 @@ def good():
 
 
 def _with(**changes):
-    def make():
-        a = good()
-        for name, fn in changes.items():
-            a[name] = fn(a)
-        return a
-    return make
+    return with_changes(good, **changes)
 
 
 # (id, argument named in the error, words the message must contain, builder of bad arguments)
@@ -389,11 +377,7 @@ BAD = [
     ("n_sink_negative", "n_sink", ">= 0", _with(n_sink=lambda a: -1)),
     ("epsilon_nan", "epsilon", "finite", _with(epsilon=lambda a: float("nan"))),
     ("sm_scale_inf", "sm_scale", "finite", _with(sm_scale=lambda a: float("inf"))),
-    ("lengths_negative", "lengths", "[0, C]", _with(lengths=lambda a: a["lengths"] - 100)),
-    ("lengths_over_capacity", "lengths", "[0, C]", _with(lengths=lambda a: a["lengths"] + 100)),
-]
-if DEVICE == "cuda":  # on CUDA lengths values are not checked (that would need a host sync)
-    BAD = [b for b in BAD if b[0] not in ("lengths_negative", "lengths_over_capacity")]
+] + out_of_range_cases(_with)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

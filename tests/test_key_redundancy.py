@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from kvkern import reference
-from eviction_utils import DEVICE, SCORE_TOLERANCES, call, make_cache, op_backends
+from eviction_utils import (DEVICE, SCORE_TOLERANCES, assert_error_names, call, make_cache, op_backends,
+                            out_of_range_cases, with_changes)
 from utils import assert_verbose_allclose, poison_past_lengths
 
 OP = "key_redundancy"
@@ -180,12 +181,7 @@ def _good():
 
 
 def _with(**changes):
-    def make():
-        a = _good()
-        for name, fn in changes.items():
-            a[name] = fn(a) if callable(fn) else fn
-        return a
-    return make
+    return with_changes(_good, **changes)
 
 
 BAD = [
@@ -198,20 +194,10 @@ BAD = [
      _with(k_cache=lambda a: a["k_cache"].repeat_interleave(2, dim=-1)[..., ::2])),
     ("n_window_negative", "n_window", ">= 0", _with(n_window=-1)),
     ("threshold_nan", "threshold", "nan", _with(threshold=float("nan"))),
-]
-if DEVICE == "cpu":
-    BAD += [
-        ("lengths_negative", "lengths", "[0, C]", _with(lengths=lambda a: a["lengths"] - 100)),
-        ("lengths_over_capacity", "lengths", "[0, C]", _with(lengths=lambda a: a["lengths"] + 100)),
-    ]
+] + out_of_range_cases(_with)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case_id,arg,words,make", BAD, ids=[b[0] for b in BAD])
 def test_bad_input_names_the_argument(backend, case_id, arg, words, make):
-    a = make()
-    with pytest.raises((RuntimeError, ValueError, TypeError)) as info:
-        call(OP, backend, *a.values())
-    msg = str(info.value)
-    name = "kvkern::key_redundancy" + ("_triton" if backend == "triton" else "")
-    assert f"{name}: {arg}: " in msg and words in msg, msg
+    assert_error_names(OP, backend, make().values(), arg, words)

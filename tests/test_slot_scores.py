@@ -10,7 +10,8 @@ import torch
 from kvkern import reference
 from kvkern.triton import scorers as triton_scorers
 
-from eviction_utils import DEVICE, SCORE_TOLERANCES, call, make_cache, op_backends, valid_mask
+from eviction_utils import (DEVICE, SCORE_TOLERANCES, call, make_cache, op_backends, out_of_range_cases,
+                            ragged_lengths, valid_mask, with_changes)
 from utils import assert_verbose_allclose, randn
 
 OP = "slot_scores"
@@ -19,14 +20,6 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KINDS = reference.SLOT_SCORE_KINDS
 
 pytestmark = pytest.mark.skipif(not BACKENDS, reason="no slot_scores kernel on this device")
-
-
-def ragged_lengths(B, Hkv, C):
-    """Uniform in [0, C] with a 0 and a C always present."""
-    lengths = torch.randint(0, C + 1, (B, Hkv), dtype=torch.int32)
-    lengths.view(-1)[0] = 0
-    lengths.view(-1)[-1] = C
-    return lengths.to(DEVICE)
 
 
 def _inverse_lowbias32(y: int) -> int:
@@ -187,12 +180,7 @@ def good():
 
 
 def _with(**changes):
-    def make():
-        a = good()
-        for name, fn in changes.items():
-            a[name] = fn(a)
-        return a
-    return make
+    return with_changes(good, **changes)
 
 
 BAD = [
@@ -207,11 +195,7 @@ BAD = [
     ("lengths_rank", "lengths", "2-D", _with(lengths=lambda a: a["lengths"].flatten())),
     ("lengths_dtype", "lengths", "int32", _with(lengths=lambda a: a["lengths"].long())),
     ("lengths_shape", "lengths", "shape", _with(lengths=lambda a: a["lengths"][:1])),
-    ("lengths_negative", "lengths", "[0, C]", _with(lengths=lambda a: a["lengths"] - 100)),
-    ("lengths_over_capacity", "lengths", "[0, C]", _with(lengths=lambda a: a["lengths"] + 100)),
-]
-if DEVICE == "cuda":
-    BAD = [b for b in BAD if b[0] not in ("lengths_negative", "lengths_over_capacity")]
+] + out_of_range_cases(_with)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -10,7 +10,7 @@ import torch
 from kvkern import reference
 from kvkern.triton import scorers as triton_scorers
 
-from eviction_utils import DEVICE, call, op_backends, valid_mask
+from eviction_utils import DEVICE, call, op_backends, out_of_range_cases, ragged_lengths, valid_mask, with_changes
 from utils import randn
 
 OP = "update_scores_"
@@ -25,17 +25,10 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.int32)
 
 
-def ragged(B, H, C):
-    lengths = torch.randint(0, C + 1, (B, H), dtype=torch.int32)
-    lengths.view(-1)[0] = 0
-    lengths.view(-1)[-1] = C
-    return lengths.to(DEVICE)
-
-
 def make_inputs(B, H, C):
     """hist and new with NaN (and odd payloads) past lengths; hist_lengths on both sides of lengths."""
-    lengths = ragged(B, H, C)
-    hist_lengths = ragged(B, H, C)
+    lengths = ragged_lengths(B, H, C)
+    hist_lengths = ragged_lengths(B, H, C)
     hist = randn(B, H, C, device=DEVICE).abs() * 3
     new = randn(B, H, C, device=DEVICE).abs() * 3
     tail = ~valid_mask(lengths, C)
@@ -103,8 +96,8 @@ def test_strided_and_aliased(backend, mode):
     store = randn(H, B, C + 9, device=DEVICE)
     hist = store.transpose(0, 1)[..., 4:C + 4]  # [B, H, C], batch and heads swapped, offset slots
     new = randn(B, H, 2 * C, device=DEVICE)[..., ::2].contiguous()
-    lengths = ragged(B, 2 * H, C)[:, 1::2]
-    hist_lengths = ragged(H, B, C).t()
+    lengths = ragged_lengths(B, 2 * H, C)[:, 1::2]
+    hist_lengths = ragged_lengths(H, B, C).t()
     assert not (hist.is_contiguous() or lengths.is_contiguous() or hist_lengths.is_contiguous())
     store_before = store.clone()
     check(backend, hist, new, lengths, hist_lengths, 0.75, mode)
@@ -141,12 +134,7 @@ def good():
 
 
 def _with(**changes):
-    def make():
-        a = good()
-        for name, fn in changes.items():
-            a[name] = fn(a)
-        return a
-    return make
+    return with_changes(good, **changes)
 
 
 BAD = [
@@ -163,14 +151,7 @@ BAD = [
     ("lengths_shape", "lengths", "shape", _with(lengths=lambda a: a["lengths"][:, :2])),
     ("hist_lengths_rank", "hist_lengths", "2-D", _with(hist_lengths=lambda a: a["hist_lengths"][0])),
     ("hist_lengths_dtype", "hist_lengths", "int32", _with(hist_lengths=lambda a: a["hist_lengths"].float())),
-    ("lengths_negative", "lengths", "[0, C]", _with(lengths=lambda a: a["lengths"] - 100)),
-    ("lengths_over_capacity", "lengths", "[0, C]", _with(lengths=lambda a: a["lengths"] + 100)),
-    ("hist_lengths_negative", "hist_lengths", "[0, C]", _with(hist_lengths=lambda a: a["hist_lengths"] - 100)),
-    ("hist_lengths_over_capacity", "hist_lengths", "[0, C]",
-     _with(hist_lengths=lambda a: a["hist_lengths"] + 100)),
-]
-if DEVICE == "cuda":
-    BAD = [b for b in BAD if "negative" not in b[0] and "over_capacity" not in b[0]]
+] + out_of_range_cases(_with) + out_of_range_cases(_with, "hist_lengths")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

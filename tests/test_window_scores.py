@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from kvkern import reference
-from eviction_utils import DEVICE, SCORE_TOLERANCES, call, make_cache, op_backends
+from eviction_utils import (DEVICE, SCORE_TOLERANCES, assert_error_names, call, make_cache, op_backends,
+                            out_of_range_cases, with_changes)
 from utils import assert_verbose_allclose, randn
 
 OP = "window_scores"
@@ -190,12 +191,7 @@ def _good():
 
 
 def _with(**changes):
-    def make():
-        a = _good()
-        for name, fn in changes.items():
-            a[name] = fn(a) if callable(fn) else fn
-        return a
-    return make
+    return with_changes(_good, **changes)
 
 
 # (id, argument named, words in the message, builder)
@@ -221,23 +217,13 @@ BAD = [
     ("pool_kernel_zero", "pool_kernel", "odd", _with(pool_kernel=0)),
     ("sm_scale_nan", "sm_scale", "finite", _with(sm_scale=float("nan"))),
     ("sm_scale_inf", "sm_scale", "finite", _with(sm_scale=float("inf"))),
-]
-if DEVICE == "cpu":  # on CUDA lengths values are not read (that would need a host sync)
-    BAD += [
-        ("lengths_negative", "lengths", "[0, C]", _with(lengths=lambda a: a["lengths"] - 100)),
-        ("lengths_over_capacity", "lengths", "[0, C]", _with(lengths=lambda a: a["lengths"] + 100)),
-    ]
+] + out_of_range_cases(_with)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case_id,arg,words,make", BAD, ids=[b[0] for b in BAD])
 def test_bad_input_names_the_argument(backend, case_id, arg, words, make):
-    a = make()
-    with pytest.raises((RuntimeError, ValueError, TypeError)) as info:
-        call(OP, backend, *a.values())
-    msg = str(info.value)
-    name = "kvkern::window_scores" + ("_triton" if backend == "triton" else "")
-    assert f"{name}: {arg}: " in msg and words in msg, msg
+    assert_error_names(OP, backend, make().values(), arg, words)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a second device type")

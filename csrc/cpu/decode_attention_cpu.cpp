@@ -10,6 +10,7 @@
 #include <tuple>
 
 #include "cpu/decode_attention_kernel.h"
+#include "cpu/dtype_dispatch.h"
 #include "torch/decode_attention_args.h"
 
 namespace kvkern::torch_glue {
@@ -54,12 +55,7 @@ std::tuple<Tensor, Tensor> decode_attention_cpu(const Tensor& q, const Tensor& k
   STD_TORCH_CHECK(q.is_cpu(), op, ": expected CPU tensors here");
 
   // On CPU, reading lengths costs nothing, so out-of-range values are an error.
-  for (int64_t b = 0; b < p.batch; ++b)
-    for (int64_t j = 0; j < p.num_kv_heads; ++j) {
-      const int32_t len = p.lengths[b * p.lengths_stride_b + j * p.lengths_stride_h];
-      STD_TORCH_CHECK(len >= 0 && len <= p.capacity, op, ": lengths: expected every value in [0, C] = [0, ",
-                      p.capacity, "], got ", len, " at [", b, ", ", j, "]");
-    }
+  check_host_lengths(op, p);
 
   p.block_n = block_n > 0 ? static_cast<int>(block_n) : kCpuDefaultBlockN;
   p.num_splits = num_splits > 0 ? static_cast<int>(num_splits)
@@ -82,12 +78,7 @@ std::tuple<Tensor, Tensor> decode_attention_cpu(const Tensor& q, const Tensor& k
     p.partial_lse = static_cast<float*>(partial_lse.mutable_data_ptr());
   }
 
-  switch (q.scalar_type()) {
-    case ScalarType::Float: run<float>(p); break;
-    case ScalarType::Half: run<cpu::Half>(p); break;
-    case ScalarType::BFloat16: run<cpu::BFloat16>(p); break;
-    default: STD_TORCH_CHECK(false, op, ": unreachable dtype");
-  }
+  dispatch_cache_dtype(op, q.scalar_type(), [&](auto tag) { run<decltype(tag)>(p); });
   return {out, lse};
 }
 

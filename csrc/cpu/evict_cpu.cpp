@@ -23,20 +23,9 @@
 namespace kvkern::torch_glue {
 namespace {
 
-void check_lengths_values(const char* op, const int32_t* lengths, int64_t sb, int64_t sh,
-                          int64_t B, int64_t H, int64_t C) {
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t j = 0; j < H; ++j) {
-      const int32_t len = lengths[b * sb + j * sh];
-      STD_TORCH_CHECK(len >= 0 && len <= C, op, ": lengths: expected every value in [0, C] = [0, ",
-                      C, "], got ", len, " at [", b, ", ", j, "]");
-    }
-}
-
 // The value checks of select_keep's arguments that are free on CPU.
 void check_select_values(const char* op, const SelectParams& p) {
-  check_lengths_values(op, p.lengths, p.lengths_stride_b, p.lengths_stride_h, p.batch,
-                       p.num_kv_heads, p.capacity);
+  check_host_lengths(op, p);
   if (p.budgets)
     for (int64_t b = 0; b < p.batch; ++b)
       for (int64_t j = 0; j < p.num_kv_heads; ++j) {
@@ -134,8 +123,7 @@ void compact_cpu(const Tensor& k_cache, const Tensor& v_cache, const Tensor& len
   const char* op = "kvkern::compact_";
   CompactParams p = make_compact_params(op, k_cache, v_cache, lengths, keep, positions, hist, log_w);
   STD_TORCH_CHECK(k_cache.is_cpu(), op, ": expected CPU tensors here");
-  check_lengths_values(op, p.lengths, p.lengths_stride_b, p.lengths_stride_h, p.batch,
-                       p.num_kv_heads, p.capacity);
+  check_host_lengths(op, p);
   const int64_t es = element_size(k_cache.scalar_type());
   torch::stable::parallel_for(0, p.batch * p.num_kv_heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t h = begin; h < end; ++h)
@@ -185,8 +173,7 @@ Tensor allocate_head_budgets_cpu(const Tensor& scores, const Tensor& lengths, in
   HeadBudgetParams p =
       make_head_budget_params(op, scores, lengths, budget, safeguard, n_sink, n_recent);
   STD_TORCH_CHECK(scores.is_cpu(), op, ": expected CPU tensors here");
-  check_lengths_values(op, p.lengths, p.lengths_stride_b, p.lengths_stride_h, p.batch,
-                       p.num_kv_heads, p.capacity);
+  check_host_lengths(op, p);
   Tensor out = torch::stable::new_empty(lengths, {p.batch, p.num_kv_heads}, ScalarType::Int);
   p.out = static_cast<int32_t*>(out.mutable_data_ptr());
   torch::stable::parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) {

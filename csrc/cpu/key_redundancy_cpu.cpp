@@ -13,6 +13,7 @@
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
 
+#include "cpu/dtype_dispatch.h"
 #include "cpu/key_redundancy_kernel.h"
 #include "torch/key_redundancy_args.h"
 
@@ -35,17 +36,11 @@ Tensor key_redundancy_cpu(const Tensor& k_cache, const Tensor& lengths, int64_t 
   const char* op = "kvkern::key_redundancy";
   KeyRedundancyParams p = make_key_redundancy_params(op, k_cache, lengths, n_window, threshold);
   STD_TORCH_CHECK(k_cache.is_cpu(), op, ": k_cache: expected a CPU tensor here");
-  window_args::check_host_lengths(op, p.lengths, p.lengths_stride_b, p.lengths_stride_h, p.batch,
-                                  p.num_kv_heads, p.capacity);
+  check_host_lengths(op, p);
   Tensor out = torch::stable::new_empty(k_cache, {p.batch, p.num_kv_heads, p.capacity}, ScalarType::Float);
   p.out = static_cast<float*>(out.mutable_data_ptr());
   if (out.numel() == 0) return out;
-  switch (k_cache.scalar_type()) {
-    case ScalarType::Float: run<float>(p); break;
-    case ScalarType::Half: run<cpu::Half>(p); break;
-    case ScalarType::BFloat16: run<cpu::BFloat16>(p); break;
-    default: STD_TORCH_CHECK(false, op, ": unreachable dtype");
-  }
+  dispatch_cache_dtype(op, k_cache.scalar_type(), [&](auto tag) { run<decltype(tag)>(p); });
   return out;
 }
 

@@ -20,7 +20,7 @@
 #include <vector>
 
 #include "cpu/eviction_cpu_ops.h"
-#include "torch/checks.h"
+#include "torch/evict_args.h"
 
 namespace kvkern::torch_glue {
 namespace {
@@ -54,23 +54,14 @@ Tensor score_evict_cpu(const Tensor& q_win, const Tensor& k_cache, const Tensor&
   const char* op = "kvkern::score_evict_";
   check_rank(op, "q_win", q_win, 4, "[B, Hq, W, D]");
   check_rank(op, "k_cache", k_cache, 4, "[B, Hkv, C, D]");
-  check_rank(op, "lengths", lengths, 2, "[B, Hkv]");
-  check_dtype(op, "lengths", lengths, ScalarType::Int);
-  STD_TORCH_CHECK(hist.has_value() == hist_lengths.has_value(), op,
-                  ": hist and hist_lengths: expected both or neither, got ", hist ? "hist" : "no hist", " and ",
-                  hist_lengths ? "hist_lengths" : "no hist_lengths");
-  STD_TORCH_CHECK(mix_lambda >= 0.0 && mix_lambda <= 1.0, op, ": mix_lambda: expected a value in [0, 1], got ",
-                  mix_lambda);
+  check_score_evict_options(op, hist, hist_lengths, mix_lambda);
   STD_TORCH_CHECK(budget >= 0, op, ": budget: expected an int >= 0, got ", budget);
+  // Read below (before the pieces check them): lengths and budgets [B, Hkv] int32 on the CPU.
+  check_head_ints(op, "lengths", lengths, k_cache.size(0), k_cache.size(1), k_cache, "k_cache");
+  if (budgets) check_head_ints(op, "budgets", *budgets, k_cache.size(0), k_cache.size(1), k_cache, "k_cache");
   STD_TORCH_CHECK(q_win.is_cpu() && lengths.is_cpu(), op, ": expected CPU tensors here");
-  STD_TORCH_CHECK(lengths.size(0) == k_cache.size(0) && lengths.size(1) == k_cache.size(1), op,
-                  ": lengths: expected shape [B, Hkv] = [", k_cache.size(0), ", ", k_cache.size(1), "], got ",
-                  shape_str(lengths));
-  if (budgets) {
-    check_dtype(op, "budgets", *budgets, ScalarType::Int);
-    STD_TORCH_CHECK(budgets->dim() == 2 && budgets->size(0) == lengths.size(0) && budgets->size(1) == lengths.size(1),
-                    op, ": budgets: expected shape [B, Hkv] = ", shape_str(lengths), ", got ", shape_str(*budgets));
-  }
+  check_host_lengths(op, "lengths", static_cast<const int32_t*>(lengths.const_data_ptr()), lengths.stride(0),
+                     lengths.stride(1), k_cache.size(0), k_cache.size(1), k_cache.size(2));
   const int64_t W = q_win.size(2);
   const bool pooled = pool != "none" && pool_kernel != 1;
 
@@ -90,8 +81,6 @@ Tensor score_evict_cpu(const Tensor& q_win, const Tensor& k_cache, const Tensor&
     for (int64_t b = 0; b < B; ++b)
       for (int64_t j = 0; j < H; ++j) {
         const int64_t len = L[b * lengths.stride(0) + j * lengths.stride(1)];
-        STD_TORCH_CHECK(len >= 0 && len <= C, op, ": lengths: expected every value in [0, C] = [0, ", C,
-                        "], got ", len, " at [", b, ", ", j, "]");
         const int64_t lim = K ? K[b * budgets->stride(0) + j * budgets->stride(1)] : budget;
         active[b * H + j] = len > lim;
         region[b * H + j] = std::max<int64_t>(len - W, 0);

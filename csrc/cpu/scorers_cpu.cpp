@@ -12,31 +12,32 @@
 #include <optional>
 #include <string>
 
+#include "cpu/dtype_dispatch.h"
 #include "cpu/scorers_kernel.h"
 #include "torch/scorer_args.h"
 
 namespace kvkern::torch_glue {
 namespace {
 
-// Every value of an int32 [B, H] tensor in [0, capacity], or one error naming it.
-void check_lengths_values(const char* op, const char* name, const int32_t* v, int64_t B, int64_t H,
-                          int64_t sb, int64_t sh, int64_t capacity) {
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t j = 0; j < H; ++j) {
-      const int32_t len = v[b * sb + j * sh];
-      STD_TORCH_CHECK(len >= 0 && len <= capacity, op, ": ", name,
-                      ": expected every value in [0, C] = [0, ", capacity, "], got ", len, " at [", b,
-                      ", ", j, "]");
-    }
-}
-
 template <typename F>
 void for_each_head(int64_t heads, int64_t grain, const F& fn) {
   if (heads > 0) torch::stable::parallel_for(0, heads, grain, fn);
 }
 
-Tensor new_scores(const Tensor& like, int64_t B, int64_t H, int64_t C) {
-  return torch::stable::new_empty(like, {B, H, C}, ScalarType::Float);
+// The per-slot scorers after their argument checks: CPU tensors, lengths in
+// [0, C], a new [B, Hkv, C] fp32 output, then items(T{}, begin, end) over the
+// (batch, kv head) items, T the cache's element type.
+template <class P, class Items>
+Tensor score_slots(const char* op, const Tensor& k_cache, P& p, const Items& items) {
+  STD_TORCH_CHECK(k_cache.is_cpu(), op, ": expected CPU tensors here");
+  check_host_lengths(op, p);
+  Tensor out = torch::stable::new_empty(k_cache, {p.batch, p.num_kv_heads, p.capacity}, ScalarType::Float);
+  p.out = static_cast<float*>(out.mutable_data_ptr());
+  if (p.capacity == 0) return out;
+  dispatch_cache_dtype(op, k_cache.scalar_type(), [&](auto tag) {
+    for_each_head(p.batch * p.num_kv_heads, 1, [&](int64_t begin, int64_t end) { items(tag, begin, end); });
+  });
+  return out;
 }
 
 }  // namespace
@@ -49,50 +50,18 @@ Tensor expected_attention_scores_cpu(const Tensor& mean, const std::optional<Ten
   const char* op = "kvkern::expected_attention_scores";
   ExpectedAttentionParams p = make_expected_attention_params(op, mean, cov, k_cache, v_cache, lengths,
                                                              n_sink, epsilon, sm_scale);
-  STD_TORCH_CHECK(k_cache.is_cpu(), op, ": expected CPU tensors here");
-  check_lengths_values(op, "lengths", p.lengths, p.batch, p.num_kv_heads, p.lengths_stride_b,
-                       p.lengths_stride_h, p.capacity);
-  Tensor out = new_scores(k_cache, p.batch, p.num_kv_heads, p.capacity);
-  p.out = static_cast<float*>(out.mutable_data_ptr());
-  if (p.capacity == 0) return out;
-  auto body = [&](auto tag) {
-    using T = decltype(tag);
-    for_each_head(p.batch * p.num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-      cpu::scorer::expected_attention_items<T>(p, begin, end);
-    });
-  };
-  switch (k_cache.scalar_type()) {
-    case ScalarType::Float: body(float{}); break;
-    case ScalarType::Half: body(cpu::Half{}); break;
-    case ScalarType::BFloat16: body(cpu::BFloat16{}); break;
-    default: STD_TORCH_CHECK(false, op, ": unreachable dtype");
-  }
-  return out;
+  return score_slots(op, k_cache, p, [&](auto tag, int64_t begin, int64_t end) {
+    cpu::scorer::expected_attention_items<decltype(tag)>(p, begin, end);
+  });
 }
 
 Tensor slot_scores_cpu(const Tensor& k_cache, const std::optional<Tensor>& v_cache,
                        const Tensor& lengths, std::string kind, int64_t seed) {
   const char* op = "kvkern::slot_scores";
   SlotScoresParams p = make_slot_scores_params(op, k_cache, v_cache, lengths, kind, seed);
-  STD_TORCH_CHECK(k_cache.is_cpu(), op, ": expected CPU tensors here");
-  check_lengths_values(op, "lengths", p.lengths, p.batch, p.num_kv_heads, p.lengths_stride_b,
-                       p.lengths_stride_h, p.capacity);
-  Tensor out = new_scores(k_cache, p.batch, p.num_kv_heads, p.capacity);
-  p.out = static_cast<float*>(out.mutable_data_ptr());
-  if (p.capacity == 0) return out;
-  auto body = [&](auto tag) {
-    using T = decltype(tag);
-    for_each_head(p.batch * p.num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-      cpu::scorer::slot_scores_items<T>(p, begin, end);
-    });
-  };
-  switch (k_cache.scalar_type()) {
-    case ScalarType::Float: body(float{}); break;
-    case ScalarType::Half: body(cpu::Half{}); break;
-    case ScalarType::BFloat16: body(cpu::BFloat16{}); break;
-    default: STD_TORCH_CHECK(false, op, ": unreachable dtype");
-  }
-  return out;
+  return score_slots(op, k_cache, p, [&](auto tag, int64_t begin, int64_t end) {
+    cpu::scorer::slot_scores_items<decltype(tag)>(p, begin, end);
+  });
 }
 
 void update_scores_cpu(Tensor hist, const Tensor& fresh, const Tensor& lengths,
@@ -101,10 +70,9 @@ void update_scores_cpu(Tensor hist, const Tensor& fresh, const Tensor& lengths,
   UpdateScoresParams p = make_update_scores_params(op, hist, fresh, lengths, hist_lengths, decay, mode);
   STD_TORCH_CHECK(hist.is_cpu(), op, ": expected CPU tensors here");
   // Both checked before anything is written: a bad call leaves hist as it was.
-  check_lengths_values(op, "lengths", p.lengths, p.batch, p.num_kv_heads, p.lengths_stride_b,
-                       p.lengths_stride_h, p.capacity);
-  check_lengths_values(op, "hist_lengths", p.hist_lengths, p.batch, p.num_kv_heads,
-                       p.hist_lengths_stride_b, p.hist_lengths_stride_h, p.capacity);
+  check_host_lengths(op, p);
+  check_host_lengths(op, "hist_lengths", p.hist_lengths, p.hist_lengths_stride_b,
+                     p.hist_lengths_stride_h, p.batch, p.num_kv_heads, p.capacity);
   if (p.capacity == 0) return;
   // Rows are short and cheap: several heads per task.
   for_each_head(p.batch * p.num_kv_heads, 16, [&](int64_t begin, int64_t end) {

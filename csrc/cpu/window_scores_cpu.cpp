@@ -16,6 +16,7 @@
 #include <optional>
 #include <string>
 
+#include "cpu/dtype_dispatch.h"
 #include "cpu/window_scores_kernel.h"
 #include "torch/window_scores_args.h"
 
@@ -42,17 +43,11 @@ Tensor window_scores_cpu(const Tensor& q_win, const Tensor& k_cache, const Tenso
   WindowScoresParams p = make_window_scores_params(op, q_win, k_cache, lengths, sm_scale, query_reduce,
                                                    group_reduce, normalize, pool, pool_kernel);
   STD_TORCH_CHECK(q_win.is_cpu(), op, ": q_win: expected a CPU tensor here");
-  window_args::check_host_lengths(op, p.lengths, p.lengths_stride_b, p.lengths_stride_h, p.batch,
-                                  p.num_kv_heads, p.capacity);
+  check_host_lengths(op, p);
   Tensor out = torch::stable::new_empty(k_cache, {p.batch, p.num_kv_heads, p.capacity}, ScalarType::Float);
   p.out = static_cast<float*>(out.mutable_data_ptr());
   if (out.numel() == 0) return out;
-  switch (q_win.scalar_type()) {
-    case ScalarType::Float: run<float>(p); break;
-    case ScalarType::Half: run<cpu::Half>(p); break;
-    case ScalarType::BFloat16: run<cpu::BFloat16>(p); break;
-    default: STD_TORCH_CHECK(false, op, ": unreachable dtype");
-  }
+  dispatch_cache_dtype(op, q_win.scalar_type(), [&](auto tag) { run<decltype(tag)>(p); });
   return out;
 }
 

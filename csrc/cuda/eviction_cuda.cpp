@@ -27,6 +27,7 @@
 #include <tuple>
 
 #include "torch/evict_args.h"
+#include "torch/scorer_args.h"
 #include "torch/window_scores_args.h"
 
 namespace kvkern::torch_glue {
@@ -167,35 +168,21 @@ Tensor score_evict_cuda(const Tensor& q_win, const Tensor& k_cache, const Tensor
                         const std::optional<Tensor>& protect_ranges, const std::optional<Tensor>& keep_mask,
                         const std::optional<Tensor>& log_w) {
   const char* op = "kvkern::score_evict_";
-  // The pieces' checks: window scores (q_win, k_cache, lengths, options), selection and
-  // compaction (a placeholder scores tensor of the cache's [B, Hkv, C] carries the shape).
+  // The pieces' checks: window scores (q_win, k_cache, lengths, options), selection (for
+  // the cache's [B, Hkv, C]: the scores are made inside) and compaction.
   WindowScoresParams wp = make_window_scores_params(op, q_win, k_cache, lengths, sm_scale, query_reduce,
                                                     group_reduce, normalize, pool, pool_kernel);
   require_cuda(op, "q_win", q_win);
   const int32_t device = q_win.get_device_index();
   torch::stable::accelerator::DeviceGuard guard(device);
+  SelectParams sp = make_select_params(op, wp.batch, wp.num_kv_heads, wp.capacity, k_cache, "k_cache", lengths,
+                                       positions, budgets, budget, n_sink, n_recent, protect_ranges, keep_mask,
+                                       std::nullopt, std::nullopt);
   Tensor keep = torch::stable::new_empty(k_cache, {wp.batch, wp.num_kv_heads, wp.capacity}, ScalarType::Bool);
-  SelectParams sp = make_select_params(op, torch::stable::new_empty(k_cache, {wp.batch, wp.num_kv_heads, wp.capacity},
-                                                                    ScalarType::Float),
-                                       lengths, positions, budgets, budget, n_sink, n_recent, protect_ranges,
-                                       keep_mask, std::nullopt, std::nullopt);
   CompactParams cp = make_compact_params(op, k_cache, v_cache, lengths, keep, positions, hist, log_w);
-  STD_TORCH_CHECK(hist.has_value() == hist_lengths.has_value(), op,
-                  ": hist and hist_lengths: expected both or neither");
-  STD_TORCH_CHECK(mix_lambda >= 0.0 && mix_lambda <= 1.0, op, ": mix_lambda: expected a value in [0, 1], got ",
-                  mix_lambda);
-  UpdateMode mode = UpdateMode::kMax;
-  if (hist_mode == "ema") mode = UpdateMode::kEma;
-  else if (hist_mode == "sum") mode = UpdateMode::kSum;
-  else STD_TORCH_CHECK(hist_mode == "max", op, ": hist_mode: expected one of max, ema, sum, got '", hist_mode, "'");
-  if (hist_lengths) {
-    check_rank(op, "hist_lengths", *hist_lengths, 2, "[B, Hkv]");
-    check_dtype(op, "hist_lengths", *hist_lengths, ScalarType::Int);
-    check_same_device(op, "hist_lengths", *hist_lengths, q_win, "q_win");
-    STD_TORCH_CHECK(hist_lengths->size(0) == wp.batch && hist_lengths->size(1) == wp.num_kv_heads, op,
-                    ": hist_lengths: expected shape [B, Hkv] = [", wp.batch, ", ", wp.num_kv_heads, "], got ",
-                    shape_str(*hist_lengths));
-  }
+  check_score_evict_options(op, hist, hist_lengths, mix_lambda);
+  const UpdateMode mode = parse_update_mode(op, hist_mode);
+  if (hist_lengths) check_head_ints(op, "hist_lengths", *hist_lengths, wp.batch, wp.num_kv_heads, q_win, "q_win");
 
   std::optional<Tensor> redundancy;
   if (mix_lambda < 1.0) redundancy = key_redundancy_via_triton(k_cache, lengths, wp.window, redundancy_threshold);

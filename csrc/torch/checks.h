@@ -7,7 +7,10 @@
 #include <torch/headeronly/core/ScalarType.h>
 #include <torch/headeronly/util/Exception.h>
 
+#include <cmath>
 #include <cstdint>
+#include <initializer_list>
+#include <optional>
 #include <sstream>
 #include <string>
 
@@ -70,6 +73,100 @@ inline void check_last_dim_contiguous(const char* op, const char* name, const Te
   STD_TORCH_CHECK(t.size(t.dim() - 1) <= 1 || t.stride(t.dim() - 1) == 1, op, ": ", name,
                   ": expected the last dimension to be contiguous (stride 1), got stride ",
                   t.stride(t.dim() - 1));
+}
+
+// A cache dtype: float32, float16 or bfloat16.
+inline void check_cache_dtype(const char* op, const char* name, const Tensor& t) {
+  const ScalarType dt = t.scalar_type();
+  STD_TORCH_CHECK(dt == ScalarType::Float || dt == ScalarType::Half || dt == ScalarType::BFloat16,
+                  op, ": ", name, ": expected dtype float16, bfloat16 or float32, got ",
+                  dtype_name(dt));
+}
+
+// `t` has the shape of `ref` (e.g. v_cache of k_cache).
+inline void check_same_shape(const char* op, const char* name, const Tensor& t, const Tensor& ref,
+                             const char* ref_name) {
+  bool same = t.dim() == ref.dim();
+  for (int64_t d = 0; same && d < t.dim(); ++d) same = t.size(d) == ref.size(d);
+  STD_TORCH_CHECK(same, op, ": ", name, ": expected the shape of ", ref_name, " ", shape_str(ref),
+                  ", got ", shape_str(t));
+}
+
+// Grouped-query attention: Hq query heads share Hkv >= 1 kv heads in equal groups.
+inline void check_head_groups(const char* op, const char* q_name, int64_t Hq, const char* k_name,
+                              const Tensor& k_cache) {
+  const int64_t Hkv = k_cache.size(1);
+  STD_TORCH_CHECK(Hkv > 0, op, ": ", k_name, ": expected at least one kv head, got shape ",
+                  shape_str(k_cache));
+  STD_TORCH_CHECK(Hq > 0 && Hq % Hkv == 0, op, ": ", q_name,
+                  ": expected the number of query heads (", Hq,
+                  ") to be a positive multiple of the number of kv heads (", Hkv, ")");
+}
+
+// The softmax scale: sm_scale, by default 1 / sqrt(D); finite either way.
+inline double resolve_sm_scale(const char* op, std::optional<double> sm_scale, int64_t D) {
+  const double scale = sm_scale.has_value() ? *sm_scale : 1.0 / std::sqrt(static_cast<double>(D));
+  STD_TORCH_CHECK(std::isfinite(scale), op, ": sm_scale: expected a finite number, got ", scale);
+  return scale;
+}
+
+// `t` (of the right rank) has exactly the sizes `want`; `layout` names them,
+// e.g. "[B, Hkv]" for "lengths: expected shape [B, Hkv] = [2, 4], got [2, 3]".
+inline void check_shape(const char* op, const char* name, const Tensor& t, const char* layout,
+                        std::initializer_list<int64_t> want) {
+  bool same = t.dim() == static_cast<int64_t>(want.size());
+  std::ostringstream os;
+  os << "[";
+  int64_t d = 0;
+  for (int64_t w : want) {
+    same = same && t.size(d) == w;
+    os << (d++ ? ", " : "") << w;
+  }
+  os << "]";
+  STD_TORCH_CHECK(same, op, ": ", name, ": expected shape ", layout, " = ", os.str(), ", got ",
+                  shape_str(t));
+}
+
+// A per-head int32 tensor [B, Hkv] (lengths, budgets) on `ref`'s device.
+inline void check_head_ints(const char* op, const char* name, const Tensor& t, int64_t B,
+                            int64_t H, const Tensor& ref, const char* ref_name) {
+  check_rank(op, name, t, 2, "[B, Hkv]");
+  check_dtype(op, name, t, ScalarType::Int);
+  check_same_device(op, name, t, ref, ref_name);
+  check_shape(op, name, t, "[B, Hkv]", {B, H});
+}
+
+// A per-slot [B, Hkv, C] tensor of `dtype` on `ref`'s device, last dim contiguous.
+inline void check_slot_tensor(const char* op, const char* name, const Tensor& t, ScalarType dtype,
+                              int64_t B, int64_t H, int64_t C, const Tensor& ref,
+                              const char* ref_name) {
+  check_rank(op, name, t, 3, "[B, Hkv, C]");
+  check_dtype(op, name, t, dtype);
+  check_same_device(op, name, t, ref, ref_name);
+  check_shape(op, name, t, "[B, Hkv, C]", {B, H, C});
+  check_last_dim_contiguous(op, name, t);
+}
+
+// Every value of a per-head int32 array (host memory, strides in elements) in
+// [0, C]: only where reading is free, i.e. on CPU (on CUDA it needs a host sync).
+inline void check_host_lengths(const char* op, const char* name, const int32_t* v,
+                               int64_t stride_b, int64_t stride_h, int64_t B, int64_t H,
+                               int64_t C) {
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j = 0; j < H; ++j) {
+      const int32_t len = v[b * stride_b + j * stride_h];
+      STD_TORCH_CHECK(len >= 0 && len <= C, op, ": ", name,
+                      ": expected every value in [0, C] = [0, ", C, "], got ", len, " at [", b,
+                      ", ", j, "]");
+    }
+}
+
+// The same for the lengths of a Params struct (lengths, lengths_stride_b/h,
+// batch, num_kv_heads, capacity).
+template <class Params>
+void check_host_lengths(const char* op, const Params& p) {
+  check_host_lengths(op, "lengths", p.lengths, p.lengths_stride_b, p.lengths_stride_h, p.batch,
+                     p.num_kv_heads, p.capacity);
 }
 
 }  // namespace kvkern::torch_glue

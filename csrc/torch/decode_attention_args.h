@@ -25,53 +25,31 @@ inline DecodeAttentionParams make_decode_attention_params(
   check_rank(op, "q", q, 3, "[B, Hq, D]");
   check_rank(op, "k_cache", k_cache, 4, "[B, Hkv, C, D]");
   check_rank(op, "v_cache", v_cache, 4, "[B, Hkv, C, D]");
-  check_rank(op, "lengths", lengths, 2, "[B, Hkv]");
 
-  const ScalarType dt = q.scalar_type();
-  STD_TORCH_CHECK(dt == ScalarType::Float || dt == ScalarType::Half || dt == ScalarType::BFloat16,
-                  op, ": q: expected dtype float16, bfloat16 or float32, got ", dtype_name(dt));
-  check_dtype(op, "k_cache", k_cache, dt);
-  check_dtype(op, "v_cache", v_cache, dt);
-  check_dtype(op, "lengths", lengths, ScalarType::Int);
+  check_cache_dtype(op, "q", q);
+  check_dtype(op, "k_cache", k_cache, q.scalar_type());
+  check_dtype(op, "v_cache", v_cache, q.scalar_type());
 
   check_same_device(op, "k_cache", k_cache, q, "q");
   check_same_device(op, "v_cache", v_cache, q, "q");
-  check_same_device(op, "lengths", lengths, q, "q");
 
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
   const int64_t Hkv = k_cache.size(1), C = k_cache.size(2);
   STD_TORCH_CHECK(is_supported_head_dim(D), op, ": q: expected head dim D in {64, 128, 256}, got ",
                   D, " (shape ", shape_str(q), ")");
-  STD_TORCH_CHECK(Hkv > 0, op, ": k_cache: expected at least one kv head, got shape ",
-                  shape_str(k_cache));
-  STD_TORCH_CHECK(Hq > 0 && Hq % Hkv == 0, op, ": q: expected the number of query heads (", Hq,
-                  ") to be a positive multiple of the number of kv heads (", Hkv, ")");
+  check_head_groups(op, "q", Hq, "k_cache", k_cache);
   check_dim_size(op, "k_cache", k_cache, 0, B, "batch B of q");
   check_dim_size(op, "k_cache", k_cache, 3, D, "head dim D of q");
-  STD_TORCH_CHECK(v_cache.size(0) == B && v_cache.size(1) == Hkv && v_cache.size(2) == C &&
-                      v_cache.size(3) == D,
-                  op, ": v_cache: expected the shape of k_cache ", shape_str(k_cache), ", got ",
-                  shape_str(v_cache));
-  STD_TORCH_CHECK(lengths.size(0) == B && lengths.size(1) == Hkv, op,
-                  ": lengths: expected shape [B, Hkv] = [", B, ", ", Hkv, "], got ",
-                  shape_str(lengths));
+  check_same_shape(op, "v_cache", v_cache, k_cache, "k_cache");
+  check_head_ints(op, "lengths", lengths, B, Hkv, q, "q");
   check_last_dim_contiguous(op, "q", q);
   check_last_dim_contiguous(op, "k_cache", k_cache);
   check_last_dim_contiguous(op, "v_cache", v_cache);
 
-  if (log_w.has_value()) {
-    const Tensor& w = *log_w;
-    check_rank(op, "log_w", w, 3, "[B, Hkv, C]");
-    check_dtype(op, "log_w", w, ScalarType::Float);
-    check_same_device(op, "log_w", w, q, "q");
-    STD_TORCH_CHECK(w.size(0) == B && w.size(1) == Hkv && w.size(2) == C, op,
-                    ": log_w: expected shape [B, Hkv, C] = [", B, ", ", Hkv, ", ", C, "], got ",
-                    shape_str(w));
-    check_last_dim_contiguous(op, "log_w", w);
-  }
+  if (log_w.has_value())
+    check_slot_tensor(op, "log_w", *log_w, ScalarType::Float, B, Hkv, C, q, "q");
 
-  double scale = sm_scale.has_value() ? *sm_scale : 1.0 / std::sqrt(static_cast<double>(D));
-  STD_TORCH_CHECK(std::isfinite(scale), op, ": sm_scale: expected a finite number, got ", scale);
+  const double scale = resolve_sm_scale(op, sm_scale, D);
   STD_TORCH_CHECK(num_splits >= 0 && block_n >= 0 && num_warps >= 0 && num_stages >= 0, op,
                   ": num_splits, block_n, num_warps, num_stages: expected >= 0 (0 = heuristic), got ",
                   num_splits, ", ", block_n, ", ", num_warps, ", ", num_stages);

@@ -17,61 +17,51 @@
 
 namespace kvkern::torch_glue {
 
-// A [B, Hkv, C] per-slot tensor of `dtype` on `ref`'s device, last dim contiguous.
-inline void check_slot_tensor(const char* op, const char* name, const Tensor& t, ScalarType dtype,
-                              int64_t B, int64_t H, int64_t C, const Tensor& ref,
-                              const char* ref_name) {
-  check_rank(op, name, t, 3, "[B, Hkv, C]");
-  check_dtype(op, name, t, dtype);
-  check_same_device(op, name, t, ref, ref_name);
-  STD_TORCH_CHECK(t.size(0) == B && t.size(1) == H && t.size(2) == C, op, ": ", name,
-                  ": expected shape [B, Hkv, C] = [", B, ", ", H, ", ", C, "], got ", shape_str(t));
-  check_last_dim_contiguous(op, name, t);
-}
-
 inline void check_count(const char* op, const char* name, int64_t value) {
   STD_TORCH_CHECK(value >= 0, op, ": ", name, ": expected a value >= 0, got ", value);
 }
 
+inline void check_selection_counts(const char* op, int64_t budget, int64_t n_sink, int64_t n_recent) {
+  check_count(op, "budget", budget);
+  check_count(op, "n_sink", n_sink);
+  check_count(op, "n_recent", n_recent);
+}
+
+// scores [B, Hkv, C] float32, last dim contiguous.
+inline void check_scores(const char* op, const Tensor& scores) {
+  check_rank(op, "scores", scores, 3, "[B, Hkv, C]");
+  check_dtype(op, "scores", scores, ScalarType::Float);
+  check_last_dim_contiguous(op, "scores", scores);
+}
+
 // 1-D int32 tensor read as a plain array (stride 1).
 inline void check_int_vector(const char* op, const char* name, const Tensor& t, const Tensor& ref,
-                             const char* layout) {
+                             const char* ref_name, const char* layout) {
   check_rank(op, name, t, 1, layout);
   check_dtype(op, name, t, ScalarType::Int);
-  check_same_device(op, name, t, ref, "scores");
+  check_same_device(op, name, t, ref, ref_name);
   STD_TORCH_CHECK(t.size(0) <= 1 || t.stride(0) == 1, op, ": ", name,
                   ": expected a contiguous tensor, got stride ", t.stride(0));
 }
 
-// Fills everything but the outputs (keep, new_lengths).
+// Everything of the selection's arguments but the scores (and the outputs keep,
+// new_lengths) for a [B, Hkv, C] cache whose shape and device come from `ref`
+// (scores, or in score_evict_, where the scores are made inside, k_cache).
 inline SelectParams make_select_params(
-    const char* op, const Tensor& scores, const Tensor& lengths,
-    const std::optional<Tensor>& positions, const std::optional<Tensor>& budgets, int64_t budget,
-    int64_t n_sink, int64_t n_recent, const std::optional<Tensor>& protect_ranges,
-    const std::optional<Tensor>& keep_mask, const std::optional<Tensor>& segment_cuts,
-    const std::optional<Tensor>& segment_min) {
-  check_rank(op, "scores", scores, 3, "[B, Hkv, C]");
-  check_dtype(op, "scores", scores, ScalarType::Float);
-  check_last_dim_contiguous(op, "scores", scores);
-  const int64_t B = scores.size(0), H = scores.size(1), C = scores.size(2);
-  check_rank(op, "lengths", lengths, 2, "[B, Hkv]");
-  check_dtype(op, "lengths", lengths, ScalarType::Int);
-  check_same_device(op, "lengths", lengths, scores, "scores");
-  STD_TORCH_CHECK(lengths.size(0) == B && lengths.size(1) == H, op,
-                  ": lengths: expected shape [B, Hkv] = [", B, ", ", H, "], got ", shape_str(lengths));
-  check_count(op, "budget", budget);
-  check_count(op, "n_sink", n_sink);
-  check_count(op, "n_recent", n_recent);
-  STD_TORCH_CHECK(C <= INT32_MAX, op, ": scores: expected a capacity C below 2^31, got ", C);
+    const char* op, int64_t B, int64_t H, int64_t C, const Tensor& ref, const char* ref_name,
+    const Tensor& lengths, const std::optional<Tensor>& positions,
+    const std::optional<Tensor>& budgets, int64_t budget, int64_t n_sink, int64_t n_recent,
+    const std::optional<Tensor>& protect_ranges, const std::optional<Tensor>& keep_mask,
+    const std::optional<Tensor>& segment_cuts, const std::optional<Tensor>& segment_min) {
+  check_head_ints(op, "lengths", lengths, B, H, ref, ref_name);
+  check_selection_counts(op, budget, n_sink, n_recent);
+  STD_TORCH_CHECK(C <= INT32_MAX, op, ": ", ref_name, ": expected a capacity C below 2^31, got ", C);
 
   SelectParams p;
-  p.scores = static_cast<const float*>(scores.const_data_ptr());
   p.lengths = static_cast<const int32_t*>(lengths.const_data_ptr());
   p.batch = B;
   p.num_kv_heads = H;
   p.capacity = C;
-  p.scores_stride_b = scores.stride(0);
-  p.scores_stride_h = scores.stride(1);
   p.lengths_stride_b = lengths.stride(0);
   p.lengths_stride_h = lengths.stride(1);
   p.budget = budget;
@@ -79,18 +69,14 @@ inline SelectParams make_select_params(
   p.n_recent = n_recent;
 
   if (positions.has_value()) {
-    check_slot_tensor(op, "positions", *positions, ScalarType::Int, B, H, C, scores, "scores");
+    check_slot_tensor(op, "positions", *positions, ScalarType::Int, B, H, C, ref, ref_name);
     p.positions = static_cast<const int32_t*>(positions->const_data_ptr());
     p.positions_stride_b = positions->stride(0);
     p.positions_stride_h = positions->stride(1);
   }
   if (budgets.has_value()) {
     const Tensor& t = *budgets;
-    check_rank(op, "budgets", t, 2, "[B, Hkv]");
-    check_dtype(op, "budgets", t, ScalarType::Int);
-    check_same_device(op, "budgets", t, scores, "scores");
-    STD_TORCH_CHECK(t.size(0) == B && t.size(1) == H, op, ": budgets: expected shape [B, Hkv] = [",
-                    B, ", ", H, "], got ", shape_str(t));
+    check_head_ints(op, "budgets", t, B, H, ref, ref_name);
     p.budgets = static_cast<const int32_t*>(t.const_data_ptr());
     p.budgets_stride_b = t.stride(0);
     p.budgets_stride_h = t.stride(1);
@@ -101,7 +87,7 @@ inline SelectParams make_select_params(
                     ": protect_ranges: expected a 2-D tensor [R, 2] or a 3-D tensor [B, R, 2], got a ",
                     t.dim(), "-D tensor of shape ", shape_str(t));
     check_dtype(op, "protect_ranges", t, ScalarType::Int);
-    check_same_device(op, "protect_ranges", t, scores, "scores");
+    check_same_device(op, "protect_ranges", t, ref, ref_name);
     const bool batched = t.dim() == 3;
     STD_TORCH_CHECK(t.size(t.dim() - 1) == 2 && (!batched || t.size(0) == B), op,
                     ": protect_ranges: expected shape [R, 2] or [B, R, 2] with B = ", B, ", got ",
@@ -116,13 +102,13 @@ inline SelectParams make_select_params(
     p.ranges_stride_b = batched ? t.stride(0) : 0;
   }
   if (keep_mask.has_value()) {
-    check_slot_tensor(op, "keep_mask", *keep_mask, ScalarType::Bool, B, H, C, scores, "scores");
+    check_slot_tensor(op, "keep_mask", *keep_mask, ScalarType::Bool, B, H, C, ref, ref_name);
     p.keep_mask = static_cast<const bool*>(keep_mask->const_data_ptr());
     p.keep_mask_stride_b = keep_mask->stride(0);
     p.keep_mask_stride_h = keep_mask->stride(1);
   }
   if (segment_cuts.has_value()) {
-    check_int_vector(op, "segment_cuts", *segment_cuts, scores, "[S - 1]");
+    check_int_vector(op, "segment_cuts", *segment_cuts, ref, ref_name, "[S - 1]");
     // An empty tensor may have no storage; one segment still means "segment mode"
     // (quotas or minima), so point at something that is never read.
     static const int32_t kNoCuts = 0;
@@ -135,12 +121,30 @@ inline SelectParams make_select_params(
     STD_TORCH_CHECK(segment_cuts.has_value(), op,
                     ": segment_min: expected segment_cuts as well (minima are per segment), got "
                     "segment_cuts=None");
-    check_int_vector(op, "segment_min", *segment_min, scores, "[S]");
+    check_int_vector(op, "segment_min", *segment_min, ref, ref_name, "[S]");
     STD_TORCH_CHECK(segment_min->size(0) == p.num_segments, op,
                     ": segment_min: expected shape [S] = [", p.num_segments,
                     "] (one more than segment_cuts), got ", shape_str(*segment_min));
     p.segment_min = static_cast<const int32_t*>(segment_min->const_data_ptr());
   }
+  return p;
+}
+
+// Fills everything but the outputs (keep, new_lengths).
+inline SelectParams make_select_params(
+    const char* op, const Tensor& scores, const Tensor& lengths,
+    const std::optional<Tensor>& positions, const std::optional<Tensor>& budgets, int64_t budget,
+    int64_t n_sink, int64_t n_recent, const std::optional<Tensor>& protect_ranges,
+    const std::optional<Tensor>& keep_mask, const std::optional<Tensor>& segment_cuts,
+    const std::optional<Tensor>& segment_min) {
+  check_scores(op, scores);
+  SelectParams p = make_select_params(op, scores.size(0), scores.size(1), scores.size(2), scores,
+                                      "scores", lengths, positions, budgets, budget, n_sink,
+                                      n_recent, protect_ranges, keep_mask, segment_cuts,
+                                      segment_min);
+  p.scores = static_cast<const float*>(scores.const_data_ptr());
+  p.scores_stride_b = scores.stride(0);
+  p.scores_stride_h = scores.stride(1);
   return p;
 }
 
@@ -152,24 +156,15 @@ inline CompactParams make_compact_params(const char* op, const Tensor& k_cache,
                                          const std::optional<Tensor>& log_w) {
   check_rank(op, "k_cache", k_cache, 4, "[B, Hkv, C, D]");
   check_rank(op, "v_cache", v_cache, 4, "[B, Hkv, C, D]");
-  const ScalarType dt = k_cache.scalar_type();
-  STD_TORCH_CHECK(dt == ScalarType::Float || dt == ScalarType::Half || dt == ScalarType::BFloat16,
-                  op, ": k_cache: expected dtype float16, bfloat16 or float32, got ", dtype_name(dt));
-  check_dtype(op, "v_cache", v_cache, dt);
+  check_cache_dtype(op, "k_cache", k_cache);
+  check_dtype(op, "v_cache", v_cache, k_cache.scalar_type());
   check_same_device(op, "v_cache", v_cache, k_cache, "k_cache");
   const int64_t B = k_cache.size(0), H = k_cache.size(1), C = k_cache.size(2),
                 D = k_cache.size(3);
-  STD_TORCH_CHECK(v_cache.size(0) == B && v_cache.size(1) == H && v_cache.size(2) == C &&
-                      v_cache.size(3) == D,
-                  op, ": v_cache: expected the shape of k_cache ", shape_str(k_cache), ", got ",
-                  shape_str(v_cache));
+  check_same_shape(op, "v_cache", v_cache, k_cache, "k_cache");
   check_last_dim_contiguous(op, "k_cache", k_cache);
   check_last_dim_contiguous(op, "v_cache", v_cache);
-  check_rank(op, "lengths", lengths, 2, "[B, Hkv]");
-  check_dtype(op, "lengths", lengths, ScalarType::Int);
-  check_same_device(op, "lengths", lengths, k_cache, "k_cache");
-  STD_TORCH_CHECK(lengths.size(0) == B && lengths.size(1) == H, op,
-                  ": lengths: expected shape [B, Hkv] = [", B, ", ", H, "], got ", shape_str(lengths));
+  check_head_ints(op, "lengths", lengths, B, H, k_cache, "k_cache");
   check_slot_tensor(op, "keep", keep, ScalarType::Bool, B, H, C, k_cache, "k_cache");
 
   CompactParams p;
@@ -222,23 +217,26 @@ inline void check_scores_match_cache(const char* op, const Tensor& scores, const
   check_same_device(op, "scores", scores, k_cache, "k_cache");
 }
 
+// score_evict_'s own options (the pieces check the rest).
+inline void check_score_evict_options(const char* op, const std::optional<Tensor>& hist,
+                                      const std::optional<Tensor>& hist_lengths,
+                                      double mix_lambda) {
+  STD_TORCH_CHECK(hist.has_value() == hist_lengths.has_value(), op,
+                  ": hist and hist_lengths: expected both or neither, got ",
+                  hist ? "hist" : "no hist", " and ", hist_lengths ? "hist_lengths" : "no hist_lengths");
+  STD_TORCH_CHECK(mix_lambda >= 0.0 && mix_lambda <= 1.0, op,
+                  ": mix_lambda: expected a value in [0, 1], got ", mix_lambda);
+}
+
 // Fills everything but the output.
 inline HeadBudgetParams make_head_budget_params(const char* op, const Tensor& scores,
                                                 const Tensor& lengths, int64_t budget,
                                                 double safeguard, int64_t n_sink,
                                                 int64_t n_recent) {
-  check_rank(op, "scores", scores, 3, "[B, Hkv, C]");
-  check_dtype(op, "scores", scores, ScalarType::Float);
-  check_last_dim_contiguous(op, "scores", scores);
+  check_scores(op, scores);
   const int64_t B = scores.size(0), H = scores.size(1), C = scores.size(2);
-  check_rank(op, "lengths", lengths, 2, "[B, Hkv]");
-  check_dtype(op, "lengths", lengths, ScalarType::Int);
-  check_same_device(op, "lengths", lengths, scores, "scores");
-  STD_TORCH_CHECK(lengths.size(0) == B && lengths.size(1) == H, op,
-                  ": lengths: expected shape [B, Hkv] = [", B, ", ", H, "], got ", shape_str(lengths));
-  check_count(op, "budget", budget);
-  check_count(op, "n_sink", n_sink);
-  check_count(op, "n_recent", n_recent);
+  check_head_ints(op, "lengths", lengths, B, H, scores, "scores");
+  check_selection_counts(op, budget, n_sink, n_recent);
   STD_TORCH_CHECK(std::isfinite(safeguard) && safeguard >= 0.0, op,
                   ": safeguard: expected a finite value >= 0, got ", safeguard);
   STD_TORCH_CHECK(C <= INT32_MAX, op, ": scores: expected a capacity C below 2^31, got ", C);

@@ -9,7 +9,7 @@
 #include <cstdint>
 #include <limits>
 
-#include "window_scores_args.h"
+#include "checks.h"
 
 namespace kvkern::torch_glue {
 
@@ -29,14 +29,10 @@ inline KeyRedundancyParams make_key_redundancy_params(const char* op, const Tens
                                                       const Tensor& lengths, int64_t n_window,
                                                       double threshold) {
   check_rank(op, "k_cache", k_cache, 4, "[B, Hkv, C, D]");
-  check_rank(op, "lengths", lengths, 2, "[B, Hkv]");
-  window_args::check_cache_dtype(op, "k_cache", k_cache);
-  check_dtype(op, "lengths", lengths, ScalarType::Int);
-  check_same_device(op, "lengths", lengths, k_cache, "k_cache");
+  check_cache_dtype(op, "k_cache", k_cache);
   const int64_t B = k_cache.size(0), Hkv = k_cache.size(1), C = k_cache.size(2), D = k_cache.size(3);
   STD_TORCH_CHECK(D >= 1, op, ": k_cache: expected head dim D >= 1, got shape ", shape_str(k_cache));
-  STD_TORCH_CHECK(lengths.size(0) == B && lengths.size(1) == Hkv, op,
-                  ": lengths: expected shape [B, Hkv] = [", B, ", ", Hkv, "], got ", shape_str(lengths));
+  check_head_ints(op, "lengths", lengths, B, Hkv, k_cache, "k_cache");
   check_last_dim_contiguous(op, "k_cache", k_cache);
   STD_TORCH_CHECK(n_window >= 0, op, ": n_window: expected a value >= 0, got ", n_window);
   STD_TORCH_CHECK(!std::isnan(threshold), op, ": threshold: expected a number, got nan");

@@ -17,26 +17,12 @@
 
 namespace kvkern::torch_glue {
 
-inline bool is_cache_dtype(ScalarType s) {
-  return s == ScalarType::Float || s == ScalarType::Half || s == ScalarType::BFloat16;
-}
-
-inline void check_cache_dtype(const char* op, const char* name, const Tensor& t) {
-  STD_TORCH_CHECK(is_cache_dtype(t.scalar_type()), op, ": ", name,
-                  ": expected dtype float16, bfloat16 or float32, got ", dtype_name(t.scalar_type()));
-}
-
 // k_cache [B, Hkv, C, D] and lengths [B, Hkv] int32 on k_cache's device.
 inline void check_cache_and_lengths(const char* op, const Tensor& k_cache, const Tensor& lengths) {
   check_rank(op, "k_cache", k_cache, 4, "[B, Hkv, C, D]");
   check_cache_dtype(op, "k_cache", k_cache);
   check_last_dim_contiguous(op, "k_cache", k_cache);
-  check_rank(op, "lengths", lengths, 2, "[B, Hkv]");
-  check_dtype(op, "lengths", lengths, ScalarType::Int);
-  check_same_device(op, "lengths", lengths, k_cache, "k_cache");
-  STD_TORCH_CHECK(lengths.size(0) == k_cache.size(0) && lengths.size(1) == k_cache.size(1), op,
-                  ": lengths: expected shape [B, Hkv] = [", k_cache.size(0), ", ", k_cache.size(1),
-                  "], got ", shape_str(lengths));
+  check_head_ints(op, "lengths", lengths, k_cache.size(0), k_cache.size(1), k_cache, "k_cache");
 }
 
 // v_cache: the shape and dtype of k_cache, on its device.
@@ -46,65 +32,21 @@ inline void check_like_k(const char* op, const Tensor& v_cache, const Tensor& k_
                   ": v_cache: expected the dtype of k_cache (", dtype_name(k_cache.scalar_type()),
                   "), got ", dtype_name(v_cache.scalar_type()));
   check_same_device(op, "v_cache", v_cache, k_cache, "k_cache");
-  for (int64_t d = 0; d < 4; ++d)
-    STD_TORCH_CHECK(v_cache.size(d) == k_cache.size(d), op,
-                    ": v_cache: expected the shape of k_cache ", shape_str(k_cache), ", got ",
-                    shape_str(v_cache));
+  check_same_shape(op, "v_cache", v_cache, k_cache, "k_cache");
   check_last_dim_contiguous(op, "v_cache", v_cache);
 }
 
-inline ExpectedAttentionParams make_expected_attention_params(
-    const char* op, const Tensor& mean, const std::optional<Tensor>& cov, const Tensor& k_cache,
-    const std::optional<Tensor>& v_cache, const Tensor& lengths, int64_t n_sink, double epsilon,
-    std::optional<double> sm_scale) {
-  check_rank(op, "mean", mean, 3, "[B, Hq, D]");
-  check_dtype(op, "mean", mean, ScalarType::Float);
-  check_cache_and_lengths(op, k_cache, lengths);
-  check_same_device(op, "mean", mean, k_cache, "k_cache");
-  const int64_t B = k_cache.size(0), Hkv = k_cache.size(1), C = k_cache.size(2), D = k_cache.size(3);
-  const int64_t Hq = mean.size(1);
-  STD_TORCH_CHECK(Hkv > 0, op, ": k_cache: expected at least one kv head, got shape ",
-                  shape_str(k_cache));
-  STD_TORCH_CHECK(D > 0, op, ": k_cache: expected a head dim D >= 1, got shape ", shape_str(k_cache));
-  STD_TORCH_CHECK(mean.size(0) == B && mean.size(2) == D, op,
-                  ": mean: expected shape [B, Hq, D] with B = ", B, " and D = ", D,
-                  " of k_cache, got ", shape_str(mean));
-  STD_TORCH_CHECK(Hq > 0 && Hq % Hkv == 0, op, ": mean: expected the number of query heads (", Hq,
-                  ") to be a positive multiple of the number of kv heads (", Hkv, ")");
-  check_last_dim_contiguous(op, "mean", mean);
-  if (cov.has_value()) {
-    const Tensor& s = *cov;
-    check_rank(op, "cov", s, 4, "[B, Hq, D, D]");
-    check_dtype(op, "cov", s, ScalarType::Float);
-    check_same_device(op, "cov", s, k_cache, "k_cache");
-    STD_TORCH_CHECK(s.size(0) == B && s.size(1) == Hq && s.size(2) == D && s.size(3) == D, op,
-                    ": cov: expected shape [B, Hq, D, D] = [", B, ", ", Hq, ", ", D, ", ", D,
-                    "], got ", shape_str(s));
-    check_last_dim_contiguous(op, "cov", s);
-  }
-  if (v_cache.has_value()) check_like_k(op, *v_cache, k_cache);
-  STD_TORCH_CHECK(n_sink >= 0, op, ": n_sink: expected a value >= 0, got ", n_sink);
-  STD_TORCH_CHECK(std::isfinite(epsilon), op, ": epsilon: expected a finite number, got ", epsilon);
-  const double scale = sm_scale.has_value() ? *sm_scale : 1.0 / std::sqrt(static_cast<double>(D));
-  STD_TORCH_CHECK(std::isfinite(scale), op, ": sm_scale: expected a finite number, got ", scale);
-
-  ExpectedAttentionParams p;
-  p.mean = static_cast<const float*>(mean.const_data_ptr());
+// The cache fields, which the scorers' Params name alike: k (and v when given),
+// lengths, their strides and [B, Hkv, C, D].
+template <class P>
+void fill_cache_fields(P& p, const Tensor& k_cache, const std::optional<Tensor>& v_cache,
+                       const Tensor& lengths) {
   p.k = k_cache.const_data_ptr();
   p.lengths = static_cast<const int32_t*>(lengths.const_data_ptr());
-  p.batch = B;
-  p.num_q_heads = Hq;
-  p.num_kv_heads = Hkv;
-  p.capacity = C;
-  p.head_dim = D;
-  p.mean_stride_b = mean.stride(0);
-  p.mean_stride_h = mean.stride(1);
-  if (cov.has_value()) {
-    p.cov = static_cast<const float*>(cov->const_data_ptr());
-    p.cov_stride_b = cov->stride(0);
-    p.cov_stride_h = cov->stride(1);
-    p.cov_stride_r = cov->stride(2);
-  }
+  p.batch = k_cache.size(0);
+  p.num_kv_heads = k_cache.size(1);
+  p.capacity = k_cache.size(2);
+  p.head_dim = k_cache.size(3);
   p.k_stride_b = k_cache.stride(0);
   p.k_stride_h = k_cache.stride(1);
   p.k_stride_c = k_cache.stride(2);
@@ -116,6 +58,49 @@ inline ExpectedAttentionParams make_expected_attention_params(
   }
   p.lengths_stride_b = lengths.stride(0);
   p.lengths_stride_h = lengths.stride(1);
+}
+
+inline ExpectedAttentionParams make_expected_attention_params(
+    const char* op, const Tensor& mean, const std::optional<Tensor>& cov, const Tensor& k_cache,
+    const std::optional<Tensor>& v_cache, const Tensor& lengths, int64_t n_sink, double epsilon,
+    std::optional<double> sm_scale) {
+  check_rank(op, "mean", mean, 3, "[B, Hq, D]");
+  check_dtype(op, "mean", mean, ScalarType::Float);
+  check_cache_and_lengths(op, k_cache, lengths);
+  check_same_device(op, "mean", mean, k_cache, "k_cache");
+  const int64_t B = k_cache.size(0), D = k_cache.size(3);
+  const int64_t Hq = mean.size(1);
+  check_head_groups(op, "mean", Hq, "k_cache", k_cache);
+  STD_TORCH_CHECK(D > 0, op, ": k_cache: expected a head dim D >= 1, got shape ", shape_str(k_cache));
+  STD_TORCH_CHECK(mean.size(0) == B && mean.size(2) == D, op,
+                  ": mean: expected shape [B, Hq, D] with B = ", B, " and D = ", D,
+                  " of k_cache, got ", shape_str(mean));
+  check_last_dim_contiguous(op, "mean", mean);
+  if (cov.has_value()) {
+    const Tensor& s = *cov;
+    check_rank(op, "cov", s, 4, "[B, Hq, D, D]");
+    check_dtype(op, "cov", s, ScalarType::Float);
+    check_same_device(op, "cov", s, k_cache, "k_cache");
+    check_shape(op, "cov", s, "[B, Hq, D, D]", {B, Hq, D, D});
+    check_last_dim_contiguous(op, "cov", s);
+  }
+  if (v_cache.has_value()) check_like_k(op, *v_cache, k_cache);
+  STD_TORCH_CHECK(n_sink >= 0, op, ": n_sink: expected a value >= 0, got ", n_sink);
+  STD_TORCH_CHECK(std::isfinite(epsilon), op, ": epsilon: expected a finite number, got ", epsilon);
+  const double scale = resolve_sm_scale(op, sm_scale, D);
+
+  ExpectedAttentionParams p;
+  fill_cache_fields(p, k_cache, v_cache, lengths);
+  p.mean = static_cast<const float*>(mean.const_data_ptr());
+  p.num_q_heads = Hq;
+  p.mean_stride_b = mean.stride(0);
+  p.mean_stride_h = mean.stride(1);
+  if (cov.has_value()) {
+    p.cov = static_cast<const float*>(cov->const_data_ptr());
+    p.cov_stride_b = cov->stride(0);
+    p.cov_stride_h = cov->stride(1);
+    p.cov_stride_r = cov->stride(2);
+  }
   p.n_sink = n_sink;
   p.epsilon = static_cast<float>(epsilon);
   p.sm_scale = static_cast<float>(scale);
@@ -145,23 +130,7 @@ inline SlotScoresParams make_slot_scores_params(const char* op, const Tensor& k_
   if (v_cache.has_value()) check_like_k(op, *v_cache, k_cache);
 
   SlotScoresParams p;
-  p.k = k_cache.const_data_ptr();
-  p.lengths = static_cast<const int32_t*>(lengths.const_data_ptr());
-  p.batch = k_cache.size(0);
-  p.num_kv_heads = k_cache.size(1);
-  p.capacity = k_cache.size(2);
-  p.head_dim = k_cache.size(3);
-  p.k_stride_b = k_cache.stride(0);
-  p.k_stride_h = k_cache.stride(1);
-  p.k_stride_c = k_cache.stride(2);
-  if (v_cache.has_value()) {
-    p.v = v_cache->const_data_ptr();
-    p.v_stride_b = v_cache->stride(0);
-    p.v_stride_h = v_cache->stride(1);
-    p.v_stride_c = v_cache->stride(2);
-  }
-  p.lengths_stride_b = lengths.stride(0);
-  p.lengths_stride_h = lengths.stride(1);
+  fill_cache_fields(p, k_cache, v_cache, lengths);
   p.kind = k;
   // Two's complement truncation: the reference's (seed + ...) & 0xFFFFFFFF.
   p.seed = static_cast<uint32_t>(static_cast<uint64_t>(seed));
@@ -188,17 +157,10 @@ inline UpdateScoresParams make_update_scores_params(const char* op, const Tensor
   check_rank(op, "new", fresh, 3, "[B, Hkv, C]");
   check_dtype(op, "new", fresh, ScalarType::Float);
   check_same_device(op, "new", fresh, hist, "hist");
-  STD_TORCH_CHECK(fresh.size(0) == B && fresh.size(1) == Hkv && fresh.size(2) == C, op,
-                  ": new: expected the shape of hist ", shape_str(hist), ", got ", shape_str(fresh));
+  check_same_shape(op, "new", fresh, hist, "hist");
   check_last_dim_contiguous(op, "new", fresh);
-  for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"lengths", &lengths},
-                                std::pair<const char*, const Tensor*>{"hist_lengths", &hist_lengths}}) {
-    check_rank(op, name, *t, 2, "[B, Hkv]");
-    check_dtype(op, name, *t, ScalarType::Int);
-    check_same_device(op, name, *t, hist, "hist");
-    STD_TORCH_CHECK(t->size(0) == B && t->size(1) == Hkv, op, ": ", name,
-                    ": expected shape [B, Hkv] = [", B, ", ", Hkv, "], got ", shape_str(*t));
-  }
+  check_head_ints(op, "lengths", lengths, B, Hkv, hist, "hist");
+  check_head_ints(op, "hist_lengths", hist_lengths, B, Hkv, hist, "hist");
   STD_TORCH_CHECK(std::isfinite(decay), op, ": decay: expected a finite number, got ", decay);
 
   UpdateScoresParams p;

@@ -29,12 +29,6 @@ Enum parse_choice(const char* op, const char* arg, std::string_view got, const c
   return static_cast<Enum>(0);
 }
 
-inline void check_cache_dtype(const char* op, const char* name, const Tensor& t) {
-  const ScalarType dt = t.scalar_type();
-  STD_TORCH_CHECK(dt == ScalarType::Float || dt == ScalarType::Half || dt == ScalarType::BFloat16,
-                  op, ": ", name, ": expected dtype float16, bfloat16 or float32, got ", dtype_name(dt));
-}
-
 }  // namespace window_args
 
 // Everything but the output: shapes, dtypes, same device, strides, options.
@@ -45,24 +39,17 @@ inline WindowScoresParams make_window_scores_params(
     bool normalize, std::string_view pool, int64_t pool_kernel) {
   check_rank(op, "q_win", q_win, 4, "[B, Hq, W, D]");
   check_rank(op, "k_cache", k_cache, 4, "[B, Hkv, C, D]");
-  check_rank(op, "lengths", lengths, 2, "[B, Hkv]");
-  window_args::check_cache_dtype(op, "q_win", q_win);
+  check_cache_dtype(op, "q_win", q_win);
   check_dtype(op, "k_cache", k_cache, q_win.scalar_type());
-  check_dtype(op, "lengths", lengths, ScalarType::Int);
   check_same_device(op, "k_cache", k_cache, q_win, "q_win");
-  check_same_device(op, "lengths", lengths, q_win, "q_win");
 
   const int64_t B = q_win.size(0), Hq = q_win.size(1), W = q_win.size(2), D = q_win.size(3);
   const int64_t Hkv = k_cache.size(1), C = k_cache.size(2);
   STD_TORCH_CHECK(D >= 1, op, ": q_win: expected head dim D >= 1, got shape ", shape_str(q_win));
-  STD_TORCH_CHECK(Hkv >= 1, op, ": k_cache: expected at least one kv head, got shape ",
-                  shape_str(k_cache));
-  STD_TORCH_CHECK(Hq >= 1 && Hq % Hkv == 0, op, ": q_win: expected the number of query heads (",
-                  Hq, ") to be a positive multiple of the number of kv heads (", Hkv, ")");
+  check_head_groups(op, "q_win", Hq, "k_cache", k_cache);
   check_dim_size(op, "k_cache", k_cache, 0, B, "batch B of q_win");
   check_dim_size(op, "k_cache", k_cache, 3, D, "head dim D of q_win");
-  STD_TORCH_CHECK(lengths.size(0) == B && lengths.size(1) == Hkv, op,
-                  ": lengths: expected shape [B, Hkv] = [", B, ", ", Hkv, "], got ", shape_str(lengths));
+  check_head_ints(op, "lengths", lengths, B, Hkv, q_win, "q_win");
   STD_TORCH_CHECK(W >= 1, op, ": q_win: expected a window of W >= 1 queries, got shape ",
                   shape_str(q_win));
   STD_TORCH_CHECK(W <= C, op, ": q_win: expected a window W (", W,
@@ -80,8 +67,7 @@ inline WindowScoresParams make_window_scores_params(
   STD_TORCH_CHECK(pool_kernel >= 1 && pool_kernel % 2 == 1 && pool_kernel <= (int64_t{1} << 30), op,
                   ": pool_kernel: expected an odd number >= 1, got ", pool_kernel);
 
-  const double scale = sm_scale.has_value() ? *sm_scale : 1.0 / std::sqrt(static_cast<double>(D));
-  STD_TORCH_CHECK(std::isfinite(scale), op, ": sm_scale: expected a finite number, got ", scale);
+  const double scale = resolve_sm_scale(op, sm_scale, D);
 
   p.q_win = q_win.const_data_ptr();
   p.k = k_cache.const_data_ptr();
@@ -116,27 +102,9 @@ inline WindowScoresParams make_window_scores_params(
   check_rank(op, "out", out, 3, "[B, Hkv, C]");
   check_dtype(op, "out", out, ScalarType::Float);
   check_same_device(op, "out", out, q_win, "q_win");
-  STD_TORCH_CHECK(out.size(0) == p.batch && out.size(1) == p.num_kv_heads && out.size(2) == p.capacity,
-                  op, ": out: expected shape [B, Hkv, C] = [", p.batch, ", ", p.num_kv_heads, ", ",
-                  p.capacity, "], got ", shape_str(out));
+  check_shape(op, "out", out, "[B, Hkv, C]", {p.batch, p.num_kv_heads, p.capacity});
   STD_TORCH_CHECK(out.is_contiguous(), op, ": out: expected a contiguous tensor");
   p.out = static_cast<float*>(out.mutable_data_ptr());
   return p;
 }
-
-namespace window_args {
-
-// Reads lengths (host memory) and checks every value is in [0, C]: only where
-// reading is free, i.e. on CPU.
-inline void check_host_lengths(const char* op, const int32_t* lengths, int64_t stride_b, int64_t stride_h,
-                               int64_t B, int64_t H, int64_t C) {
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t j = 0; j < H; ++j) {
-      const int32_t len = lengths[b * stride_b + j * stride_h];
-      STD_TORCH_CHECK(len >= 0 && len <= C, op, ": lengths: expected every value in [0, C] = [0, ", C,
-                      "], got ", len, " at [", b, ", ", j, "]");
-    }
-}
-
-}  // namespace window_args
 }  // namespace kvkern::torch_glue

@@ -72,26 +72,27 @@ def _check_int_vector(op, name, t, ref, layout):
     V.require_same_device(op, name, t, ref, "scores")
 
 
-def _check_select_args(op, scores, lengths, positions, budgets, budget, n_sink, n_recent, protect_ranges,
-                       keep_mask, segment_cuts, segment_min):
+def _check_scores_lengths_counts(op, scores, lengths, budget, n_sink, n_recent):
+    """scores [B, Hkv, C] float32, lengths [B, Hkv] int32 on its device, the counts >= 0;
+    returns (B, Hkv, C)."""
     V.require_tensor(op, "scores", scores, 3, "[B, Hkv, C]")
     V.require_dtype(op, "scores", scores, (torch.float32,))
     V.require_last_dim_contiguous(op, "scores", scores)
     B, H, C = scores.shape
-    V.require_tensor(op, "lengths", lengths, 2, "[B, Hkv]")
-    V.require_dtype(op, "lengths", lengths, (torch.int32,))
-    V.require_same_device(op, "lengths", lengths, scores, "scores")
-    V.require_shape(op, "lengths", lengths, (B, H), "[B, Hkv]")
+    V.require_head_ints(op, "lengths", lengths, B, H, scores, "scores")
     _check_count(op, "budget", budget)
     _check_count(op, "n_sink", n_sink)
     _check_count(op, "n_recent", n_recent)
+    return B, H, C
+
+
+def _check_select_args(op, scores, lengths, positions, budgets, budget, n_sink, n_recent, protect_ranges,
+                       keep_mask, segment_cuts, segment_min):
+    B, H, C = _check_scores_lengths_counts(op, scores, lengths, budget, n_sink, n_recent)
     if positions is not None:
         _check_slot_tensor(op, "positions", positions, (torch.int32,), (B, H, C), scores, "scores")
     if budgets is not None:
-        V.require_tensor(op, "budgets", budgets, 2, "[B, Hkv]")
-        V.require_dtype(op, "budgets", budgets, (torch.int32,))
-        V.require_same_device(op, "budgets", budgets, scores, "scores")
-        V.require_shape(op, "budgets", budgets, (B, H), "[B, Hkv]")
+        V.require_head_ints(op, "budgets", budgets, B, H, scores, "scores")
     if protect_ranges is not None:
         t = protect_ranges
         if not isinstance(t, torch.Tensor) or t.dim() not in (2, 3):
@@ -157,10 +158,7 @@ def _check_compact_args(op, k_cache, v_cache, lengths, keep, positions, hist, lo
     V.require_shape(op, "v_cache", v_cache, (B, H, C, D), "[B, Hkv, C, D]")
     V.require_last_dim_contiguous(op, "k_cache", k_cache)
     V.require_last_dim_contiguous(op, "v_cache", v_cache)
-    V.require_tensor(op, "lengths", lengths, 2, "[B, Hkv]")
-    V.require_dtype(op, "lengths", lengths, (torch.int32,))
-    V.require_same_device(op, "lengths", lengths, k_cache, "k_cache")
-    V.require_shape(op, "lengths", lengths, (B, H), "[B, Hkv]")
+    V.require_head_ints(op, "lengths", lengths, B, H, k_cache, "k_cache")
     if keep is not None:
         _check_slot_tensor(op, "keep", keep, (torch.bool,), (B, H, C), k_cache, "k_cache")
     for name, t, dtype in (("positions", positions, torch.int32), ("hist", hist, torch.float32),
@@ -272,6 +270,21 @@ def _run_compact(k_cache, v_cache, lengths_in, lengths_out, keep, positions, his
 
 # ---- the ops ---------------------------------------------------------------------
 
+def _checked_select(op, scores, lengths, positions, budgets, budget, n_sink, n_recent, protect_ranges, keep_mask,
+                    segment_cuts, segment_min):
+    """The selection of checked arguments; where values are free to read (CPU, eager),
+    their value checks first and the infeasible heads' errors after. Returns
+    ``(keep, new_lengths)``."""
+    check = V.should_check_values(scores)
+    if check:
+        _check_select_values(op, lengths, scores.shape[2], budgets, protect_ranges, segment_cuts)
+    keep, new_lengths, status = _run_select(scores, lengths, positions, budgets, budget, n_sink, n_recent,
+                                            protect_ranges, keep_mask, segment_cuts, segment_min)
+    if check:
+        _raise_status(op, status, scores.shape[1])
+    return keep, new_lengths
+
+
 def select_keep_triton(scores, lengths, positions, budgets, budget, n_sink=0, n_recent=0, protect_ranges=None,
                        keep_mask=None, segment_cuts=None, segment_min=None):
     """Triton kernel of ``kvkern::select_keep_triton`` (semantics: ``kvkern.reference.select_keep``).
@@ -292,15 +305,9 @@ def select_keep_triton(scores, lengths, positions, budgets, budget, n_sink=0, n_
     op = "kvkern::select_keep_triton"
     _check_select_args(op, scores, lengths, positions, budgets, budget, n_sink, n_recent, protect_ranges,
                        keep_mask, segment_cuts, segment_min)
-    check = V.should_check_values(scores)
-    if check:
-        _check_select_values(op, lengths, scores.shape[2], budgets, protect_ranges, segment_cuts)
     with _device_guard(scores):
-        keep, new_lengths, status = _run_select(scores, lengths, positions, budgets, budget, n_sink, n_recent,
-                                                protect_ranges, keep_mask, segment_cuts, segment_min)
-    if check:
-        _raise_status(op, status, scores.shape[1])
-    return keep, new_lengths
+        return _checked_select(op, scores, lengths, positions, budgets, budget, n_sink, n_recent, protect_ranges,
+                               keep_mask, segment_cuts, segment_min)
 
 
 def compact_triton_(k_cache, v_cache, lengths, keep, positions=None, hist=None, log_w=None):
@@ -334,14 +341,10 @@ def evict_triton_(k_cache, v_cache, lengths, positions, scores, budgets, budget,
     V.require_same_device(op, "scores", scores, k_cache, "k_cache")
     _check_select_args(op, scores, lengths, positions, budgets, budget, n_sink, n_recent, protect_ranges,
                        keep_mask, segment_cuts, segment_min)
-    check = V.should_check_values(scores)
-    if check:
-        _check_select_values(op, lengths, scores.shape[2], budgets, protect_ranges, segment_cuts)
     with _device_guard(k_cache):
-        keep, _, status = _run_select(scores, lengths, positions, budgets, budget, n_sink, n_recent,
-                                      protect_ranges, keep_mask, segment_cuts, segment_min)
-        if check:
-            _raise_status(op, status, scores.shape[1])  # before anything is written
+        # Raises (where values are free to read) before anything is written.
+        keep, _ = _checked_select(op, scores, lengths, positions, budgets, budget, n_sink, n_recent,
+                                  protect_ranges, keep_mask, segment_cuts, segment_min)
         _run_compact(k_cache, v_cache, lengths.clone(), lengths, keep, positions, hist, log_w)
     return keep
 
@@ -351,17 +354,7 @@ def allocate_head_budgets_triton(scores, lengths, budget, safeguard=0.2, n_sink=
     ``kvkern.reference.allocate_head_budgets``): AdaKV head budgets ``[B, Hkv]`` int32
     from ``scores [B, Hkv, C]`` float32 and ``lengths [B, Hkv]`` int32. Nothing is mutated."""
     op = "kvkern::allocate_head_budgets_triton"
-    V.require_tensor(op, "scores", scores, 3, "[B, Hkv, C]")
-    V.require_dtype(op, "scores", scores, (torch.float32,))
-    V.require_last_dim_contiguous(op, "scores", scores)
-    B, H, C = scores.shape
-    V.require_tensor(op, "lengths", lengths, 2, "[B, Hkv]")
-    V.require_dtype(op, "lengths", lengths, (torch.int32,))
-    V.require_same_device(op, "lengths", lengths, scores, "scores")
-    V.require_shape(op, "lengths", lengths, (B, H), "[B, Hkv]")
-    _check_count(op, "budget", budget)
-    _check_count(op, "n_sink", n_sink)
-    _check_count(op, "n_recent", n_recent)
+    B, H, C = _check_scores_lengths_counts(op, scores, lengths, budget, n_sink, n_recent)
     safeguard = float(safeguard)
     if not (safeguard >= 0.0 and safeguard != float("inf")):
         raise ValueError(f"{op}: safeguard: expected a finite value >= 0, got {safeguard}")

@@ -93,10 +93,7 @@ def _check_cache_and_lengths(op: str, k_cache, lengths) -> None:
     _validate.require_tensor(op, "k_cache", k_cache, 4, "[B, Hkv, C, D]")
     _validate.require_dtype(op, "k_cache", k_cache, _FLOAT_DTYPES)
     _validate.require_last_dim_contiguous(op, "k_cache", k_cache)
-    _validate.require_tensor(op, "lengths", lengths, 2, "[B, Hkv]")
-    _validate.require_dtype(op, "lengths", lengths, (torch.int32,))
-    _validate.require_same_device(op, "lengths", lengths, k_cache, "k_cache")
-    _validate.require_shape(op, "lengths", lengths, tuple(k_cache.shape[:2]), "[B, Hkv]")
+    _validate.require_head_ints(op, "lengths", lengths, k_cache.shape[0], k_cache.shape[1], k_cache, "k_cache")
 
 
 def _check_like_k(op: str, v_cache, k_cache) -> None:
@@ -325,11 +322,8 @@ def check_update_scores_args(op, hist, new, lengths, hist_lengths, decay, hist_m
     _validate.require_same_device(op, "new", new, hist, "hist")
     _validate.require_shape(op, "new", new, (B, Hkv, C), "of hist [B, Hkv, C]")
     _validate.require_last_dim_contiguous(op, "new", new)
-    for name, t in (("lengths", lengths), ("hist_lengths", hist_lengths)):
-        _validate.require_tensor(op, name, t, 2, "[B, Hkv]")
-        _validate.require_dtype(op, name, t, (torch.int32,))
-        _validate.require_same_device(op, name, t, hist, "hist")
-        _validate.require_shape(op, name, t, (B, Hkv), "[B, Hkv]")
+    _validate.require_head_ints(op, "lengths", lengths, B, Hkv, hist, "hist")
+    _validate.require_head_ints(op, "hist_lengths", hist_lengths, B, Hkv, hist, "hist")
     decay = _check_finite(op, "decay", decay)
     # Both before anything is written: a bad call leaves hist as it was.
     _check_values_in_range(op, "lengths", lengths, C)

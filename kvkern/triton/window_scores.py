@@ -75,14 +75,11 @@ def check_window_scores_args(op, q_win, k_cache, lengths, sm_scale, query_reduce
     """The checks of csrc/torch/window_scores_args.h, with the same words; returns the scale."""
     _validate.require_tensor(op, "q_win", q_win, 4, "[B, Hq, W, D]")
     _validate.require_tensor(op, "k_cache", k_cache, 4, "[B, Hkv, C, D]")
-    _validate.require_tensor(op, "lengths", lengths, 2, "[B, Hkv]")
     if q_win.dtype not in _validate.FLOAT_DTYPES:
         raise ValueError(f"{op}: q_win: expected dtype float16, bfloat16 or float32, "
                          f"got {str(q_win.dtype).replace('torch.', '')}")
     _validate.require_dtype(op, "k_cache", k_cache, (q_win.dtype,))
-    _validate.require_dtype(op, "lengths", lengths, (torch.int32,))
     _validate.require_same_device(op, "k_cache", k_cache, q_win, "q_win")
-    _validate.require_same_device(op, "lengths", lengths, q_win, "q_win")
     B, Hq, W, D = q_win.shape
     Hkv, C = k_cache.shape[1], k_cache.shape[2]
     if D < 1:
@@ -93,7 +90,7 @@ def check_window_scores_args(op, q_win, k_cache, lengths, sm_scale, query_reduce
         raise ValueError(f"{op}: q_win: expected the number of query heads ({Hq}) to be a positive multiple of "
                          f"the number of kv heads ({Hkv})")
     _validate.require_shape(op, "k_cache", k_cache, (B, Hkv, C, D), "[B, Hkv, C, D]")
-    _validate.require_shape(op, "lengths", lengths, (B, Hkv), "[B, Hkv]")
+    _validate.require_head_ints(op, "lengths", lengths, B, Hkv, q_win, "q_win")
     if W < 1:
         raise ValueError(f"{op}: q_win: expected a window of W >= 1 queries, got shape {list(q_win.shape)}")
     if W > C:
@@ -125,13 +122,10 @@ def threshold_round_down(t: float) -> float:
 def check_key_redundancy_args(op, k_cache, lengths, n_window, threshold) -> float:
     """The checks of csrc/torch/key_redundancy_args.h; returns the fp32 threshold."""
     _check_cache(op, k_cache)
-    _validate.require_tensor(op, "lengths", lengths, 2, "[B, Hkv]")
-    _validate.require_dtype(op, "lengths", lengths, (torch.int32,))
-    _validate.require_same_device(op, "lengths", lengths, k_cache, "k_cache")
     B, Hkv, C, D = k_cache.shape
     if D < 1:
         raise ValueError(f"{op}: k_cache: expected head dim D >= 1, got shape {list(k_cache.shape)}")
-    _validate.require_shape(op, "lengths", lengths, (B, Hkv), "[B, Hkv]")
+    _validate.require_head_ints(op, "lengths", lengths, B, Hkv, k_cache, "k_cache")
     _validate.require_last_dim_contiguous(op, "k_cache", k_cache)
     n_window = _require_int(op, "n_window", n_window)
     if n_window < 0:

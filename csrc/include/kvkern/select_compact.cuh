@@ -466,13 +466,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectKern
       prot[s] = 0;
     }
   }
-  if (FUSED && p.src.mean_all) {
-    for (int64_t jj = tid; jj < Hkv; jj += NT) {
-      bool okj;
-      // From pass A's snapshot: other blocks of this launch rewrite the lengths.
-      lens[jj] = static_cast<int32_t>(head_length(p.src.lengths, p.src.len_sb, p.src.len_sh, b, jj, C, &okj));
-    }
-  }
+  if (FUSED && p.src.mean_all) load_batch_lengths<NT>(p.src, b, lens);
   __syncthreads();
 
   uint32_t nprot = index_prot ? static_cast<uint32_t>(count_index_protected(L, p.n_sink, n_recent)) : 0u;
@@ -787,9 +781,16 @@ __global__ void __launch_bounds__(kMoveThreads) move_kernel(const MoveParams p) 
 // ---------------------------------------------------------------------------
 // Host-side planning and the launch sequences (shared with the emulator).
 // ---------------------------------------------------------------------------
+// The plan in the workspace at `plan`: [idx: heads x capacity][count: heads].
+inline size_t plan_idx_bytes(int64_t heads, int64_t capacity) {
+  return ws_round(static_cast<size_t>(heads * capacity) * sizeof(int32_t));
+}
 inline size_t plan_ws_bytes(int64_t heads, int64_t capacity) {
-  return ws_round(static_cast<size_t>(heads * capacity) * sizeof(int32_t)) +
-         ws_round(static_cast<size_t>(heads) * sizeof(int32_t));
+  return plan_idx_bytes(heads, capacity) + ws_round(static_cast<size_t>(heads) * sizeof(int32_t));
+}
+inline void plan_pointers(unsigned char* plan, int64_t heads, int64_t capacity, int32_t** idx, int32_t** count) {
+  *idx = reinterpret_cast<int32_t*>(plan);
+  *count = reinterpret_cast<int32_t*>(plan + plan_idx_bytes(heads, capacity));
 }
 
 struct SelectPlan {
@@ -835,11 +836,11 @@ inline bool select_params_ok(const SelectParams& p) {
   return true;
 }
 
-inline SelectKernelParams select_kernel_params(const SelectParams& p) {
+// What select_keep and score_evict's selection share (P: SelectParams or
+// ScoreEvictParams, which name these fields alike).
+template <class P>
+SelectKernelParams select_kernel_params_common(const P& p) {
   SelectKernelParams k;
-  k.scores = p.scores;
-  k.scores_sb = p.scores_stride_b;
-  k.scores_sh = p.scores_stride_h;
   k.lengths = p.lengths;
   k.len_sb = p.lengths_stride_b;
   k.len_sh = p.lengths_stride_h;
@@ -856,15 +857,23 @@ inline SelectKernelParams select_kernel_params(const SelectParams& p) {
   k.keep_mask = p.keep_mask;
   k.km_sb = p.keep_mask_stride_b;
   k.km_sh = p.keep_mask_stride_h;
-  k.seg_cuts = p.num_segments > 1 ? p.segment_cuts : nullptr;
-  k.seg_min = p.num_segments > 1 ? p.segment_min : nullptr;
-  k.num_segments = p.num_segments;
   k.n_sink = p.n_sink;
   k.n_recent = p.n_recent;
   k.batch = p.batch;
   k.num_kv_heads = p.num_kv_heads;
   k.capacity = p.capacity;
   k.keep = p.keep;
+  return k;
+}
+
+inline SelectKernelParams select_kernel_params(const SelectParams& p) {
+  SelectKernelParams k = select_kernel_params_common(p);
+  k.scores = p.scores;
+  k.scores_sb = p.scores_stride_b;
+  k.scores_sh = p.scores_stride_h;
+  k.seg_cuts = p.num_segments > 1 ? p.segment_cuts : nullptr;
+  k.seg_min = p.num_segments > 1 ? p.segment_min : nullptr;
+  k.num_segments = p.num_segments;
   k.new_lengths = p.new_lengths;
   return k;
 }
@@ -896,9 +905,7 @@ cudaError_t launch_select(const SelectParams& p, void* workspace, bool with_plan
   k.list_cap = pl.list_cap;
   k.seg_ws = pl.seg_bytes ? reinterpret_cast<int32_t*>(ws + pl.keys_bytes) : nullptr;
   if (with_plan) {
-    unsigned char* plan = ws + pl.keys_bytes + pl.seg_bytes;
-    k.plan_idx = reinterpret_cast<int32_t*>(plan);
-    k.plan_count = reinterpret_cast<int32_t*>(plan + ws_round(static_cast<size_t>(heads * p.capacity) * 4));
+    plan_pointers(ws + pl.keys_bytes + pl.seg_bytes, heads, p.capacity, &k.plan_idx, &k.plan_count);
     k.lengths_out = lengths_out;
     *plan_idx = k.plan_idx;
     *plan_count = k.plan_count;
@@ -1010,8 +1017,7 @@ cudaError_t run_compact(const CompactParams& p, KvDtype dt, void* workspace, Lau
   pp.keep = p.keep;
   pp.keep_sb = p.keep_stride_b;
   pp.keep_sh = p.keep_stride_h;
-  pp.plan_idx = reinterpret_cast<int32_t*>(ws);
-  pp.plan_count = reinterpret_cast<int32_t*>(ws + ws_round(static_cast<size_t>(heads * p.capacity) * 4));
+  plan_pointers(ws, heads, p.capacity, &pp.plan_idx, &pp.plan_count);
   pp.num_kv_heads = p.num_kv_heads;
   pp.capacity = p.capacity;
   KVKERN_CUDA_TRY(launch(plan_kernel, heads, kPlanThreads, 64 * sizeof(uint32_t), pp));
@@ -1044,10 +1050,7 @@ inline WindowPlan plan_score_evict_window(const ScoreEvictParams& p, KvDtype dt,
       (p.mix_lambda < 1.f && p.redundancy == nullptr) || p.num_ranges < 0 ||
       (p.num_ranges > 0 && p.protect_ranges == nullptr))
     return WindowPlan{};
-  return plan_window(window_shape(dt, p.q_win, p.k, p.batch, p.num_q_heads, p.num_kv_heads, p.window, p.capacity,
-                                  p.head_dim, p.q_stride_b, p.q_stride_h, p.q_stride_t, p.k_stride_b, p.k_stride_h,
-                                  p.k_stride_c),
-                     tune);
+  return plan_window(window_shape(dt, p), tune);
 }
 
 inline CompactParams score_evict_compact_params(const ScoreEvictParams& p) {
@@ -1099,11 +1102,7 @@ cudaError_t run_score_evict(const ScoreEvictParams& p, KvDtype dt, void* workspa
   if (!sp.ok) return cudaErrorInvalidValue;
   if (heads == 0) return cudaSuccess;
 
-  WindowPassParams wp = window_pass_params(pl, p.q_win, p.k, p.lengths, p.batch, p.num_q_heads, p.num_kv_heads,
-                                           p.window, p.capacity, p.head_dim, p.q_stride_b, p.q_stride_h,
-                                           p.q_stride_t, p.k_stride_b, p.k_stride_h, p.k_stride_c,
-                                           p.lengths_stride_b, p.lengths_stride_h, p.sm_scale, p.group_reduce,
-                                           workspace);
+  WindowPassParams wp = window_pass_params(pl, p, workspace);
   // mean_all mixes every head of the batch into each: no head can be skipped.
   wp.skip_small = !mean_all;
   wp.budgets = p.budgets;
@@ -1113,36 +1112,12 @@ cudaError_t run_score_evict(const ScoreEvictParams& p, KvDtype dt, void* workspa
   KVKERN_CUDA_TRY(launch_window_passes(dt, wp, pl, launch));
 
   unsigned char* ws = static_cast<unsigned char*>(workspace) + window_ws_bytes(pl);
-  SelectKernelParams k;
-  k.lengths = p.lengths;
-  k.len_sb = p.lengths_stride_b;
-  k.len_sh = p.lengths_stride_h;
-  k.positions = p.positions;
-  k.pos_sb = p.positions_stride_b;
-  k.pos_sh = p.positions_stride_h;
-  k.budgets = p.budgets;
-  k.bud_sb = p.budgets_stride_b;
-  k.bud_sh = p.budgets_stride_h;
-  k.budget = p.budget;
-  k.ranges = p.num_ranges > 0 ? p.protect_ranges : nullptr;
-  k.num_ranges = p.num_ranges;
-  k.ranges_sb = p.ranges_stride_b;
-  k.keep_mask = p.keep_mask;
-  k.km_sb = p.keep_mask_stride_b;
-  k.km_sh = p.keep_mask_stride_h;
-  k.n_sink = p.n_sink;
-  k.n_recent = p.n_recent;
-  k.batch = p.batch;
-  k.num_kv_heads = p.num_kv_heads;
-  k.capacity = p.capacity;
-  k.keep = p.keep;
+  SelectKernelParams k = select_kernel_params_common(p);
   k.lengths_out = p.lengths;
   k.keys_ws = reinterpret_cast<uint32_t*>(ws);
   k.keys_in_smem = sp.keys_in_smem ? 1 : 0;
   k.list_cap = sp.list_cap;
-  unsigned char* plan = ws + sp.keys_bytes;
-  k.plan_idx = reinterpret_cast<int32_t*>(plan);
-  k.plan_count = reinterpret_cast<int32_t*>(plan + ws_round(static_cast<size_t>(heads * p.capacity) * 4));
+  plan_pointers(ws + sp.keys_bytes, heads, p.capacity, &k.plan_idx, &k.plan_count);
   k.src = score_source(pl, wp, p.query_reduce, p.group_reduce, p.normalize, p.pool, p.pool_kernel);
   k.hist = p.hist;
   k.hist_sb = p.hist_stride_b;

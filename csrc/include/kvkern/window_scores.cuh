@@ -59,6 +59,16 @@ __device__ __forceinline__ uint32_t score_key(float s) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
+// Inclusive prefix sum over the lanes of a warp (every lane must call it).
+__device__ __forceinline__ uint32_t warp_inclusive_sum(uint32_t x, int lane) {
+#pragma unroll
+  for (int off = 1; off < 32; off *= 2) {
+    const uint32_t y = __shfl_up_sync(0xffffffffu, x, off);
+    if (lane >= off) x += y;
+  }
+  return x;
+}
+
 // Block-wide exclusive prefix sum over threadIdx order (NT threads, a multiple
 // of 32, <= 1024). scratch: >= 33 words of shared memory. Every thread must
 // call it; it synchronizes the block (twice) and leaves scratch reusable.
@@ -68,21 +78,11 @@ __device__ __forceinline__ uint32_t block_exclusive_sum(uint32_t v, uint32_t* sc
   constexpr int kWarps = NT / 32;
   const int lane = static_cast<int>(threadIdx.x) & 31;
   const int warp = static_cast<int>(threadIdx.x) >> 5;
-  uint32_t x = v;
-#pragma unroll
-  for (int off = 1; off < 32; off *= 2) {
-    const uint32_t y = __shfl_up_sync(0xffffffffu, x, off);
-    if (lane >= off) x += y;
-  }
+  const uint32_t x = warp_inclusive_sum(v, lane);
   if (lane == 31) scratch[warp] = x;
   __syncthreads();
   if (warp == 0) {
-    uint32_t w = lane < kWarps ? scratch[lane] : 0u;
-#pragma unroll
-    for (int off = 1; off < 32; off *= 2) {
-      const uint32_t y = __shfl_up_sync(0xffffffffu, w, off);
-      if (lane >= off) w += y;
-    }
+    const uint32_t w = warp_inclusive_sum(lane < kWarps ? scratch[lane] : 0u, lane);
     if (lane < kWarps) scratch[lane] = w;  // inclusive over warps
   }
   __syncthreads();
@@ -189,6 +189,22 @@ struct StripInfo {
   int64_t h0;   // first query head of the block (within the group)
 };
 
+// The q row of strip s that lane group g holds as fragment row g (half 0) or
+// g + 8 (half 1); nullptr past the block's strips or the window (padding).
+template <typename T>
+__device__ __forceinline__ const T* strip_q_row(const WindowPassParams& p, const PassBlock& pb, const StripInfo& si,
+                                                int s, int g, int half) {
+  const int64_t hh = s / p.strips_per_head, t = 16 * (s % p.strips_per_head) + g + 8 * half;
+  if (s >= si.nstrips || t >= p.window) return nullptr;
+  return static_cast<const T*>(p.q) + pb.b * p.q_sb + (pb.j * p.group + si.h0 + hh) * p.q_sh + t * p.q_st;
+}
+
+// Slot 0 of the block's K head.
+template <typename T>
+__device__ __forceinline__ const T* head_k(const WindowPassParams& p, const PassBlock& pb) {
+  return static_cast<const T*>(p.k) + pb.b * p.k_sb + pb.j * p.k_sh;
+}
+
 // Tensor-core tile policy: fp16 / bf16, D in {64, 128, 256}, q / k 16-byte
 // aligned. A thread keeps, per strip and 32-element block of D, the 16-byte
 // vectors of q rows g and g+8 at elements 32 * blk + 8 * q .. +7; K tiles hold
@@ -218,22 +234,18 @@ struct TcPolicy {
   __device__ __forceinline__ void load_q(const WindowPassParams& p, const PassBlock& pb, const StripInfo& si) {
     const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
     const int g = lane >> 2, qd = lane & 3;
-    const T* q = static_cast<const T*>(p.q);
 #pragma unroll
     for (int sl = 0; sl < kStripsPerWarp; ++sl) {
-      const int s = warp * kStripsPerWarp + sl;
-      const int64_t hh = s / p.strips_per_head, t0 = 16 * (s % p.strips_per_head) + g;
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const int64_t t = t0 + 8 * half;
-        const bool ok = s < si.nstrips && t < p.window;
-        const T* row = ok ? q + pb.b * p.q_sb + (pb.j * p.group + si.h0 + hh) * p.q_sh + t * p.q_st : nullptr;
+        const T* row = strip_q_row<T>(p, pb, si, warp * kStripsPerWarp + sl, g, half);
 #pragma unroll
         for (int blk = 0; blk < kBlocks32; ++blk)
-          qf[sl][blk][half] = ok ? __ldg(reinterpret_cast<const uint4*>(row + 32 * blk + 8 * qd)) : make_uint4(0, 0, 0, 0);
+          qf[sl][blk][half] = row != nullptr ? __ldg(reinterpret_cast<const uint4*>(row + 32 * blk + 8 * qd))
+                                             : make_uint4(0, 0, 0, 0);
       }
     }
-    kbase = static_cast<const T*>(p.k) + pb.b * p.k_sb + pb.j * p.k_sh;
+    kbase = head_k<T>(p, pb);
     k_sc = p.k_sc;
   }
 
@@ -298,19 +310,11 @@ struct SimtPolicy {
   __device__ __forceinline__ void load_q(const WindowPassParams& p, const PassBlock& pb, const StripInfo& si) {
     const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
     const int g = lane >> 2;
-    const T* q = static_cast<const T*>(p.q);
 #pragma unroll
-    for (int sl = 0; sl < kStripsPerWarp; ++sl) {
-      const int s = warp * kStripsPerWarp + sl;
-      const int64_t hh = s / p.strips_per_head, t0 = 16 * (s % p.strips_per_head) + g;
+    for (int sl = 0; sl < kStripsPerWarp; ++sl)
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int64_t t = t0 + 8 * half;
-        const bool ok = s < si.nstrips && t < p.window;
-        qrow[sl][half] = ok ? q + pb.b * p.q_sb + (pb.j * p.group + si.h0 + hh) * p.q_sh + t * p.q_st : nullptr;
-      }
-    }
-    kbase = static_cast<const T*>(p.k) + pb.b * p.k_sb + pb.j * p.k_sh;
+      for (int half = 0; half < 2; ++half) qrow[sl][half] = strip_q_row<T>(p, pb, si, warp * kStripsPerWarp + sl, g, half);
+    kbase = head_k<T>(p, pb);
     k_sc = p.k_sc;
     D = p.head_dim;
   }
@@ -686,14 +690,15 @@ inline size_t finalize_smem_bytes(int64_t num_kv_heads) {
   return (static_cast<size_t>(num_kv_heads) * sizeof(int32_t) + 64 * sizeof(float) + 15) / 16 * 16;
 }
 
-// The batch's kv-head lengths (mean_all: 0 for out-of-range ones) into lens.
+// The batch's kv-head lengths (mean_all: 0 for out-of-range ones) into lens,
+// from pass A's snapshot (later kernels may rewrite the lengths tensor). The
+// caller's barrier publishes them.
 template <int NT>
 __device__ __forceinline__ void load_batch_lengths(const ScoreSource& s, int64_t b, int32_t* lens) {
   for (int64_t jj = threadIdx.x; jj < s.num_kv_heads; jj += NT) {
     bool okj;
     lens[jj] = static_cast<int32_t>(head_length(s.lengths, s.len_sb, s.len_sh, b, jj, s.capacity, &okj));
   }
-  __syncthreads();
 }
 
 // reference: max of where(cand, s, 0) over the candidates [0, M): from pass
@@ -734,7 +739,10 @@ __global__ void __launch_bounds__(kFinalizeThreads) window_finalize_kernel(const
     }
     return;
   }
-  if (s.mean_all) load_batch_lengths<NT>(s, b, lens);
+  if (s.mean_all) {
+    load_batch_lengths<NT>(s, b, lens);
+    __syncthreads();
+  }
   const int64_t M = L - s.window > 0 ? L - s.window : 0;
   const float top = normalizing_max<NT>(s, b, j, M, lens, scratch);
   auto g = [&](int64_t n) { return norm_score(s, b, j, n, M, top, lens); };
@@ -841,13 +849,14 @@ inline WindowPlan plan_window(const WindowShape& s, const EvictionTuning& tune) 
 
 inline bool is_aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
-inline WindowShape window_shape(KvDtype dt, const void* q, const void* k, int64_t B, int64_t Hq, int64_t Hkv,
-                                int64_t W, int64_t C, int64_t D, int64_t qsb, int64_t qsh, int64_t qst,
-                                int64_t ksb, int64_t ksh, int64_t ksc) {
-  WindowShape s{dt, B, Hq, Hkv, W, C, D, false};
+// P: WindowScoresParams or ScoreEvictParams (the same names for q_win, k and their shape).
+template <class P>
+WindowShape window_shape(KvDtype dt, const P& p) {
+  WindowShape s{dt, p.batch, p.num_q_heads, p.num_kv_heads, p.window, p.capacity, p.head_dim, false};
   const int64_t vec = dt == KvDtype::kFloat32 ? 4 : 8;
-  s.tc_aligned = is_aligned16(q) && is_aligned16(k) && qsb % vec == 0 && qsh % vec == 0 && qst % vec == 0 &&
-                 ksb % vec == 0 && ksh % vec == 0 && ksc % vec == 0;
+  s.tc_aligned = is_aligned16(p.q_win) && is_aligned16(p.k) && p.q_stride_b % vec == 0 &&
+                 p.q_stride_h % vec == 0 && p.q_stride_t % vec == 0 && p.k_stride_b % vec == 0 &&
+                 p.k_stride_h % vec == 0 && p.k_stride_c % vec == 0;
   return s;
 }
 
@@ -861,28 +870,35 @@ inline float score_scale(QueryReduce qr, GroupReduce gr, int64_t W, int64_t G, i
 // Launches pass A and pass B. Launcher: see eviction_inst.cu (CUDA) and
 // tools/cuda_emu/eviction_emu.cpp (CPU); launch(kernel, blocks, threads,
 // dynamic smem, params) -> cudaError_t.
+template <int NW, class Launcher>
+cudaError_t launch_pass_pair(void (*pass_a)(WindowPassParams), void (*pass_b)(WindowPassParams),
+                             const WindowPassParams& wp, const WindowPlan& pl, Launcher& launch) {
+  KVKERN_CUDA_TRY(launch(pass_a, pl.blocks, NW * 32, pl.smem, wp));
+  return launch(pass_b, pl.blocks, NW * 32, pl.smem, wp);
+}
+
 template <typename T, int NW, class Launcher>
 cudaError_t launch_window_passes_nw(const WindowPassParams& wp, const WindowPlan& pl, Launcher& launch) {
   if (pl.tc) {
     if constexpr (sizeof(T) == 2) {
       switch (wp.head_dim) {
         case 64:
-          KVKERN_CUDA_TRY(launch(window_pass_tc_kernel<T, 64, NW, false>, pl.blocks, NW * 32, pl.smem, wp));
-          return launch(window_pass_tc_kernel<T, 64, NW, true>, pl.blocks, NW * 32, pl.smem, wp);
+          return launch_pass_pair<NW>(window_pass_tc_kernel<T, 64, NW, false>, window_pass_tc_kernel<T, 64, NW, true>,
+                                      wp, pl, launch);
         case 128:
-          KVKERN_CUDA_TRY(launch(window_pass_tc_kernel<T, 128, NW, false>, pl.blocks, NW * 32, pl.smem, wp));
-          return launch(window_pass_tc_kernel<T, 128, NW, true>, pl.blocks, NW * 32, pl.smem, wp);
+          return launch_pass_pair<NW>(window_pass_tc_kernel<T, 128, NW, false>,
+                                      window_pass_tc_kernel<T, 128, NW, true>, wp, pl, launch);
         case 256:
-          KVKERN_CUDA_TRY(launch(window_pass_tc_kernel<T, 256, NW, false>, pl.blocks, NW * 32, pl.smem, wp));
-          return launch(window_pass_tc_kernel<T, 256, NW, true>, pl.blocks, NW * 32, pl.smem, wp);
+          return launch_pass_pair<NW>(window_pass_tc_kernel<T, 256, NW, false>,
+                                      window_pass_tc_kernel<T, 256, NW, true>, wp, pl, launch);
         default:
           return cudaErrorInvalidValue;
       }
     }
     return cudaErrorInvalidValue;
   }
-  KVKERN_CUDA_TRY(launch(window_pass_simt_kernel<T, NW, false>, pl.blocks, NW * 32, pl.smem, wp));
-  return launch(window_pass_simt_kernel<T, NW, true>, pl.blocks, NW * 32, pl.smem, wp);
+  return launch_pass_pair<NW>(window_pass_simt_kernel<T, NW, false>, window_pass_simt_kernel<T, NW, true>, wp, pl,
+                              launch);
 }
 
 template <class Launcher>
@@ -902,37 +918,35 @@ cudaError_t launch_window_passes(KvDtype dt, const WindowPassParams& wp, const W
   return cudaErrorInvalidValue;
 }
 
-// Fills the pass parameters common to window_scores and score_evict.
-inline WindowPassParams window_pass_params(const WindowPlan& pl, const void* q, const void* k,
-                                           const int32_t* lengths, int64_t B, int64_t Hq, int64_t Hkv, int64_t W,
-                                           int64_t C, int64_t D, int64_t qsb, int64_t qsh, int64_t qst, int64_t ksb,
-                                           int64_t ksh, int64_t ksc, int64_t lsb, int64_t lsh, float sm_scale,
-                                           GroupReduce gr, void* workspace) {
+// Fills the pass parameters common to window_scores and score_evict (P: their
+// Params, which name the window's inputs alike).
+template <class P>
+WindowPassParams window_pass_params(const WindowPlan& pl, const P& p, void* workspace) {
   WindowPassParams wp;
-  wp.q = q;
-  wp.k = k;
-  wp.lengths = lengths;
-  wp.batch = B;
-  wp.num_q_heads = Hq;
-  wp.num_kv_heads = Hkv;
-  wp.window = W;
-  wp.capacity = C;
-  wp.head_dim = D;
-  wp.group = Hq / Hkv;
-  wp.q_sb = qsb;
-  wp.q_sh = qsh;
-  wp.q_st = qst;
-  wp.k_sb = ksb;
-  wp.k_sh = ksh;
-  wp.k_sc = ksc;
-  wp.len_sb = lsb;
-  wp.len_sh = lsh;
-  wp.scale2 = sm_scale * kLog2e;
+  wp.q = p.q_win;
+  wp.k = p.k;
+  wp.lengths = p.lengths;
+  wp.batch = p.batch;
+  wp.num_q_heads = p.num_q_heads;
+  wp.num_kv_heads = p.num_kv_heads;
+  wp.window = p.window;
+  wp.capacity = p.capacity;
+  wp.head_dim = p.head_dim;
+  wp.group = p.num_q_heads / p.num_kv_heads;
+  wp.q_sb = p.q_stride_b;
+  wp.q_sh = p.q_stride_h;
+  wp.q_st = p.q_stride_t;
+  wp.k_sb = p.k_stride_b;
+  wp.k_sh = p.k_stride_h;
+  wp.k_sc = p.k_stride_c;
+  wp.len_sb = p.lengths_stride_b;
+  wp.len_sh = p.lengths_stride_h;
+  wp.scale2 = p.sm_scale * kLog2e;
   wp.heads_per_cta = pl.heads_per_cta;
   wp.strips_per_head = pl.strips_per_head;
   wp.num_row_groups = pl.num_row_groups;
   wp.num_chunks = pl.num_chunks;
-  wp.group_max = gr == GroupReduce::kMax ? 1 : 0;
+  wp.group_max = p.group_reduce == GroupReduce::kMax ? 1 : 0;
   wp.stats = static_cast<float2*>(workspace);
   wp.part = reinterpret_cast<float*>(static_cast<unsigned char*>(workspace) + pl.stats_bytes);
   wp.cmax = reinterpret_cast<float*>(static_cast<unsigned char*>(workspace) + pl.stats_bytes + pl.part_bytes);
@@ -974,10 +988,7 @@ inline WindowPlan plan_window_scores(const WindowScoresParams& p, KvDtype dt, co
   if (!pool_ok(p.pool, p.pool_kernel) || p.out == nullptr || p.q_win == nullptr || p.k == nullptr ||
       p.lengths == nullptr)
     return WindowPlan{};
-  return plan_window(window_shape(dt, p.q_win, p.k, p.batch, p.num_q_heads, p.num_kv_heads, p.window, p.capacity,
-                                  p.head_dim, p.q_stride_b, p.q_stride_h, p.q_stride_t, p.k_stride_b, p.k_stride_h,
-                                  p.k_stride_c),
-                     tune);
+  return plan_window(window_shape(dt, p), tune);
 }
 
 inline size_t window_ws_bytes(const WindowPlan& pl) {
@@ -991,10 +1002,7 @@ cudaError_t run_window_scores(const WindowScoresParams& p, KvDtype dt, void* wor
   const WindowPlan pl = plan_window_scores(p, dt, tune);
   if (!pl.ok || (workspace == nullptr && window_scores_ws_bytes(pl) > 0)) return cudaErrorInvalidValue;
   if (p.batch * p.num_kv_heads == 0) return cudaSuccess;
-  const WindowPassParams wp =
-      window_pass_params(pl, p.q_win, p.k, p.lengths, p.batch, p.num_q_heads, p.num_kv_heads, p.window, p.capacity,
-                         p.head_dim, p.q_stride_b, p.q_stride_h, p.q_stride_t, p.k_stride_b, p.k_stride_h,
-                         p.k_stride_c, p.lengths_stride_b, p.lengths_stride_h, p.sm_scale, p.group_reduce, workspace);
+  const WindowPassParams wp = window_pass_params(pl, p, workspace);
   KVKERN_CUDA_TRY(launch_window_passes(dt, wp, pl, launch));
   FinalizeParams fp;
   fp.src = score_source(pl, wp, p.query_reduce, p.group_reduce, p.normalize, p.pool, p.pool_kernel);

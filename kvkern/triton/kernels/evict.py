@@ -23,6 +23,8 @@ issues a barrier so that every thread sees the other threads' writes.
 import triton
 import triton.language as tl
 
+from ._heads import head_length as _head_length
+
 NUM_BINS: tl.constexpr = tl.constexpr(256)
 # The key of allocate_head_budgets' pinned slots: +inf's (the reference pins with +inf).
 KEY_PINNED: tl.constexpr = tl.constexpr(0x7F800000)
@@ -38,6 +40,24 @@ def _order_key(bits):
     bits = tl.where(bits == -2147483648, 0, bits)  # -0 -> +0
     key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
     return tl.where((bits & 0x7FFFFFFF) > 0x7F800000, KEY_NEG_INF, key)
+
+
+@triton.jit
+def _take_digit(hist, need, thr, pos, d: tl.constexpr):
+    """One radix pass's outcome: from the histogram of digit ``d`` of the candidates
+    that match the prefix so far, the digit where the ``need``-th best lies, appended
+    to the key prefix ``thr`` (digits 0-3) or the slot prefix ``pos``; ``need``
+    becomes the rank within that digit."""
+    # above[b]: candidates with a larger digit (non-increasing in b). The need-th
+    # best has the first digit with above < need; those above it are picked.
+    above = tl.cumsum(hist, 0, reverse=True) - hist
+    digit = tl.minimum(tl.sum((above >= need).to(tl.int32), 0), NUM_BINS - 1)
+    need -= tl.max(tl.where(above < need, above, 0), 0)
+    if d < 4:
+        thr = thr * 256 + digit
+    else:
+        pos = pos * 256 + digit
+    return need, thr, pos
 
 
 @triton.jit
@@ -76,15 +96,7 @@ def _row_threshold(key_row, cls_row, n_slots, need, cls_lo, cls_hi,
                     sel = sel & ((offs >> (8 * (4 + SLOT_DIGITS - d))) == pos)
                 digit_of = (offs >> (8 * (3 + SLOT_DIGITS - d))) & 255
             hist += tl.histogram(digit_of, NUM_BINS, mask=sel)
-        # above[d]: candidates with a larger digit (non-increasing in d). The need-th
-        # best has the first digit with above < need; those above it are picked.
-        above = tl.cumsum(hist, 0, reverse=True) - hist
-        digit = tl.minimum(tl.sum((above >= need).to(tl.int32), 0), NUM_BINS - 1)
-        need -= tl.max(tl.where(above < need, above, 0), 0)
-        if d < 4:
-            thr = thr * 256 + digit
-        else:
-            pos = pos * 256 + digit
+        need, thr, pos = _take_digit(hist, need, thr, pos, d)
     return thr, pos
 
 
@@ -287,9 +299,7 @@ def compact_kernel(
     chunk = tl.program_id(1)
     b = (row // num_heads).to(tl.int64)
     j = (row % num_heads).to(tl.int64)
-    length = tl.load(len_in_ptr + b * stride_lb + j * stride_lh)
-    bad_length = (length < 0) | (length > capacity)
-    n_slots = tl.where(bad_length, 0, length)
+    n_slots, bad_length = _head_length(len_in_ptr, b, j, stride_lb, stride_lh, capacity)
     first = chunk == 0
     d_offs = chunk * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = d_offs < head_dim
@@ -398,13 +408,7 @@ def head_budget_kernel(
                         sel = sel & ((offs >> (8 * (4 + SLOT_DIGITS - d))) == pos)
                     digit_of = (offs >> (8 * (3 + SLOT_DIGITS - d))) & 255
                 hist += tl.histogram(digit_of, NUM_BINS, mask=sel)
-        above = tl.cumsum(hist, 0, reverse=True) - hist
-        digit = tl.minimum(tl.sum((above >= need).to(tl.int32), 0), NUM_BINS - 1)
-        need -= tl.max(tl.where(above < need, above, 0), 0)
-        if d < 4:
-            thr = thr * 256 + digit
-        else:
-            pos = pos * 256 + digit
+        need, thr, pos = _take_digit(hist, need, thr, pos, d)
     # Heads whose slot `pos` holds the key `thr`: the highest `need` of them win the tie.
     at = tl.load(key_ptr + (b * num_heads + hids) * capacity + pos, mask=(hids < num_heads) & (pos < lens),
                  other=0).to(tl.int64) + 2147483648

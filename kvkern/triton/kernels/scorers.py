@@ -23,13 +23,7 @@ nothing: the scorers write NaN for that head and the update leaves it alone.
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _head_length(lengths_ptr, b, j, stride_lb, stride_lh, capacity):
-    """(length clamped to 0 when out of range, whether it was out of range)."""
-    length = tl.load(lengths_ptr + b * stride_lb + j * stride_lh)
-    bad = (length < 0) | (length > capacity)
-    return tl.where(bad, 0, length), bad
+from ._heads import head_length as _head_length
 
 
 # ---------------------------------------------------------------------------

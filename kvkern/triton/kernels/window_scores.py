@@ -28,6 +28,8 @@ dots run in fp32 over chunks of D; 16-bit dots accumulate in fp32.
 import triton
 import triton.language as tl
 
+from ._heads import head_length as _head_length
+
 
 @triton.jit
 def _tile_logits(q_rows, mask_r, k_tile, stride_kc, mask_n, head_dim,
@@ -86,8 +88,7 @@ def window_lse_kernel(
     j = (bj % num_kv_heads).to(tl.int64)
     b = (bj // num_kv_heads).to(tl.int64)
 
-    length = tl.load(lengths_ptr + b * stride_lb + j * stride_lh)
-    length = tl.where((length < 0) | (length > capacity), 0, length)
+    length, _ = _head_length(lengths_ptr, b, j, stride_lb, stride_lh, capacity)
     chunk = tl.cdiv(tl.cdiv(length, num_splits), BLOCK_N) * BLOCK_N
     lo = tl.minimum(split * chunk, length)
     hi = tl.minimum(lo + chunk, length)
@@ -147,9 +148,7 @@ def window_scores_kernel(
     b = (bj // num_kv_heads).to(tl.int64)
     R = group * window
 
-    length = tl.load(lengths_ptr + b * stride_lb + j * stride_lh)
-    bad = (length < 0) | (length > capacity)
-    length = tl.where(bad, 0, length)
+    length, bad = _head_length(lengths_ptr, b, j, stride_lb, stride_lh, capacity)
     slots = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = slots < length
 
@@ -217,8 +216,7 @@ def window_combine_kernel(
     tl.store(raw_ptr + b * stride_rb + slots, acc, mask=mask)
     if TILE_MAX:
         for j in range(0, num_kv_heads):
-            length = tl.load(lengths_ptr + b * stride_lb + j * stride_lh)
-            length = tl.where((length < 0) | (length > capacity), 0, length)
+            length, _ = _head_length(lengths_ptr, b, j, stride_lb, stride_lh, capacity)
             cand = slots < tl.maximum(length - window, 0)
             tl.store(tmax_ptr + (b * num_kv_heads + j) * num_tiles + tile,
                      tl.max(tl.where(cand, acc, float("-inf")), 0))
@@ -241,9 +239,7 @@ def window_finish_kernel(
     tile = tl.program_id(1)
     j = (bj % num_kv_heads).to(tl.int64)
     b = (bj // num_kv_heads).to(tl.int64)
-    length = tl.load(lengths_ptr + b * stride_lb + j * stride_lh)
-    bad = (length < 0) | (length > capacity)
-    length = tl.where(bad, 0, length)
+    length, bad = _head_length(lengths_ptr, b, j, stride_lb, stride_lh, capacity)
     M = tl.maximum(length - window, 0)
     if MEAN_ALL:
         src = raw_ptr + b * stride_rb
@@ -315,8 +311,7 @@ def redundancy_rows_kernel(
     blk = tl.program_id(1)
     j = (bj % num_kv_heads).to(tl.int64)
     b = (bj // num_kv_heads).to(tl.int64)
-    length = tl.load(lengths_ptr + b * stride_lb + j * stride_lh)
-    length = tl.where((length < 0) | (length > capacity), 0, length)
+    length, _ = _head_length(lengths_ptr, b, j, stride_lb, stride_lh, capacity)
     if blk * BLOCK_M < length:
         k_head = k_ptr + b * stride_kb + j * stride_kh
         rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -366,8 +361,7 @@ def redundancy_corr_kernel(
     blk = tl.program_id(1)
     j = (bj % num_kv_heads).to(tl.int64)
     b = (bj // num_kv_heads).to(tl.int64)
-    length = tl.load(lengths_ptr + b * stride_lb + j * stride_lh)
-    length = tl.where((length < 0) | (length > capacity), 0, length)
+    length, _ = _head_length(lengths_ptr, b, j, stride_lb, stride_lh, capacity)
     if blk * BLOCK_M < length:
         base = bj.to(tl.int64) * capacity
         rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -397,9 +391,7 @@ def redundancy_finish_kernel(
     bj = tl.program_id(0)
     j = (bj % num_kv_heads).to(tl.int64)
     b = (bj // num_kv_heads).to(tl.int64)
-    length = tl.load(lengths_ptr + b * stride_lb + j * stride_lh)
-    bad = (length < 0) | (length > capacity)
-    length = tl.where(bad, 0, length)
+    length, bad = _head_length(lengths_ptr, b, j, stride_lb, stride_lh, capacity)
     M = tl.maximum(length - n_window, 0)
     base = bj.to(tl.int64) * capacity
     offs = tl.arange(0, BLOCK)
