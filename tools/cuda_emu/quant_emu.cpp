@@ -623,26 +623,37 @@ constexpr Kind kind_of() {
   else if constexpr (std::is_same_v<T, bool>) return kBool;
   else return kI32;
 }
-#define FLD(n) Field{#n, offsetof(QuantCudaParams, n), kind_of<std::remove_cv_t<decltype(QuantCudaParams::n)>>()}
+// The tools/cuda_emu/quant_emu.py names: a tensor ref X is "X" (its data),
+// "X_sb" / "X_sh" / "X_sr" (strides over b, h, rows); the means' rows are
+// stride[1] ("X_sr"); append's k_new / v_new are k_in / v_in.
+#define FLD(n) Field{#n, offsetof(QuantKVParams, n), kind_of<std::remove_cv_t<decltype(QuantKVParams::n)>>()}
+#define FLD_AS(name, n) Field{name, offsetof(QuantKVParams, n), kind_of<std::remove_cv_t<decltype(QuantKVParams::n)>>()}
+constexpr size_t kRefData = offsetof(QuantTensorRef, data), kRefStride = offsetof(QuantTensorRef, stride);
+#define REF_AS(name, n) Field{name, offsetof(QuantKVParams, n) + kRefData, kPtr}
+#define STRIDE_AS(name, n, i) Field{name, offsetof(QuantKVParams, n) + kRefStride + (i) * sizeof(int64_t), kI64}
+#define REF3(n) REF_AS(#n, n), STRIDE_AS(#n "_sb", n, 0), STRIDE_AS(#n "_sh", n, 1), STRIDE_AS(#n "_sr", n, 2)
 const std::vector<Field> kFields = {
-    FLD(k_codes), FLD(k_scale), FLD(k_min), FLD(v_codes), FLD(v_scale), FLD(v_min), FLD(k_res), FLD(v_res),
-    FLD(k_mean), FLD(v_mean), FLD(lengths), FLD(k_codes_sb), FLD(k_codes_sh), FLD(k_codes_sr), FLD(k_scale_sb),
-    FLD(k_scale_sh), FLD(k_scale_sr), FLD(k_min_sb), FLD(k_min_sh), FLD(k_min_sr), FLD(v_codes_sb),
-    FLD(v_codes_sh), FLD(v_codes_sr), FLD(v_scale_sb), FLD(v_scale_sh), FLD(v_scale_sr), FLD(v_min_sb),
-    FLD(v_min_sh), FLD(v_min_sr), FLD(k_res_sb), FLD(k_res_sh), FLD(k_res_sr), FLD(v_res_sb), FLD(v_res_sh),
-    FLD(v_res_sr), FLD(k_mean_sb), FLD(k_mean_sr), FLD(v_mean_sb), FLD(v_mean_sr), FLD(lengths_sb),
-    FLD(lengths_sh), FLD(batch), FLD(num_kv_heads), FLD(capacity), FLD(head_dim), FLD(residual), FLD(bits),
-    FLD(group), FLD(q), FLD(q_sb), FLD(q_sh), FLD(num_q_heads), FLD(out), FLD(lse), FLD(sm_scale),
-    FLD(num_splits), FLD(k_in), FLD(v_in), FLD(k_in_sb), FLD(k_in_sh), FLD(k_in_sr), FLD(v_in_sb), FLD(v_in_sh),
-    FLD(v_in_sr), FLD(seq_len), FLD(k_new), FLD(v_new), FLD(k_new_sb), FLD(k_new_sh), FLD(v_new_sb),
-    FLD(v_new_sh)};
+    REF3(k_codes), REF3(k_scale), REF3(k_min), REF3(v_codes), REF3(v_scale), REF3(v_min), REF3(k_res), REF3(v_res),
+    REF3(k_in), REF3(v_in),
+    REF_AS("k_mean", k_mean), STRIDE_AS("k_mean_sb", k_mean, 0), STRIDE_AS("k_mean_sr", k_mean, 1),
+    REF_AS("v_mean", v_mean), STRIDE_AS("v_mean_sb", v_mean, 0), STRIDE_AS("v_mean_sr", v_mean, 1),
+    REF_AS("k_new", k_in), STRIDE_AS("k_new_sb", k_in, 0), STRIDE_AS("k_new_sh", k_in, 1),
+    REF_AS("v_new", v_in), STRIDE_AS("v_new_sb", v_in, 0), STRIDE_AS("v_new_sh", v_in, 1),
+    FLD(lengths), FLD_AS("lengths_sb", lengths_stride_b), FLD_AS("lengths_sh", lengths_stride_h),
+    FLD(batch), FLD(num_kv_heads), FLD(capacity), FLD(head_dim), FLD(residual), FLD(bits), FLD(group),
+    FLD(q), FLD_AS("q_sb", q_stride_b), FLD_AS("q_sh", q_stride_h), FLD(num_q_heads), FLD(out), FLD(lse),
+    FLD(sm_scale), FLD(num_splits), FLD_AS("seq_len", in_tokens)};
+#undef REF3
+#undef STRIDE_AS
+#undef REF_AS
+#undef FLD_AS
 #undef FLD
 #define OFLD(n) Field{#n, offsetof(kvkern_emu::Options, n), kind_of<std::remove_cv_t<decltype(kvkern_emu::Options::n)>>()}
 const std::vector<Field> kOptionFields = {OFLD(seed), OFLD(deferred), OFLD(check_reads), OFLD(block_order)};
 #undef OFLD
 
 struct Handle {
-  QuantCudaParams p;
+  QuantKVParams p;
   kvkern_emu::Options options;
   size_t smem_limit = 227 * 1024;
 };
@@ -743,7 +754,7 @@ KVKERN_EXPORT int emu_run(void* hp, const char* op, int dtype, void* workspace) 
   const KvDtype dt = static_cast<KvDtype>(dtype);
   cudaError_t err = cudaErrorInvalidValue;
   if (o == "attention") {
-    QuantCudaParams p = h->p;
+    QuantKVParams p = h->p;
     kvkern::quant_detail::set_attention_ws(p, p.num_splits, workspace);
     err = kvkern::quant_detail::run_quant_decode_attention(p, dt, launch);
   } else if (o == "quantize") {

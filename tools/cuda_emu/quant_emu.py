@@ -4,7 +4,7 @@
 ``build()`` compiles (once; cached under build/cuda_emu/quant-<hash>/) the
 emulator library from the real kernel headers (the emulation copy
 tools/cuda_emu/gen.py makes) with g++ and the CUDA headers. ``run`` fills
-QuantCudaParams (quant_launch.h) from torch CPU tensors, as the torch glue
+QuantKVParams (quant_params.h) from torch CPU tensors, as the torch glue
 would (strides in elements), and runs one launch sequence ("attention",
 "quantize", "append") with every kernel emulated block by block, thread by
 thread. Used by tests/test_cuda_quant_kernels.py.
