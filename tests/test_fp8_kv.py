@@ -337,6 +337,9 @@ def test_cache_api():
     nb = cache.nbytes()
     assert nb["total"] == 2 * B * H * C * D + 2 * 4 * H
     assert nb["ratio"] == pytest.approx(0.5, abs=1e-3)
+    from kvkern.policies import tada
+    acct = tada.fp8_cache_bytes(B, H, C, D)
+    assert acct["total"] == nb["total"] and acct["ratio"] == nb["ratio"]
     fixed = kvkern.FP8KVCache.empty(1, 2, 8, 64, k_scale=0.5, v_scale=[0.25, 2.0])
     assert fixed.k_scale.tolist() == [0.5, 0.5] and fixed.v_scale.tolist() == [0.25, 2.0]
 
