@@ -21,8 +21,13 @@
 //  * Every row group runs its own online softmax over its rows (the same update
 //    as decode_attention.cuh); the groups merge by warp shuffles, the warps
 //    through shared memory; v_scale[j] multiplies the merged output once.
-//  * One split writes out / lse; several write fp32 partials merged by
-//    decode_attention's merge kernel (launch_merge_attention_states).
+//  * One split writes out / lse; several write fp32 partials merged by the
+//    quantized cache's merge kernel (quant_kv.cuh quant_merge_kernel, the same
+//    combine as decode_attention's).
+//
+// Host side: run_* templates over a launcher (the <<<>>> one in
+// csrc/kernels/fp8_inst.cu, a CPU one in tools/cuda_emu/quant_emu.cpp), so the
+// emulator runs these exact launch sequences.
 #pragma once
 
 #include <cuda_fp8.h>
@@ -35,6 +40,7 @@
 #include "common.cuh"
 #include "decode_attention_launch.h"
 #include "fp8_launch.h"
+#include "quant_kv.cuh"  // quant_detail::quant_merge_kernel
 
 namespace kvkern {
 namespace fp8_detail {
@@ -141,8 +147,11 @@ __global__ void __launch_bounds__(kFp8Threads) fp8_decode_kernel(const Fp8KVPara
   constexpr int kE = Cfg::kElems;
   constexpr int kRT = Cfg::kRowThreads;
   constexpr int kU = Cfg::kUnroll;
-  __shared__ float sm_acc[kFp8Warps * HT * HEAD_DIM];
-  __shared__ float sm_m[kFp8Warps * HT], sm_l[kFp8Warps * HT];
+  // Only the final cross-warp merge uses shared memory (fp8_smem_bytes).
+  extern __shared__ __align__(16) unsigned char smem[];
+  float* sm_acc = reinterpret_cast<float*>(smem);
+  float* sm_m = sm_acc + kFp8Warps * HT * HEAD_DIM;
+  float* sm_l = sm_m + kFp8Warps * HT;
 
   const int tid = static_cast<int>(threadIdx.x);
   const int lane = tid & 31, warp = tid >> 5;
@@ -318,38 +327,86 @@ inline int default_splits(const Fp8KVParams& p, int num_sms) {
   return static_cast<int>(s < 1 ? 1 : s);
 }
 
-template <typename T, int HEAD_DIM>
-cudaError_t run_attention_dim(const Fp8KVParams& p, KvDtype dt, cudaStream_t stream) {
+constexpr size_t fp8_smem_bytes(int head_dim, int ht) {
+  return static_cast<size_t>(kFp8Warps) * static_cast<size_t>(ht) * static_cast<size_t>(head_dim + 2) * 4;
+}
+
+template <typename T, int HEAD_DIM, typename L>
+cudaError_t run_attention_dim(const Fp8KVParams& p, L& launch) {
   const int64_t G = p.group_size();
   const int ht = heads_tile(G);
   const int64_t blocks = p.batch * p.num_kv_heads * p.num_splits * ceil_div<int64_t>(G, ht);
-  if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
-  const unsigned grid = static_cast<unsigned>(blocks);
+  const size_t smem = fp8_smem_bytes(HEAD_DIM, ht);
   switch (ht) {
-    case 1: fp8_decode_kernel<T, HEAD_DIM, 1><<<grid, kFp8Threads, 0, stream>>>(p); break;
-    case 2: fp8_decode_kernel<T, HEAD_DIM, 2><<<grid, kFp8Threads, 0, stream>>>(p); break;
-    case 4: fp8_decode_kernel<T, HEAD_DIM, 4><<<grid, kFp8Threads, 0, stream>>>(p); break;
-    default: fp8_decode_kernel<T, HEAD_DIM, 8><<<grid, kFp8Threads, 0, stream>>>(p); break;
+    case 1: KVKERN_CUDA_TRY(launch(fp8_decode_kernel<T, HEAD_DIM, 1>, blocks, kFp8Threads, smem, p)); break;
+    case 2: KVKERN_CUDA_TRY(launch(fp8_decode_kernel<T, HEAD_DIM, 2>, blocks, kFp8Threads, smem, p)); break;
+    case 4: KVKERN_CUDA_TRY(launch(fp8_decode_kernel<T, HEAD_DIM, 4>, blocks, kFp8Threads, smem, p)); break;
+    default: KVKERN_CUDA_TRY(launch(fp8_decode_kernel<T, HEAD_DIM, 8>, blocks, kFp8Threads, smem, p)); break;
   }
-  KVKERN_CUDA_TRY(cudaGetLastError());
-  if (p.num_splits > 1)
-    return launch_merge_attention_states(p.partial_out, p.partial_lse, p.out, dt, p.lse, p.batch * p.num_q_heads,
-                                         p.num_splits, HEAD_DIM, stream);
+  if (p.num_splits > 1) {
+    quant_detail::MergeArgs m{p.partial_out, p.partial_lse, p.out, p.lse, p.batch * p.num_q_heads, p.num_splits,
+                              HEAD_DIM};
+    KVKERN_CUDA_TRY(launch(quant_detail::quant_merge_kernel<T>, m.rows, quant_detail::kAttnThreads, 0, m));
+  }
   return cudaSuccess;
 }
 
-template <typename T>
-cudaError_t run_attention(const Fp8KVParams& p, KvDtype dt, cudaStream_t stream) {
+template <typename T, typename L>
+cudaError_t run_attention_typed(const Fp8KVParams& p, L& launch) {
   switch (p.head_dim) {
-    case 64: return run_attention_dim<T, 64>(p, dt, stream);
-    case 128: return run_attention_dim<T, 128>(p, dt, stream);
-    default: return run_attention_dim<T, 256>(p, dt, stream);
+    case 64: return run_attention_dim<T, 64>(p, launch);
+    case 128: return run_attention_dim<T, 128>(p, launch);
+    default: return run_attention_dim<T, 256>(p, launch);
   }
+}
+
+template <typename L, typename F>
+cudaError_t by_dtype(KvDtype dtype, F&& f) {
+  switch (dtype) {
+    case KvDtype::kFloat32: return f(float{});
+    case KvDtype::kFloat16: return f(__half{});
+    case KvDtype::kBFloat16: return f(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+inline bool cache_ok(const Fp8KVParams& p) {
+  return p.batch >= 0 && p.num_kv_heads > 0 && p.head_dim > 0 && p.capacity >= 0 && p.k_fp8.data && p.v_fp8.data &&
+         p.k_scale && p.v_scale && p.lengths && p.k_in.data && p.v_in.data;
 }
 
 inline int64_t grid_for(int64_t work) {
   const int64_t blocks = ceil_div<int64_t>(work, kFp8QuantThreads);
   return blocks < 1 ? 1 : (blocks > 65535 ? 65535 : blocks);
+}
+
+// The launch sequences (fp8_launch.h states the contracts).
+template <typename L>
+cudaError_t run_fp8_decode_attention(const Fp8KVParams& p, KvDtype dtype, L& launch) {
+  if (!attention_ok(p) || p.num_splits < 1 ||
+      (p.num_splits > 1 && (p.partial_out == nullptr || p.partial_lse == nullptr)))
+    return cudaErrorInvalidValue;
+  if (p.batch == 0) return cudaSuccess;
+  return by_dtype<L>(dtype, [&](auto tag) { return run_attention_typed<decltype(tag)>(p, launch); });
+}
+
+template <typename L>
+cudaError_t run_quantize_fp8_kv(const Fp8KVParams& p, KvDtype dtype, L& launch) {
+  if (!cache_ok(p) || p.in_tokens < 0 || p.in_tokens > p.capacity) return cudaErrorInvalidValue;
+  const int64_t work = p.batch * p.num_kv_heads * p.in_tokens * p.head_dim;
+  if (work == 0) return cudaSuccess;
+  return by_dtype<L>(dtype, [&](auto tag) {
+    return launch(fp8_quantize_kernel<decltype(tag)>, grid_for(work), kFp8QuantThreads, 0, p);
+  });
+}
+
+template <typename L>
+cudaError_t run_append_fp8_kv(const Fp8KVParams& p, KvDtype dtype, L& launch) {
+  if (!cache_ok(p)) return cudaErrorInvalidValue;
+  const int threads = p.head_dim >= kFp8QuantThreads ? kFp8QuantThreads : static_cast<int>((p.head_dim + 31) / 32 * 32);
+  return by_dtype<L>(dtype, [&](auto tag) {
+    return launch(fp8_append_kernel<decltype(tag)>, p.batch * p.num_kv_heads, threads, 0, p);
+  });
 }
 
 }  // namespace fp8_detail

@@ -10,7 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "decode_attention_launch.h"  // KvDtype, launch_merge_attention_states
+#include "decode_attention_launch.h"  // KvDtype
 #include "fp8_params.h"
 
 namespace kvkern {
@@ -27,8 +27,8 @@ int fp8_decode_default_splits(const Fp8KVParams& p, int num_sms);
 // out, lse = attention of q over the fp8 cache, codes decoded in registers
 // (k_scale folded into the logit scale, v_scale into the output). With
 // p.num_splits > 1, p.partial_out [B, Hq, S, D] and p.partial_lse [B, Hq, S]
-// (fp32, contiguous) are the split-K workspace, merged by decode_attention's
-// merge kernel. A length outside [0, C] writes NaN to that head group.
+// (fp32, contiguous) are the split-K workspace, merged by the quantized cache's
+// merge kernel (decode_attention's combine). A length outside [0, C] writes NaN to that head group.
 cudaError_t launch_fp8_decode_attention(const Fp8KVParams& p, KvDtype dtype, cudaStream_t stream);
 
 // Prefill: codes of tokens t < min(lengths[b, h], T_in) of every head; nothing else
