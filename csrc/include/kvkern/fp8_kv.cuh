@@ -317,11 +317,13 @@ inline bool attention_ok(const Fp8KVParams& p) {
          p.v_scale && p.lengths && p.q && p.out && p.lse && al8(p.k_fp8) && al8(p.v_fp8);
 }
 
+// About 16 CTAs per SM: several waves of the ~4 resident ones (register-bound),
+// so the last wave's tail is small; each split keeps >= 4 x 64 slots.
 inline int default_splits(const Fp8KVParams& p, int num_sms) {
   const int64_t blocks = p.batch * p.num_kv_heads * ceil_div<int64_t>(p.group_size(), heads_tile(p.group_size()));
   if (blocks <= 0) return 1;
-  int64_t s = ceil_div<int64_t>(4 * static_cast<int64_t>(num_sms > 0 ? num_sms : 132), blocks);
-  const int64_t most = ceil_div<int64_t>(p.capacity, kFp8SplitTile);
+  int64_t s = ceil_div<int64_t>(16 * static_cast<int64_t>(num_sms > 0 ? num_sms : 132), blocks);
+  const int64_t most = ceil_div<int64_t>(p.capacity, 4 * kFp8SplitTile);
   if (s > most) s = most;
   if (s > 256) s = 256;
   return static_cast<int>(s < 1 ? 1 : s);

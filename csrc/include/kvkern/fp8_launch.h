@@ -21,7 +21,7 @@ namespace kvkern {
 // elsewhere (the Triton twin) otherwise; launch_* return cudaErrorInvalidValue.
 bool fp8_decode_attention_supported(const Fp8KVParams& p);
 
-// Splits when p.num_splits == 0: about 4 CTAs per SM, at most one per 64 slots.
+// Splits when p.num_splits == 0: about 16 CTAs per SM, at least 256 slots per split.
 int fp8_decode_default_splits(const Fp8KVParams& p, int num_sms);
 
 // out, lse = attention of q over the fp8 cache, codes decoded in registers
