@@ -82,13 +82,14 @@ std::tuple<Tensor, Tensor> fp8_decode_attention_cuda(const Tensor& q, const Tens
   STD_TORCH_CHECK(q.is_cuda(), op, ": q: expected a CUDA tensor here, got a tensor on cpu");
   const int32_t device = q.get_device_index();
   torch::stable::accelerator::DeviceGuard guard(device);
+  // Shapes and strides only (never values): the same inputs are refused every time.
+  STD_TORCH_CHECK(fp8_decode_attention_supported(p), op,
+                  ": k_fp8 / v_fp8: the CUDA kernel needs 8-byte aligned rows (strides multiples of 8); "
+                  "use backend=\"triton\" or a contiguous cache");
   Tensor out = torch::stable::new_empty(q, {p.batch, p.num_q_heads, p.head_dim});
   Tensor lse = torch::stable::new_empty(q, {p.batch, p.num_q_heads}, ScalarType::Float);
   p.out = out.mutable_data_ptr();
   p.lse = static_cast<float*>(lse.mutable_data_ptr());
-  STD_TORCH_CHECK(fp8_decode_attention_supported(p), op,
-                  ": k_fp8 / v_fp8: the CUDA kernel needs 8-byte aligned rows (strides multiples of 8); "
-                  "use backend=\"triton\" or a contiguous cache");
   if (out.numel() == 0) return {out, lse};
   if (p.num_splits == 0) {
     int sms = 0;
