@@ -205,3 +205,84 @@ def bench_append_step(benchmark, impl, bits, mean_centred):
     nbytes = 5 * row + case.B * case.Hkv * (case.D * bits // 8 + 2 * (case.D // G) * elem) + 2 * lengths.numel() * 4
     record(benchmark, case=f"{case.name}_{bits}b", impl=f"kvkern/{impl}/{'centred' if mean_centred else 'plain'}",
            device=case.device, fn=fn, nbytes=nbytes, note="one launch; target < 5 us")
+
+
+# ---- FP8 (e4m3fn, per-head scales) ------------------------------------------------------------
+
+def fp8_cache(case: Case):
+    """(k_fp8, v_fp8, k_scale, v_scale) of the dense inputs, calibrated per head, built by the
+    device's quantize_fp8_kv_ kernel."""
+    _, k, v, lengths = dense_inputs(case)
+    backends = available_backends("quantize_fp8_kv_", case.device)
+    if not backends:
+        pytest.skip("no quantize_fp8_kv_ kernel on this device")
+    ks, vs = kvkern.fp8_scales(k, lengths), kvkern.fp8_scales(v, lengths)
+    kf = torch.empty(case.B, case.Hkv, case.L, case.D, dtype=torch.float8_e4m3fn, device=case.device)
+    vf = torch.empty_like(kf)
+    _op("quantize_fp8_kv_", backends[0])(k, v, lengths, ks, vs, kf, vf)
+    return kf, vf, ks, vs
+
+
+def fp8_read_bytes(case: Case) -> int:
+    """What fp8_decode_attention must read with every head full: 1 byte per K and V element, the
+    scales, q, out (q's dtype), lse (fp32) and lengths."""
+    elem = torch.empty((), dtype=case.dtype).element_size()
+    return 2 * case.B * case.Hkv * case.L * case.D + 2 * case.Hkv * 4 + 2 * case.B * case.Hq * case.D * elem \
+        + case.B * case.Hq * 4 + case.B * case.Hkv * 4
+
+
+@pytest.mark.parametrize("impl", QUANT_IMPLS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def bench_fp8_decode_attention(benchmark, case, impl):
+    """Issue target (H100, the CUDA case): faster than bf16 decode_attention (bench_quant_dense_peers
+    kvkern/cuda/bf16-dense) by >= 1.8x; it reads half the bytes, so ~2x is the bandwidth limit."""
+    _skip_unless_device(case.device)
+    if impl not in _backends("fp8_decode_attention", case.device):
+        pytest.skip(f"fp8_decode_attention has no {impl} kernel on {case.device} in this build")
+    q, _, _, lengths = dense_inputs(case)
+    kf, vf, ks, vs = fp8_cache(case)
+    op = _op("fp8_decode_attention", impl)
+    fn = lambda: op(q, kf, vf, ks, vs, lengths)  # noqa: E731
+    # the fused op must equal dense attention over the dequantized cache
+    kd = (kf.float() * ks.view(1, -1, 1, 1)).to(case.dtype)
+    vd = (vf.float() * vs.view(1, -1, 1, 1)).to(case.dtype)
+    expected = kvkern.decode_attention(q, kd, vd, lengths)
+    torch.testing.assert_close(fn()[0].float(), expected.float(), atol=2e-2, rtol=2e-2)
+    record(benchmark, case=case.name, impl=f"kvkern/{impl}/fp8-e4m3", device=case.device, fn=fn,
+           nbytes=fp8_read_bytes(case), note="per-head scales")
+
+
+@pytest.mark.parametrize("impl", ["cuda", "triton"])
+def bench_fp8_quantize_prefill(benchmark, impl):
+    case = PREFILL
+    _skip_unless_device(case.device)
+    if impl not in available_backends("quantize_fp8_kv_", case.device):
+        pytest.skip(f"quantize_fp8_kv_ has no {impl} kernel on cuda in this build")
+    _, k, v, lengths = dense_inputs(case)
+    ks, vs = kvkern.fp8_scales(k, lengths), kvkern.fp8_scales(v, lengths)
+    kf = torch.empty(case.B, case.Hkv, case.L, case.D, dtype=torch.float8_e4m3fn, device="cuda")
+    vf = torch.empty_like(kf)
+    op = _op("quantize_fp8_kv_", impl)
+    fn = lambda: op(k, v, lengths, ks, vs, kf, vf)  # noqa: E731
+    dense = 2 * k.numel() * k.element_size()
+    record(benchmark, case=f"{case.name}_fp8", impl=f"kvkern/{impl}/fp8-e4m3", device="cuda", fn=fn,
+           nbytes=dense + 2 * kf.numel(), note="read dense K,V + write the codes")
+
+
+@pytest.mark.parametrize("impl", ["cuda", "triton"])
+def bench_fp8_append_step(benchmark, impl):
+    case = Case("cuda_bf16_B8_C32768_append", "cuda", 8, 32, 8, 128, 32768)
+    _skip_unless_device(case.device)
+    if impl not in available_backends("append_fp8_kv_", case.device):
+        pytest.skip(f"append_fp8_kv_ has no {impl} kernel on cuda in this build")
+    kf = torch.zeros(case.B, case.Hkv, case.L, case.D, dtype=torch.float8_e4m3fn, device="cuda")
+    vf = torch.zeros_like(kf)
+    ks = torch.ones(case.Hkv, device="cuda")
+    lengths = torch.full((case.B, case.Hkv), case.L // 2 + 1, dtype=torch.int32, device="cuda")
+    k_new = torch.randn(case.B, case.Hkv, case.D, device="cuda", dtype=case.dtype)
+    v_new = torch.randn_like(k_new)
+    op = _op("append_fp8_kv_", impl)
+    fn = lambda: op(k_new, v_new, lengths, ks, ks, kf, vf)  # noqa: E731
+    row = case.B * case.Hkv * case.D
+    record(benchmark, case=f"{case.name}_fp8", impl=f"kvkern/{impl}/fp8-e4m3", device="cuda", fn=fn,
+           nbytes=2 * row * k_new.element_size() + 2 * row + 2 * lengths.numel() * 4, note="one launch; target < 5 us")

@@ -86,6 +86,23 @@ STABLE_TORCH_LIBRARY(kvkern, m) {
       "Tensor v_scale, Tensor v_min, Tensor k_res, Tensor v_res, Tensor? k_mean, Tensor? v_mean, "
       "Tensor lengths, int bits, int group, float? sm_scale=None, int num_splits=0) -> (Tensor, Tensor)",
   };
+  // ---- FP8 KV (kvkern/reference.py "FP8 KV"): k_fp8 / v_fp8 [B, Hkv, C, D] float8_e4m3fn,
+  // k_scale / v_scale [Hkv] fp32 (x ≈ code * scale), lengths [B, Hkv] int32.
+  const char* fp8_schemas[] = {
+      "quantize_fp8_kv{T}_(Tensor k, Tensor v, Tensor lengths, Tensor k_scale, Tensor v_scale, "
+      "Tensor(a!) k_fp8, Tensor(b!) v_fp8) -> ()",
+      "append_fp8_kv{T}_(Tensor k_new, Tensor v_new, Tensor(a!) lengths, Tensor k_scale, Tensor v_scale, "
+      "Tensor(b!) k_fp8, Tensor(c!) v_fp8) -> ()",
+      "fp8_decode_attention{T}(Tensor q, Tensor k_fp8, Tensor v_fp8, Tensor k_scale, Tensor v_scale, "
+      "Tensor lengths, float? sm_scale=None, int num_splits=0, int block_n=0, int num_warps=0, "
+      "int num_stages=0) -> (Tensor, Tensor)",
+  };
+  for (const char* schema : fp8_schemas) {
+    std::string s(schema);
+    const auto at = s.find("{T}");
+    m.def((s.substr(0, at) + s.substr(at + 3)).c_str());
+    m.def((s.substr(0, at) + "_triton" + s.substr(at + 3)).c_str());
+  }
   for (const char* schema : quant_schemas) {
     std::string s(schema);
     const auto at = s.find("{T}");

@@ -49,8 +49,10 @@ from .eviction_ops import (  # noqa: E402
 from .quant_ops import (  # noqa: E402
     QuantizedKVCache, append_quantized_kv_, dequantize_kv, quant_decode_attention, quantize_kv_,
 )
+from .quant_ops import FP8KVCache, append_fp8_kv_, fp8_decode_attention, fp8_scales, quantize_fp8_kv_  # noqa: E402
 
 __all__ = ["__version__", "decode_attention", "reference", "ops", "QuantizedKVCache", "quantize_kv_",
            "dequantize_kv", "append_quantized_kv_", "quant_decode_attention", "window_scores", "expected_attention_scores",
            "query_statistics", "average_rope", "slot_scores", "key_redundancy", "update_scores_", "select_keep",
-           "compact_", "evict_", "allocate_head_budgets", "score_evict_"]
+           "compact_", "evict_", "allocate_head_budgets", "score_evict_", "FP8KVCache", "fp8_scales",
+           "quantize_fp8_kv_", "append_fp8_kv_", "fp8_decode_attention"]

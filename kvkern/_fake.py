@@ -139,3 +139,31 @@ QUANT_FAKES = {
 for _op, _fake in QUANT_FAKES.items():
     for _name in (_op, triton_twin(_op)):
         torch.library.register_fake(f"kvkern::{_name}")(_fake)
+
+
+# ---- FP8 KV ----------------------------------------------------------------------
+
+def _quantize_fp8_kv_fake(k, v, lengths, k_scale, v_scale, k_fp8, v_fp8):
+    return None
+
+
+def _append_fp8_kv_fake(k_new, v_new, lengths, k_scale, v_scale, k_fp8, v_fp8):
+    return None
+
+
+def _fp8_decode_attention_fake(q, k_fp8, v_fp8, k_scale, v_scale, lengths, sm_scale=None, num_splits=0, block_n=0,
+                               num_warps=0, num_stages=0):
+    torch._check(q.dim() == 3, lambda: "fp8_decode_attention: q must be [B, Hq, D]")
+    B, Hq, D = q.shape
+    return q.new_empty((B, Hq, D)), q.new_empty((B, Hq), dtype=torch.float32)
+
+
+FP8_FAKES = {
+    "quantize_fp8_kv_": _quantize_fp8_kv_fake,
+    "append_fp8_kv_": _append_fp8_kv_fake,
+    "fp8_decode_attention": _fp8_decode_attention_fake,
+}
+
+for _op, _fake in FP8_FAKES.items():
+    for _name in (_op, triton_twin(_op)):
+        torch.library.register_fake(f"kvkern::{_name}")(_fake)

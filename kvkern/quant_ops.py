@@ -228,3 +228,153 @@ def quant_decode_attention(q, cache: QuantizedKVCache, sm_scale: float | None = 
         q, *cache.tensors, cache.lengths, cache.bits, cache.group, None if sm_scale is None else float(sm_scale),
         int(num_splits))
     return (out, lse) if return_lse else out
+
+
+# ---- FP8 KV (kvkern/reference.py "FP8 KV") ----------------------------------------------------
+
+__all__ += ["FP8KVCache", "fp8_scales", "quantize_fp8_kv_", "append_fp8_kv_", "fp8_decode_attention"]
+
+
+def fp8_scales(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Per-kv-head fp8 scales ``[Hkv]`` float32 of ``x [B, Hkv, T, D]``: amax over the live tokens
+    (``t < lengths[b, h]``) / 448, 1 for a head whose live values are all 0 (no NaN). Mutates nothing;
+    device ops only (no host sync)."""
+    B, H, T, _ = x.shape
+    live = (torch.arange(T, device=x.device).view(1, 1, T) < lengths.to(x.device).unsqueeze(-1)).unsqueeze(-1)
+    amax = torch.where(live, x.abs(), torch.zeros((), dtype=x.dtype, device=x.device)).to(torch.float32)
+    amax = amax.amax(dim=(0, 2, 3)) if x.numel() else torch.zeros(H, dtype=torch.float32, device=x.device)
+    scale = amax / reference.FP8_MAX
+    return torch.where(amax > 0, scale, torch.ones_like(scale))
+
+
+@dataclass
+class FP8KVCache:
+    """One layer's FP8 (e4m3fn) KV cache with per-kv-head scales, the vLLM / FlashInfer layout.
+
+    Tensors (one device): k_fp8 / v_fp8 ``[B, Hkv, C, D]`` float8_e4m3fn (slot t = token t),
+    k_scale / v_scale ``[Hkv]`` float32 (x ≈ code * scale), lengths ``[B, Hkv]`` int32. Scales are
+    static: set by :meth:`calibrate_` (amax / 448 of a prefill) or given to :meth:`empty`.
+    """
+
+    k_fp8: torch.Tensor
+    v_fp8: torch.Tensor
+    k_scale: torch.Tensor
+    v_scale: torch.Tensor
+    lengths: torch.Tensor
+
+    @classmethod
+    def empty(cls, B: int, Hkv: int, capacity: int, D: int, *, k_scale=None, v_scale=None, device="cpu"):
+        """An empty cache (lengths 0); scales default to 1 (call :meth:`calibrate_` or pass them)."""
+        public = "kvkern.FP8KVCache.empty"
+        if min(B, Hkv, capacity, D) < 0 or Hkv == 0 or D == 0:
+            raise ValueError(f"{public}: expected B, capacity >= 0 and Hkv, D > 0, got "
+                             f"B={B}, Hkv={Hkv}, capacity={capacity}, D={D}")
+
+        def scale(s, name):
+            if s is None:
+                return torch.ones(Hkv, dtype=torch.float32, device=device)
+            s = torch.as_tensor(s, dtype=torch.float32, device=device).reshape(-1).clone()
+            if s.numel() == 1:
+                s = s.expand(Hkv).clone()
+            if s.shape != (Hkv,):
+                raise ValueError(f"{public}: {name}: expected a scalar or [Hkv] = [{Hkv}], got {list(s.shape)}")
+            return s
+
+        z = torch.zeros(B, Hkv, capacity, D, dtype=torch.float8_e4m3fn, device=device)
+        return cls(z, z.clone(), scale(k_scale, "k_scale"), scale(v_scale, "v_scale"),
+                   torch.zeros(B, Hkv, dtype=torch.int32, device=device))
+
+    @property
+    def tensors(self) -> tuple:
+        return (self.k_fp8, self.v_fp8)
+
+    @property
+    def capacity(self) -> int:
+        return self.k_fp8.shape[2]
+
+    def calibrate_(self, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor):
+        """Sets the scales from a prefill ``k, v [B, Hkv, T, D]`` (:func:`fp8_scales`)."""
+        self.k_scale.copy_(fp8_scales(k, lengths))
+        self.v_scale.copy_(fp8_scales(v, lengths))
+        return self
+
+    def nbytes(self) -> dict:
+        """Exact bytes (1 per element plus the fp32 scales), and the ratio against a bf16 dense cache
+        of the same capacity (``2 * B * Hkv * C * D * 2`` bytes)."""
+        sizes = {n: t.numel() * t.element_size() for n, t in
+                 (("k_fp8", self.k_fp8), ("v_fp8", self.v_fp8), ("k_scale", self.k_scale), ("v_scale", self.v_scale))}
+        total = sum(sizes.values())
+        B, H, C, D = self.k_fp8.shape
+        dense = 2 * B * H * C * D * 2
+        return {**sizes, "total": total, "bf16_dense": dense, "ratio": total / dense if dense else 0.0}
+
+    def fill_(self, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, *, calibrate: bool = False,
+              backend: str = "auto"):
+        """Quantizes a prefill ``k, v [B, Hkv, T, D]`` (T <= capacity) with ``lengths [B, Hkv]`` int32
+        (each <= T) into this cache; ``calibrate=True`` first sets the scales from it. Mutates the
+        codes of the live slots and ``self.lengths``."""
+        if calibrate:
+            self.calibrate_(k, v, lengths)
+        quantize_fp8_kv_(k, v, lengths, self, backend=backend)
+        self.lengths.copy_(lengths)
+        return self
+
+    def append_(self, k_new: torch.Tensor, v_new: torch.Tensor, *, backend: str = "auto"):
+        """One decode step: ``k_new, v_new [B, Hkv, D]`` become token ``lengths`` of each head."""
+        append_fp8_kv_(k_new, v_new, self, backend=backend)
+        return self
+
+    def attention(self, q: torch.Tensor, sm_scale: float | None = None, *, return_lse: bool = False,
+                  backend: str = "auto", num_splits: int = 0):
+        """Decode attention of ``q [B, Hq, D]`` over this cache (see :func:`fp8_decode_attention`)."""
+        return fp8_decode_attention(q, self, sm_scale, return_lse=return_lse, backend=backend,
+                                    num_splits=num_splits)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense ``(k, v) [B, Hkv, C, D]`` in ``dtype`` (fp32 code * scale), 0 past ``lengths``. For
+        inspection and tests: attention never materializes it."""
+        H, C = self.k_fp8.shape[1], self.capacity
+        live = (torch.arange(C, device=self.k_fp8.device).view(1, 1, C) < self.lengths.unsqueeze(-1)).unsqueeze(-1)
+        k = reference.dequantize_fp8(self.k_fp8, self.k_scale.view(1, H, 1, 1))
+        v = reference.dequantize_fp8(self.v_fp8, self.v_scale.view(1, H, 1, 1))
+        return torch.where(live, k, 0.0).to(dtype), torch.where(live, v, 0.0).to(dtype)
+
+
+def _check_fp8_cache(public: str, cache) -> None:
+    if not isinstance(cache, FP8KVCache):
+        raise TypeError(f"{public}: cache: expected a kvkern.FP8KVCache, got {type(cache).__name__}")
+
+
+def quantize_fp8_kv_(k, v, lengths, cache: FP8KVCache, *, backend: str = "auto") -> FP8KVCache:
+    """Codes of a prefill ``k, v [B, Hkv, T, D]`` (fp32 / fp16 / bf16, T <= C) into ``cache``'s
+    slots ``t < lengths[b, h]`` (mutated; ``cache.lengths`` is not), with the cache's scales."""
+    public = "kvkern.quantize_fp8_kv_"
+    _check_fp8_cache(public, cache)
+    _op("quantize_fp8_kv_", k.device, backend, public)(k, v, lengths, cache.k_scale, cache.v_scale, cache.k_fp8,
+                                                        cache.v_fp8)
+    return cache
+
+
+def append_fp8_kv_(k_new, v_new, cache: FP8KVCache, *, backend: str = "auto") -> FP8KVCache:
+    """One decode step in place (no host sync): ``k_new, v_new [B, Hkv, D]`` into slot
+    ``cache.lengths[b, h]``, which is incremented. A full head raises on CPU; on CUDA it is left
+    untouched (lengths included)."""
+    public = "kvkern.append_fp8_kv_"
+    _check_fp8_cache(public, cache)
+    _op("append_fp8_kv_", k_new.device, backend, public)(k_new, v_new, cache.lengths, cache.k_scale, cache.v_scale,
+                                                          cache.k_fp8, cache.v_fp8)
+    return cache
+
+
+def fp8_decode_attention(q, cache: FP8KVCache, sm_scale: float | None = None, *, return_lse: bool = False,
+                         backend: str = "auto", num_splits: int = 0):
+    """Attention of one query per sequence ``q [B, Hq, D]`` (fp32 / fp16 / bf16, D in {64, 128, 256})
+    over the fp8 cache, decoding in registers. Equals :func:`kvkern.decode_attention` over
+    :meth:`FP8KVCache.dequantize` (fp32 accumulation). Returns ``out [B, Hq, D]`` (q's dtype), and
+    ``lse [B, Hq]`` float32 with ``return_lse``. Mutates nothing."""
+    public = "kvkern.fp8_decode_attention"
+    _check_fp8_cache(public, cache)
+    out, lse = _op("fp8_decode_attention", q.device, backend, public)(
+        q, cache.k_fp8, cache.v_fp8, cache.k_scale, cache.v_scale, cache.lengths,
+        None if sm_scale is None else float(sm_scale), int(num_splits))
+    return (out, lse) if return_lse else out

@@ -886,3 +886,106 @@ def quant_decode_attention(q: torch.Tensor, cache: dict, lengths: torch.Tensor, 
     :func:`dequantize_kv` (the kernels dequantize in registers, never in memory)."""
     k, v = dequantize_kv(cache, lengths, bits, group, dtype=dtype)
     return decode_attention(q, k, v, lengths, None, sm_scale, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------
+# FP8 KV (e4m3, per-head scales, the vLLM / FlashInfer layout). One layer:
+#
+#   k_fp8, v_fp8 [B, Hkv, C, D] torch.float8_e4m3fn   slot t of head (b, h) = token t
+#   k_scale, v_scale [Hkv] float32                     per kv head, positive and finite
+#   lengths [B, Hkv] int32                             tokens held
+#
+# x ≈ float(code) * scale. Quantizer: y = fp32(x) / scale (ONE correctly rounded
+# fp32 division), clamped to [-448, 448] (the e4m3fn range: saturating, so a finite
+# or infinite x never becomes NaN; a NaN x stays NaN), then rounded to nearest even
+# into e4m3fn (subnormals included: step 2^-9 below 2^-6). Dequantized: fp32
+# float(code) * scale (one rounding). Static scales (vLLM's): given by the user or
+# calibrated by fp8_scales (amax over the live tokens / 448; a head with no nonzero
+# live value, or none at all, gets 1).
+# ---------------------------------------------------------------------------
+
+FP8_MAX = 448.0
+
+__all__ += ["FP8_MAX", "fp8_scales", "quantize_fp8", "dequantize_fp8", "quantize_fp8_kv", "dequantize_fp8_kv",
+            "append_fp8_kv_", "fp8_decode_attention"]
+
+
+def fp8_scales(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Per-kv-head scales ``[Hkv]`` fp32 of ``x [B, Hkv, T, D]``: amax over the live tokens
+    (``t < lengths[b, h]``, every batch element) / 448 in fp32; 1 where that amax is 0
+    (or no token is live). Non-finite live values are the caller's problem (the scale
+    then is inf / NaN)."""
+    B, H, T, _ = x.shape
+    valid = valid_slot_mask(lengths.clamp(max=T), T).unsqueeze(-1)  # [B, H, T, 1]
+    amax = torch.where(valid, x.to(torch.float32).abs(), 0.0).amax(dim=(0, 2, 3)) if x.numel() else \
+        torch.zeros(H, dtype=torch.float32, device=x.device)
+    scale = amax / torch.tensor(FP8_MAX, dtype=torch.float32)
+    return torch.where(amax > 0, scale, torch.ones_like(scale)).to(torch.float32)
+
+
+def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """e4m3fn codes of ``x`` (any float dtype) with ``scale`` broadcast against it (fp32)."""
+    y = x.to(torch.float32) / scale.to(torch.float32)
+    # torch's CPU cast rounds to nearest even (subnormals too); clamping first makes
+    # saturation explicit rather than relying on the cast's overflow behaviour.
+    return y.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def dequantize_fp8(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """fp32 ``float(code) * scale`` (one fp32 rounding, as every kernel computes it)."""
+    return codes.to(torch.float32) * scale.to(torch.float32)
+
+
+def quantize_fp8_kv(k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, capacity: int,
+                    k_scale: torch.Tensor, v_scale: torch.Tensor) -> dict:
+    """The fp8 cache of a prefill ``k, v [B, Hkv, T, D]`` (T <= capacity): codes of the live
+    tokens, 0 elsewhere (kernels leave those slots untouched: unspecified)."""
+    B, H, T, D = k.shape
+    out = {"k_fp8": torch.zeros(B, H, capacity, D, dtype=torch.float8_e4m3fn),
+           "v_fp8": torch.zeros(B, H, capacity, D, dtype=torch.float8_e4m3fn),
+           "k_scale": k_scale.to(torch.float32).clone(), "v_scale": v_scale.to(torch.float32).clone()}
+    ks, vs = out["k_scale"].view(1, H, 1, 1), out["v_scale"].view(1, H, 1, 1)
+    kq, vq = quantize_fp8(k, ks), quantize_fp8(v, vs)
+    for b in range(B):
+        for h in range(H):
+            L = int(lengths[b, h])
+            out["k_fp8"][b, h, :L] = kq[b, h, :L]
+            out["v_fp8"][b, h, :L] = vq[b, h, :L]
+    return out
+
+
+def dequantize_fp8_kv(cache: dict, lengths: torch.Tensor, *,
+                      dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense ``(k, v) [B, Hkv, C, D]`` in ``dtype``; 0 past ``lengths``."""
+    kf, vf = cache["k_fp8"], cache["v_fp8"]
+    H, C = kf.shape[1], kf.shape[2]
+    valid = valid_slot_mask(lengths, C).unsqueeze(-1)
+    k = dequantize_fp8(kf, cache["k_scale"].view(1, H, 1, 1)).to(dtype)
+    v = dequantize_fp8(vf, cache["v_scale"].view(1, H, 1, 1)).to(dtype)
+    return torch.where(valid, k, 0.0), torch.where(valid, v, 0.0)
+
+
+def append_fp8_kv_(cache: dict, lengths: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> dict:
+    """One decode step in place: ``k_new, v_new [B, Hkv, D]`` quantized into slot
+    ``lengths[b, h]`` of every head, then ``lengths += 1``. A full head (length C) is an error."""
+    B, H, D = k_new.shape
+    C = cache["k_fp8"].shape[2]
+    kq = quantize_fp8(k_new, cache["k_scale"].view(1, H, 1))
+    vq = quantize_fp8(v_new, cache["v_scale"].view(1, H, 1))
+    for b in range(B):
+        for h in range(H):
+            t = int(lengths[b, h])
+            if not 0 <= t < C:
+                raise ValueError(f"append_fp8_kv_: head [{b}, {h}] holds {t} tokens, capacity {C}")
+            cache["k_fp8"][b, h, t] = kq[b, h]
+            cache["v_fp8"][b, h, t] = vq[b, h]
+            lengths[b, h] += 1
+    return cache
+
+
+def fp8_decode_attention(q: torch.Tensor, cache: dict, lengths: torch.Tensor, sm_scale: float | None = None, *,
+                         dtype: torch.dtype = torch.float64):
+    """Decode attention over the fp8 cache: :func:`decode_attention` over
+    :func:`dequantize_fp8_kv` (the kernels decode in registers and fold the scales)."""
+    k, v = dequantize_fp8_kv(cache, lengths, dtype=dtype)
+    return decode_attention(q, k, v, lengths, None, sm_scale, dtype=dtype)

@@ -154,3 +154,79 @@ def test_refuses_unsupported(bad):
     q = torch.randn(B, 9 if "head_dim_q" in bad else 1, D)
     with pytest.raises(E.Refused):
         E.run("attention", cache, lengths, bits, bad.get("group", G), q=q, num_splits=1)
+
+
+# ---- the FP8 cache's CUDA kernels (csrc/include/kvkern/fp8_kv.cuh) -------------------------------
+# cuda_fp8.h's conversions run their host (software) paths in the emulator, so these check the
+# kernels' indexing, the split / merge plan and the scale folding; the hardware cvt instructions
+# themselves are checked on a GPU only (tests/test_fp8_kv.py there).
+
+def _fp8_cache(B, H, C, D, dtype, lengths, T):
+    k = (torch.randn(B, H, T, D) * 3).to(dtype)
+    v = torch.randn(B, H, T, D).to(dtype)
+    ks, vs = reference.fp8_scales(k, lengths), reference.fp8_scales(v, lengths)
+    kf = torch.full((B, H, C, D), 0x7F, dtype=torch.uint8)
+    return k, v, ks, vs, kf, kf.clone()
+
+
+def _live_codes_equal(got, want, lengths):
+    B, H = lengths.shape
+    return all(torch.equal(got[b, h, :lengths[b, h]], want.view(torch.uint8)[b, h, :lengths[b, h]])
+               and bool((got[b, h, lengths[b, h]:] == 0x7F).all()) for b in range(B) for h in range(H))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fp8_quantize_and_append_exact(dtype):
+    B, H, C, D, T = 2, 3, 40, 48, 33
+    lengths = torch.tensor([[33, 0, 7], [1, 32, 20]], dtype=torch.int32)
+    k, v, ks, vs, kf, vf = _fp8_cache(B, H, C, D, dtype, lengths, T)
+    k[:, :, :, 0] = torch.tensor([float("inf"), 1e6, -1e6, 2.0 ** -12])[torch.arange(T) % 4].to(dtype)
+    want = reference.quantize_fp8_kv(k, v, lengths, C, ks, vs)
+    E.run_fp8("quantize", kf, vf, ks, vs, lengths, k=k, v=v, seed=_seed())
+    assert _live_codes_equal(kf, want["k_fp8"], lengths) and _live_codes_equal(vf, want["v_fp8"], lengths)
+    want_len = lengths.clone()
+    for _ in range(7):  # the 33-token head ends full
+        kn, vn = torch.randn(B, H, D).to(dtype), torch.randn(B, H, D).to(dtype)
+        reference.append_fp8_kv_(want, want_len, kn, vn)
+        E.run_fp8("append", kf, vf, ks, vs, lengths, k=kn, v=vn, seed=_seed())
+        assert torch.equal(lengths, want_len)
+    assert _live_codes_equal(kf, want["k_fp8"], lengths) and _live_codes_equal(vf, want["v_fp8"], lengths)
+
+
+def test_fp8_append_full_head_is_a_noop():
+    B, H, C, D = 1, 2, 4, 64
+    lengths = torch.tensor([[4, 2]], dtype=torch.int32)
+    k, v, ks, vs, kf, vf = _fp8_cache(B, H, C, D, torch.float32, lengths, C)
+    E.run_fp8("append", kf, vf, ks, vs, lengths, k=torch.randn(B, H, D), v=torch.randn(B, H, D))
+    assert lengths.tolist() == [[4, 3]]
+    assert bool((kf[0, 0] == 0x7F).all()) and bool((kf[0, 1, 3] == 0x7F).all()) and not bool((kf[0, 1, 2] == 0x7F).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("G", [1, 3, 8, 12])
+def test_fp8_attention(dtype, D, G):
+    B, H, C = 2, 2, 150
+    lengths = torch.tensor([[150, 0], [1, 97]], dtype=torch.int32)
+    k, v, ks, vs, kf, vf = _fp8_cache(B, H, C, D, dtype, lengths, C)
+    E.run_fp8("quantize", kf, vf, ks, vs, lengths, k=k, v=v)
+    cache = {"k_fp8": kf.view(torch.float8_e4m3fn), "v_fp8": vf.view(torch.float8_e4m3fn), "k_scale": ks,
+             "v_scale": vs}
+    q = torch.randn(B, H * G, D).to(dtype)
+    r_out, r_lse = reference.fp8_decode_attention(q, cache, lengths)
+    for S in (0, 1, 3):
+        out, lse, launches = E.run_fp8("attention", kf, vf, ks, vs, lengths, q=q, num_splits=S, seed=_seed())
+        tol = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+        torch.testing.assert_close(out.double(), r_out, atol=tol, rtol=tol)
+        torch.testing.assert_close(lse.double(), r_lse.double(), atol=2e-5, rtol=2e-5)
+        assert ("quant_merge_kernel" in "".join(launches)) == (S != 1 and len(launches) > 1)
+
+
+def test_fp8_attention_refuses_misaligned_rows():
+    B, H, C, D = 1, 1, 8, 64
+    lengths = torch.tensor([[8]], dtype=torch.int32)
+    k, v, ks, vs, kf, vf = _fp8_cache(B, H, C, D, torch.float32, lengths, C)
+    base = torch.zeros(B * H * C * D + 4, dtype=torch.uint8)
+    odd = base[4:].view(B, H, C, D)  # 4-byte offset: uint2 loads would be misaligned
+    with pytest.raises(E.Refused):
+        E.run_fp8("attention", odd, vf, ks, vs, lengths, q=torch.randn(B, H, D), num_splits=1)

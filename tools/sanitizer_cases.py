@@ -122,6 +122,49 @@ def run_quant(backend: str) -> int:
     return failures
 
 
+def run_fp8(backend: str) -> int:
+    """FP8 cache: calibrated fill, appends up to a full head (plus one more: a no-op on CUDA),
+    attention with the default and a forced split count; codes exact, attention vs the reference."""
+    failures = 0
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for G, D in ((1, 64), (4, 128), (3, 256)):
+            B, Hkv, C = 2, 2, 70
+            k = torch.randn(B, Hkv, C, D, device="cuda", dtype=dtype)
+            v = torch.randn(B, Hkv, C, D, device="cuda", dtype=dtype)
+            lengths = torch.tensor([[C - 3, 0], [1, C - 1]], dtype=torch.int32, device="cuda")
+            cache = kvkern.FP8KVCache.empty(B, Hkv, C, D, device="cuda").fill_(k, v, lengths, calibrate=True,
+                                                                              backend=backend)
+            want = reference.quantize_fp8_kv(k.cpu(), v.cpu(), lengths.cpu(), C, cache.k_scale.cpu(),
+                                             cache.v_scale.cpu())
+            for t in range(4):
+                kn = torch.randn(B, Hkv, D, device="cuda", dtype=dtype)
+                vn = torch.randn(B, Hkv, D, device="cuda", dtype=dtype)
+                cache.append_(kn, vn, backend=backend)
+                ref_len = torch.minimum(lengths.cpu() + t + 1, torch.full_like(lengths.cpu(), C))
+                if not torch.equal(cache.lengths.cpu(), ref_len):
+                    print(f"FAIL fp8 append {backend} {dtype}: lengths {cache.lengths.tolist()}")
+                    failures += 1
+            q = torch.randn(B, G * Hkv, D, device="cuda", dtype=dtype)
+            for splits in (0, 3):
+                out = cache.attention(q, backend=backend, num_splits=splits)
+                ref_cache = {"k_fp8": cache.k_fp8.cpu(), "v_fp8": cache.v_fp8.cpu(), "k_scale": cache.k_scale.cpu(),
+                             "v_scale": cache.v_scale.cpu()}
+                ref, _ = reference.fp8_decode_attention(q.cpu(), ref_cache, cache.lengths.cpu())
+                torch.cuda.synchronize()
+                err = (out.double().cpu() - ref).abs().max().item()
+                if not err < 3e-2:
+                    print(f"FAIL fp8 {backend} {dtype} G={G} D={D} splits={splits}: max error {err}")
+                    failures += 1
+            got = cache.k_fp8.view(torch.uint8).cpu()
+            for b in range(B):
+                for h in range(Hkv):
+                    L = int(lengths[b, h])
+                    if not torch.equal(got[b, h, :L], want["k_fp8"].view(torch.uint8)[b, h, :L]):
+                        print(f"FAIL fp8 codes {backend} {dtype} head [{b}, {h}]")
+                        failures += 1
+    return failures
+
+
 def main() -> int:
     which = sys.argv[1] if len(sys.argv) > 1 else "all"
     backends = [b for b in kvkern.ops.available_backends("decode_attention", "cuda")
@@ -133,6 +176,9 @@ def main() -> int:
     for b in kvkern.ops.available_backends("quant_decode_attention", "cuda"):
         if which in ("all", b):
             failures += run_quant(b)
+    for b in kvkern.ops.available_backends("fp8_decode_attention", "cuda"):
+        if which in ("all", b):
+            failures += run_fp8(b)
     torch.cuda.synchronize()
     print(f"sanitizer cases: backends {backends}, {failures} failures")
     return 1 if failures else 0

@@ -72,6 +72,53 @@ inline void split_range(int64_t len, int64_t s, int64_t S, int64_t block_n, int6
   *end = (s + 1) * chunk < len ? (s + 1) * chunk : len;
 }
 
+// One tile of the online softmax for one query head: sc[0, n) holds the
+// scaled logits and becomes their weights exp(logit - m_new); the running
+// max m, sum l and accumulator acc[0, D) are rescaled to the new max. Every
+// CPU attention kernel (dense, quantized, fp8) runs this same update, so
+// their split states merge identically.
+inline void online_softmax_tile(float* sc, int64_t n, float* m, float* l, float* acc, int64_t D) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  float tile_max = neg_inf;
+  for (int64_t r = 0; r < n; ++r) tile_max = sc[r] > tile_max ? sc[r] : tile_max;
+  const float m_new = tile_max > *m ? tile_max : *m;
+  // m_new is -inf only if every logit so far is -inf (log_w may hold -inf).
+  const float ref = m_new == neg_inf ? 0.f : m_new;
+  const float alpha = std::exp(*m - ref);
+  float sum = 0.f;
+  for (int64_t r = 0; r < n; ++r) {
+    sc[r] = std::exp(sc[r] - ref);
+    sum += sc[r];
+  }
+  *l = *l * alpha + sum;
+  *m = m_new;
+  if (alpha != 1.f)
+    for (int64_t d = 0; d < D; ++d) acc[d] *= alpha;
+}
+
+// The finished state of one query head's split: with S == 1 the final out
+// row (T) and lse, else the fp32 partial row and lse that merge_states_rows
+// combines. row = b * Hq + h. An empty split has lse -inf and out 0; a bad
+// length poisons both with NaN.
+template <typename T>
+inline void store_split_state(float m, float l, const float* acc, int64_t D, bool bad_len, int64_t row, int64_t s,
+                              int64_t S, T* out, float* lse, float* partial_out, float* partial_lse) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const bool empty = l == 0.f;
+  const float inv_l = empty ? 0.f : 1.f / l;
+  const float state_lse = bad_len ? nan : (empty ? neg_inf : m + std::log(l));
+  if (S == 1) {
+    T* orow = out + row * D;
+    for (int64_t d = 0; d < D; ++d) orow[d] = from_float<T>(bad_len ? nan : acc[d] * inv_l);
+    lse[row] = state_lse;
+  } else {
+    float* orow = partial_out + (row * S + s) * D;
+    for (int64_t d = 0; d < D; ++d) orow[d] = bad_len ? nan : acc[d] * inv_l;
+    partial_lse[row * S + s] = state_lse;
+  }
+}
+
 // Scratch owned by one thread, sized once per parallel chunk.
 struct Scratch {
   std::vector<float> q, acc, scores, m, l, row;
@@ -84,7 +131,6 @@ template <typename T>
 KVKERN_CPU_MULTIVERSION void decode_attention_items(const DecodeAttentionParams& p, int64_t item_begin, int64_t item_end) {
   const int64_t G = p.group_size(), D = p.head_dim, S = p.num_splits, BN = p.block_n;
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  const float nan = std::numeric_limits<float>::quiet_NaN();
   Scratch w(G, D, BN);
   const T* q_base = static_cast<const T*>(p.q);
   const T* k_base = static_cast<const T*>(p.k);
@@ -116,46 +162,16 @@ KVKERN_CPU_MULTIVERSION void decode_attention_items(const DecodeAttentionParams&
         const float bias = wlog ? wlog[t0 + r] : 0.f;
         for (int64_t g = 0; g < G; ++g) w.scores[g * BN + r] = dot_lanes(&w.q[g * D], krow, D) + bias;
       }
-      for (int64_t g = 0; g < G; ++g) {
-        float* sc = &w.scores[g * BN];
-        float tile_max = neg_inf;
-        for (int64_t r = 0; r < n; ++r) tile_max = sc[r] > tile_max ? sc[r] : tile_max;
-        const float m_new = tile_max > w.m[g] ? tile_max : w.m[g];
-        // m_new is -inf only if every logit so far is -inf (log_w may hold -inf).
-        const float ref = m_new == neg_inf ? 0.f : m_new;
-        const float alpha = std::exp(w.m[g] - ref);
-        float sum = 0.f;
-        for (int64_t r = 0; r < n; ++r) {
-          sc[r] = std::exp(sc[r] - ref);
-          sum += sc[r];
-        }
-        w.l[g] = w.l[g] * alpha + sum;
-        w.m[g] = m_new;
-        if (alpha != 1.f)
-          for (int64_t d = 0; d < D; ++d) w.acc[g * D + d] *= alpha;
-      }
+      for (int64_t g = 0; g < G; ++g) online_softmax_tile(&w.scores[g * BN], n, &w.m[g], &w.l[g], &w.acc[g * D], D);
       for (int64_t r = 0; r < n; ++r) {
         const float* vrow = row_as_float(v_head + (t0 + r) * p.v_stride_c, w.row.data(), D);
         for (int64_t g = 0; g < G; ++g) axpy_lanes(&w.acc[g * D], w.scores[g * BN + r], vrow, D);
       }
     }
 
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t h = j * G + g;
-      const bool empty = w.l[g] == 0.f;
-      const float inv_l = empty ? 0.f : 1.f / w.l[g];
-      const float lse = bad_len ? nan : (empty ? neg_inf : w.m[g] + std::log(w.l[g]));
-      if (S == 1) {
-        T* orow = static_cast<T*>(p.out) + (b * p.num_q_heads + h) * D;
-        for (int64_t d = 0; d < D; ++d)
-          orow[d] = from_float<T>(bad_len ? nan : w.acc[g * D + d] * inv_l);
-        p.lse[b * p.num_q_heads + h] = lse;
-      } else {
-        float* orow = p.partial_out + ((b * p.num_q_heads + h) * S + s) * D;
-        for (int64_t d = 0; d < D; ++d) orow[d] = bad_len ? nan : w.acc[g * D + d] * inv_l;
-        p.partial_lse[(b * p.num_q_heads + h) * S + s] = lse;
-      }
-    }
+    for (int64_t g = 0; g < G; ++g)
+      store_split_state<T>(w.m[g], w.l[g], &w.acc[g * D], D, bad_len, b * p.num_q_heads + j * G + g, s, S,
+                           static_cast<T*>(p.out), p.lse, p.partial_out, p.partial_lse);
   }
 }
 

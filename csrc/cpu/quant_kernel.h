@@ -321,7 +321,7 @@ void append_quantized_kv_batches(const QuantKVParams& p, int64_t b0, int64_t b1)
   const int64_t H = p.num_kv_heads, D = p.head_dim, R = p.residual;
   const int G = p.group, bits = p.bits, P = 32 / bits;
   const bool centred = p.mean_centred();
-  int32_t* lengths = const_cast<int32_t*>(p.lengths);
+  int32_t* lengths = p.lengths;
   std::vector<float> x(G * D), tmp(2 * D), m(R * D), mtmp(D);
   std::vector<const T*> rows(H);
   for (int64_t b = b0; b < b1; ++b) {
@@ -396,7 +396,6 @@ KVKERN_CPU_MULTIVERSION void quant_decode_attention_items(const QuantKVParams& p
   const int64_t G = p.group_size(), D = p.head_dim, S = p.num_splits, BN = p.block_n, R = p.residual;
   const int QG = p.group;
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  const float nan = std::numeric_limits<float>::quiet_NaN();
   const bool centred = p.mean_centred();
   QuantScratch w(G, D, BN, QG);
   const T* q_base = static_cast<const T*>(p.q);
@@ -445,23 +444,7 @@ KVKERN_CPU_MULTIVERSION void quant_decode_attention_items(const QuantKVParams& p
         }
         for (int64_t g = 0; g < G; ++g) w.scores[g * BN + r] = dot_lanes(&w.q[g * D], krow, D);
       }
-      for (int64_t g = 0; g < G; ++g) {
-        float* sc = &w.scores[g * BN];
-        float tile_max = neg_inf;
-        for (int64_t r = 0; r < n; ++r) tile_max = sc[r] > tile_max ? sc[r] : tile_max;
-        const float m_new = tile_max > w.m[g] ? tile_max : w.m[g];
-        const float ref = m_new == neg_inf ? 0.f : m_new;
-        const float alpha = std::exp(w.m[g] - ref);
-        float sum = 0.f;
-        for (int64_t r = 0; r < n; ++r) {
-          sc[r] = std::exp(sc[r] - ref);
-          sum += sc[r];
-        }
-        w.l[g] = w.l[g] * alpha + sum;
-        w.m[g] = m_new;
-        if (alpha != 1.f)
-          for (int64_t d = 0; d < D; ++d) w.acc[g * D + d] *= alpha;
-      }
+      for (int64_t g = 0; g < G; ++g) online_softmax_tile(&w.scores[g * BN], n, &w.m[g], &w.l[g], &w.acc[g * D], D);
       for (int64_t r = 0; r < n; ++r) {
         const int64_t t = t0 + r;
         const float* vrow;
@@ -484,21 +467,9 @@ KVKERN_CPU_MULTIVERSION void quant_decode_attention_items(const QuantKVParams& p
       }
     }
 
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t h = j * G + g;
-      const bool empty = w.l[g] == 0.f;
-      const float inv_l = empty ? 0.f : 1.f / w.l[g];
-      const float lse = bad_len ? nan : (empty ? neg_inf : w.m[g] + std::log(w.l[g]));
-      if (S == 1) {
-        T* orow = static_cast<T*>(p.out) + (b * p.num_q_heads + h) * D;
-        for (int64_t d = 0; d < D; ++d) orow[d] = from_float<T>(bad_len ? nan : w.acc[g * D + d] * inv_l);
-        p.lse[b * p.num_q_heads + h] = lse;
-      } else {
-        float* orow = p.partial_out + ((b * p.num_q_heads + h) * S + s) * D;
-        for (int64_t d = 0; d < D; ++d) orow[d] = bad_len ? nan : w.acc[g * D + d] * inv_l;
-        p.partial_lse[(b * p.num_q_heads + h) * S + s] = lse;
-      }
-    }
+    for (int64_t g = 0; g < G; ++g)
+      store_split_state<T>(w.m[g], w.l[g], &w.acc[g * D], D, bad_len, b * p.num_q_heads + j * G + g, s, S,
+                           static_cast<T*>(p.out), p.lse, p.partial_out, p.partial_lse);
   }
 }
 

@@ -50,49 +50,6 @@ int sm_count(int32_t device) {
   return n;
 }
 
-// The checked, framework-free description of the cache -> the CUDA launcher's struct.
-QuantCudaParams to_cuda(const QuantKVParams& p) {
-  QuantCudaParams c;
-  auto rows = [](const QuantTensorRef& t, int64_t& sb, int64_t& sh, int64_t& sr) {
-    sb = t.stride[0];
-    sh = t.stride[1];
-    sr = t.stride[2];
-  };
-  c.k_codes = static_cast<int32_t*>(p.k_codes.data);
-  c.k_scale = p.k_scale.data;
-  c.k_min = p.k_min.data;
-  c.v_codes = static_cast<int32_t*>(p.v_codes.data);
-  c.v_scale = p.v_scale.data;
-  c.v_min = p.v_min.data;
-  c.k_res = p.k_res.data;
-  c.v_res = p.v_res.data;
-  c.k_mean = p.k_mean.data;
-  c.v_mean = p.v_mean.data;
-  c.lengths = const_cast<int32_t*>(p.lengths);
-  rows(p.k_codes, c.k_codes_sb, c.k_codes_sh, c.k_codes_sr);
-  rows(p.k_scale, c.k_scale_sb, c.k_scale_sh, c.k_scale_sr);
-  rows(p.k_min, c.k_min_sb, c.k_min_sh, c.k_min_sr);
-  rows(p.v_codes, c.v_codes_sb, c.v_codes_sh, c.v_codes_sr);
-  rows(p.v_scale, c.v_scale_sb, c.v_scale_sh, c.v_scale_sr);
-  rows(p.v_min, c.v_min_sb, c.v_min_sh, c.v_min_sr);
-  rows(p.k_res, c.k_res_sb, c.k_res_sh, c.k_res_sr);
-  rows(p.v_res, c.v_res_sb, c.v_res_sh, c.v_res_sr);
-  c.k_mean_sb = p.k_mean.stride[0];
-  c.k_mean_sr = p.k_mean.stride[1];
-  c.v_mean_sb = p.v_mean.stride[0];
-  c.v_mean_sr = p.v_mean.stride[1];
-  c.lengths_sb = p.lengths_stride_b;
-  c.lengths_sh = p.lengths_stride_h;
-  c.batch = p.batch;
-  c.num_kv_heads = p.num_kv_heads;
-  c.capacity = p.capacity;
-  c.head_dim = p.head_dim;
-  c.residual = p.residual;
-  c.bits = p.bits;
-  c.group = p.group;
-  return c;
-}
-
 void quantize_kv_cuda(const Tensor& k, const Tensor& v, const Tensor& lengths, const Tensor& k_codes,
                       const Tensor& k_scale, const Tensor& k_min, const Tensor& v_codes, const Tensor& v_scale,
                       const Tensor& v_min, const Tensor& k_res, const Tensor& v_res,
@@ -105,16 +62,7 @@ void quantize_kv_cuda(const Tensor& k, const Tensor& v, const Tensor& lengths, c
   STD_TORCH_CHECK(k_res.is_cuda(), op, ": k_res: expected a CUDA tensor here, got a tensor on cpu");
   const int32_t device = k_res.get_device_index();
   torch::stable::accelerator::DeviceGuard guard(device);
-  QuantCudaParams c = to_cuda(p);
-  c.k_in = p.k_in.data;
-  c.v_in = p.v_in.data;
-  c.k_in_sb = p.k_in.stride[0];
-  c.k_in_sh = p.k_in.stride[1];
-  c.k_in_sr = p.k_in.stride[2];
-  c.v_in_sb = p.v_in.stride[0];
-  c.v_in_sh = p.v_in.stride[1];
-  c.v_in_sr = p.v_in.stride[2];
-  c.seq_len = p.in_tokens;
+  const QuantKVParams& c = p;
   STD_TORCH_CHECK(quant_layout_supported(c), op, ": the CUDA kernels do not serve this layout; use backend=\"triton\"");
   if (p.batch * p.num_kv_heads == 0) return;
   check_launch(op, launch_quantize_kv(c, kv_dtype_of(p.dtype), current_stream(device)),
@@ -133,13 +81,7 @@ void append_quantized_kv_cuda(const Tensor& k_new, const Tensor& v_new, const Te
   STD_TORCH_CHECK(k_res.is_cuda(), op, ": k_res: expected a CUDA tensor here, got a tensor on cpu");
   const int32_t device = k_res.get_device_index();
   torch::stable::accelerator::DeviceGuard guard(device);
-  QuantCudaParams c = to_cuda(p);
-  c.k_new = p.k_in.data;
-  c.v_new = p.v_in.data;
-  c.k_new_sb = p.k_in.stride[0];
-  c.k_new_sh = p.k_in.stride[1];
-  c.v_new_sb = p.v_in.stride[0];
-  c.v_new_sh = p.v_in.stride[1];
+  const QuantKVParams& c = p;
   STD_TORCH_CHECK(quant_layout_supported(c), op, ": the CUDA kernels do not serve this layout; use backend=\"triton\"");
   if (p.batch * p.num_kv_heads == 0) return;
   check_launch(op, launch_append_quantized_kv(c, kv_dtype_of(p.dtype), current_stream(device)),
@@ -158,12 +100,7 @@ std::tuple<Tensor, Tensor> quant_decode_attention_cuda(
   STD_TORCH_CHECK(q.is_cuda(), op, ": q: expected a CUDA tensor here, got a tensor on cpu");
   const int32_t device = q.get_device_index();
   torch::stable::accelerator::DeviceGuard guard(device);
-  QuantCudaParams c = to_cuda(p);
-  c.q = p.q;
-  c.q_sb = p.q_stride_b;
-  c.q_sh = p.q_stride_h;
-  c.num_q_heads = p.num_q_heads;
-  c.sm_scale = p.sm_scale;
+  QuantKVParams& c = p;
   STD_TORCH_CHECK(quant_decode_attention_supported(c), op,
                   ": the CUDA kernel does not serve this shape (at most 8 query heads per kv head); "
                   "use backend=\"triton\"");

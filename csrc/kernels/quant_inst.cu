@@ -43,33 +43,33 @@ struct QuantCudaLauncher {
 
 }  // namespace
 
-bool quant_layout_supported(const QuantCudaParams& p) { return quant_detail::layout_ok(p); }
+bool quant_layout_supported(const QuantKVParams& p) { return quant_detail::layout_ok(p); }
 
-bool quant_decode_attention_supported(const QuantCudaParams& p) { return quant_detail::attention_ok(p); }
+bool quant_decode_attention_supported(const QuantKVParams& p) { return quant_detail::attention_ok(p); }
 
-int quant_decode_default_splits(const QuantCudaParams& p, int num_sms) {
+int quant_decode_default_splits(const QuantKVParams& p, int num_sms) {
   return quant_detail::default_splits(p, num_sms);
 }
 
-size_t quant_decode_attention_workspace_bytes(const QuantCudaParams& p, int num_splits) {
+size_t quant_decode_attention_workspace_bytes(const QuantKVParams& p, int num_splits) {
   return quant_detail::attention_ws_bytes(p, num_splits);
 }
 
-void quant_decode_attention_set_workspace(QuantCudaParams& p, int num_splits, void* workspace) {
+void quant_decode_attention_set_workspace(QuantKVParams& p, int num_splits, void* workspace) {
   quant_detail::set_attention_ws(p, num_splits, workspace);
 }
 
-cudaError_t launch_quant_decode_attention(const QuantCudaParams& p, KvDtype dtype, cudaStream_t stream) {
+cudaError_t launch_quant_decode_attention(const QuantKVParams& p, KvDtype dtype, cudaStream_t stream) {
   QuantCudaLauncher l{stream, quant_device_max_smem()};
   return quant_detail::run_quant_decode_attention(p, dtype, l);
 }
 
-cudaError_t launch_quantize_kv(const QuantCudaParams& p, KvDtype dtype, cudaStream_t stream) {
+cudaError_t launch_quantize_kv(const QuantKVParams& p, KvDtype dtype, cudaStream_t stream) {
   QuantCudaLauncher l{stream, quant_device_max_smem()};
   return quant_detail::run_quantize_kv(p, dtype, l);
 }
 
-cudaError_t launch_append_quantized_kv(const QuantCudaParams& p, KvDtype dtype, cudaStream_t stream) {
+cudaError_t launch_append_quantized_kv(const QuantKVParams& p, KvDtype dtype, cudaStream_t stream) {
   QuantCudaLauncher l{stream, quant_device_max_smem()};
   return quant_detail::run_append_quantized_kv(p, dtype, l);
 }

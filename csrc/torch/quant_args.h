@@ -110,7 +110,7 @@ inline QuantKVParams make_quant_cache_params(
     p.v_mean = check_quant_tensor(op, "v_mean", *v_mean, {B, C, D}, "[B, C, D]", dt, k_res, "k_res");
   }
   check_quant_tensor(op, "lengths", lengths, {B, H}, "[B, Hkv]", ScalarType::Int, k_res, "k_res");
-  p.lengths = static_cast<const int32_t*>(lengths.const_data_ptr());
+  p.lengths = static_cast<int32_t*>(const_cast<void*>(lengths.const_data_ptr()));
   p.lengths_stride_b = lengths.stride(0);
   p.lengths_stride_h = lengths.stride(1);
   p.batch = B;

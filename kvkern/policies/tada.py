@@ -43,7 +43,7 @@ import torch
 from .. import reference
 
 __all__ = ["OPS", "CalibrationResult", "calibrate_layer_errors", "choose_layer_bits", "quantized_cache_bytes",
-           "mixed_cache_bytes"]
+           "mixed_cache_bytes", "fp8_cache_bytes"]
 
 # The ops calibration calls, by name. Calibration is offline and measures errors, so it runs the
 # fp64 references on purpose (the figures then carry no kernel rounding); a caller may swap in
@@ -109,6 +109,19 @@ def quantized_cache_bytes(B: int, Hkv: int, C: int, D: int, bits: int, group: in
     out["dense_bf16"] = 2 * B * Hkv * C * D * 2
     out["ratio"] = out["total"] / out["dense_bf16"]
     out["mean_centred"] = centred
+    return out
+
+
+def fp8_cache_bytes(B: int, Hkv: int, C: int, D: int) -> dict:
+    """Exact bytes of one layer's FP8 (e4m3fn) cache (kvkern/reference.py, "FP8 KV"): 1 byte per
+    element of k_fp8 / v_fp8 plus the fp32 per-head scales, with the same keys as
+    :func:`quantized_cache_bytes` (no mins, means or residual ring: 0) so the two compare directly."""
+    codes = 2 * B * Hkv * C * D
+    scales = 2 * Hkv * 4
+    out = {"k_fp8": codes // 2, "v_fp8": codes // 2, "k_scale": scales // 2, "v_scale": scales // 2,
+           "codes": codes, "metadata": scales, "means": 0, "residual": 0, "total": codes + scales,
+           "dense_bf16": 2 * B * Hkv * C * D * 2, "mean_centred": False}
+    out["ratio"] = out["total"] / out["dense_bf16"] if out["dense_bf16"] else float("nan")
     return out
 
 

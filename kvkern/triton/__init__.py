@@ -30,8 +30,8 @@ if AVAILABLE:
     torch.library.register_kernel("kvkern::decode_attention_triton", DEVICES, decode_attention_triton)
 
     # Each module maps the ops it implements (the *_triton twins' names) to launchers.
-    from . import evict, quant, score_evict, scorers, window_scores
+    from . import evict, fp8, quant, score_evict, scorers, window_scores
 
-    for _module in (window_scores, scorers, evict, score_evict, quant):
+    for _module in (window_scores, scorers, evict, score_evict, quant, fp8):
         for _name, _fn in _module.KERNELS.items():
             torch.library.register_kernel(f"kvkern::{_name}", DEVICES, _fn)

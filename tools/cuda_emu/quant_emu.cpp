@@ -145,6 +145,15 @@ inline size_t __cvta_generic_to_shared(const void* p) { return reinterpret_cast<
 inline float __fdiv_rn(float a, float b) { return a / b; }  // host IEEE division is correctly rounded
 inline void __syncwarp(unsigned = 0xffffffffu) {}  // fibers switch only at collectives: nothing to order
 #include <kvkern/quant_kv.cuh>
+// The FP8 cache's kernels (fp8_kv.cuh) run on the same runtime; cuda_fp8.h's
+// conversions take their host (software, round-to-nearest-even) paths here.
+#include <kvkern/fp8_kv.cuh>
+
+namespace kvkern::fp8_detail {
+// fp8_decode_kernel's `extern __shared__` (only its final merge uses it; it
+// writes every word it reads after a barrier, so it is not poisoned per block).
+alignas(4096) unsigned char smem[1u << 16];
+}  // namespace kvkern::fp8_detail
 
 namespace kvkern::quant_detail {
 // The kernels' `extern __shared__ unsigned char smem[]`: page aligned, so the
@@ -623,26 +632,57 @@ constexpr Kind kind_of() {
   else if constexpr (std::is_same_v<T, bool>) return kBool;
   else return kI32;
 }
-#define FLD(n) Field{#n, offsetof(QuantCudaParams, n), kind_of<std::remove_cv_t<decltype(QuantCudaParams::n)>>()}
+// The tools/cuda_emu/quant_emu.py names: a tensor ref X is "X" (its data),
+// "X_sb" / "X_sh" / "X_sr" (strides over b, h, rows); the means' rows are
+// stride[1] ("X_sr"); append's k_new / v_new are k_in / v_in.
+#define FLD(n) Field{#n, offsetof(QuantKVParams, n), kind_of<std::remove_cv_t<decltype(QuantKVParams::n)>>()}
+#define FLD_AS(name, n) Field{name, offsetof(QuantKVParams, n), kind_of<std::remove_cv_t<decltype(QuantKVParams::n)>>()}
+constexpr size_t kRefData = offsetof(QuantTensorRef, data), kRefStride = offsetof(QuantTensorRef, stride);
+#define REF_AS(name, n) Field{name, offsetof(QuantKVParams, n) + kRefData, kPtr}
+#define STRIDE_AS(name, n, i) Field{name, offsetof(QuantKVParams, n) + kRefStride + (i) * sizeof(int64_t), kI64}
+#define REF3(n) REF_AS(#n, n), STRIDE_AS(#n "_sb", n, 0), STRIDE_AS(#n "_sh", n, 1), STRIDE_AS(#n "_sr", n, 2)
 const std::vector<Field> kFields = {
-    FLD(k_codes), FLD(k_scale), FLD(k_min), FLD(v_codes), FLD(v_scale), FLD(v_min), FLD(k_res), FLD(v_res),
-    FLD(k_mean), FLD(v_mean), FLD(lengths), FLD(k_codes_sb), FLD(k_codes_sh), FLD(k_codes_sr), FLD(k_scale_sb),
-    FLD(k_scale_sh), FLD(k_scale_sr), FLD(k_min_sb), FLD(k_min_sh), FLD(k_min_sr), FLD(v_codes_sb),
-    FLD(v_codes_sh), FLD(v_codes_sr), FLD(v_scale_sb), FLD(v_scale_sh), FLD(v_scale_sr), FLD(v_min_sb),
-    FLD(v_min_sh), FLD(v_min_sr), FLD(k_res_sb), FLD(k_res_sh), FLD(k_res_sr), FLD(v_res_sb), FLD(v_res_sh),
-    FLD(v_res_sr), FLD(k_mean_sb), FLD(k_mean_sr), FLD(v_mean_sb), FLD(v_mean_sr), FLD(lengths_sb),
-    FLD(lengths_sh), FLD(batch), FLD(num_kv_heads), FLD(capacity), FLD(head_dim), FLD(residual), FLD(bits),
-    FLD(group), FLD(q), FLD(q_sb), FLD(q_sh), FLD(num_q_heads), FLD(out), FLD(lse), FLD(sm_scale),
-    FLD(num_splits), FLD(k_in), FLD(v_in), FLD(k_in_sb), FLD(k_in_sh), FLD(k_in_sr), FLD(v_in_sb), FLD(v_in_sh),
-    FLD(v_in_sr), FLD(seq_len), FLD(k_new), FLD(v_new), FLD(k_new_sb), FLD(k_new_sh), FLD(v_new_sb),
-    FLD(v_new_sh)};
+    REF3(k_codes), REF3(k_scale), REF3(k_min), REF3(v_codes), REF3(v_scale), REF3(v_min), REF3(k_res), REF3(v_res),
+    REF3(k_in), REF3(v_in),
+    REF_AS("k_mean", k_mean), STRIDE_AS("k_mean_sb", k_mean, 0), STRIDE_AS("k_mean_sr", k_mean, 1),
+    REF_AS("v_mean", v_mean), STRIDE_AS("v_mean_sb", v_mean, 0), STRIDE_AS("v_mean_sr", v_mean, 1),
+    REF_AS("k_new", k_in), STRIDE_AS("k_new_sb", k_in, 0), STRIDE_AS("k_new_sh", k_in, 1),
+    REF_AS("v_new", v_in), STRIDE_AS("v_new_sb", v_in, 0), STRIDE_AS("v_new_sh", v_in, 1),
+    FLD(lengths), FLD_AS("lengths_sb", lengths_stride_b), FLD_AS("lengths_sh", lengths_stride_h),
+    FLD(batch), FLD(num_kv_heads), FLD(capacity), FLD(head_dim), FLD(residual), FLD(bits), FLD(group),
+    FLD(q), FLD_AS("q_sb", q_stride_b), FLD_AS("q_sh", q_stride_h), FLD(num_q_heads), FLD(out), FLD(lse),
+    FLD(sm_scale), FLD(num_splits), FLD_AS("seq_len", in_tokens)};
+#undef REF3
+#undef STRIDE_AS
+#undef REF_AS
+#undef FLD_AS
 #undef FLD
+// Fp8KVParams (fp8_params.h), the same naming.
+#define FFLD(n) Field{#n, offsetof(Fp8KVParams, n), kind_of<std::remove_cv_t<decltype(Fp8KVParams::n)>>()}
+#define FFLD_AS(name, n) Field{name, offsetof(Fp8KVParams, n), kind_of<std::remove_cv_t<decltype(Fp8KVParams::n)>>()}
+#define FREF_AS(name, n) Field{name, offsetof(Fp8KVParams, n) + kRefData, kPtr}
+#define FSTRIDE_AS(name, n, i) Field{name, offsetof(Fp8KVParams, n) + kRefStride + (i) * sizeof(int64_t), kI64}
+#define FREF3(n) FREF_AS(#n, n), FSTRIDE_AS(#n "_sb", n, 0), FSTRIDE_AS(#n "_sh", n, 1), FSTRIDE_AS(#n "_sr", n, 2)
+const std::vector<Field> kFp8Fields = {
+    FREF3(k_fp8), FREF3(v_fp8), FREF3(k_in), FREF3(v_in), FFLD(k_scale), FFLD(v_scale), FFLD(k_scale_stride),
+    FFLD(v_scale_stride), FFLD(lengths), FFLD_AS("lengths_sb", lengths_stride_b),
+    FFLD_AS("lengths_sh", lengths_stride_h), FFLD(batch), FFLD(num_kv_heads), FFLD(capacity), FFLD(head_dim),
+    FFLD(in_tokens), FFLD(q), FFLD_AS("q_sb", q_stride_b), FFLD_AS("q_sh", q_stride_h), FFLD(num_q_heads),
+    FFLD(out), FFLD(lse), FFLD(sm_scale), FFLD(num_splits), FFLD(partial_out), FFLD(partial_lse)};
+#undef FREF3
+#undef FSTRIDE_AS
+#undef FREF_AS
+#undef FFLD_AS
+#undef FFLD
 #define OFLD(n) Field{#n, offsetof(kvkern_emu::Options, n), kind_of<std::remove_cv_t<decltype(kvkern_emu::Options::n)>>()}
 const std::vector<Field> kOptionFields = {OFLD(seed), OFLD(deferred), OFLD(check_reads), OFLD(block_order)};
 #undef OFLD
 
 struct Handle {
-  QuantCudaParams p;
+  QuantKVParams p;
+  Fp8KVParams f;
+  bool fp8 = false;  // emu_new_fp8: the fields are Fp8KVParams'
+
   kvkern_emu::Options options;
   size_t smem_limit = 227 * 1024;
 };
@@ -656,8 +696,8 @@ const Field* find(const std::vector<Field>& fs, const char* name) {
 }
 
 int set(Handle* h, const char* name, double value, void* ptr, bool is_ptr) {
-  void* base = &h->p;
-  const Field* f = find(kFields, name);
+  void* base = h->fp8 ? static_cast<void*>(&h->f) : static_cast<void*>(&h->p);
+  const Field* f = find(h->fp8 ? kFp8Fields : kFields, name);
   if (f == nullptr && (f = find(kOptionFields, name)) != nullptr) base = &h->options;
   if (f == nullptr && std::strcmp(name, "smem_limit") == 0 && !is_ptr) {
     h->smem_limit = static_cast<size_t>(value);
@@ -702,6 +742,14 @@ extern "C" const char* cudaGetErrorName(cudaError_t e) {
 }
 
 KVKERN_EXPORT void* emu_new() { return new Handle; }
+KVKERN_EXPORT void* emu_new_fp8() {
+  auto* h = new Handle;
+  h->fp8 = true;
+  return h;
+}
+KVKERN_EXPORT int emu_fp8_default_splits(void* hp, int num_sms) {
+  return kvkern::fp8_detail::default_splits(static_cast<Handle*>(hp)->f, num_sms);
+}
 KVKERN_EXPORT void emu_free(void* h) { delete static_cast<Handle*>(h); }
 KVKERN_EXPORT int emu_set(void* h, const char* name, double value) {
   return set(static_cast<Handle*>(h), name, value, nullptr, false);
@@ -730,7 +778,8 @@ KVKERN_EXPORT long long emu_workspace_bytes(void* hp, int num_splits) {
 }
 
 // op: "attention" (workspace: the split-K buffer, carved as the glue would),
-// "quantize", "append". 0 ok, 1 violations / failed launch, 2 refused.
+// "quantize", "append"; with an emu_new_fp8 handle "fp8_attention" (partial
+// buffers set as fields), "fp8_quantize", "fp8_append". 0 ok, 1 violations / failed launch, 2 refused.
 KVKERN_EXPORT int emu_run(void* hp, const char* op, int dtype, void* workspace) {
   auto* h = static_cast<Handle*>(hp);
   kvkern_emu::install_crash_handler();
@@ -743,13 +792,19 @@ KVKERN_EXPORT int emu_run(void* hp, const char* op, int dtype, void* workspace) 
   const KvDtype dt = static_cast<KvDtype>(dtype);
   cudaError_t err = cudaErrorInvalidValue;
   if (o == "attention") {
-    QuantCudaParams p = h->p;
+    QuantKVParams p = h->p;
     kvkern::quant_detail::set_attention_ws(p, p.num_splits, workspace);
     err = kvkern::quant_detail::run_quant_decode_attention(p, dt, launch);
   } else if (o == "quantize") {
     err = kvkern::quant_detail::run_quantize_kv(h->p, dt, launch);
   } else if (o == "append") {
     err = kvkern::quant_detail::run_append_quantized_kv(h->p, dt, launch);
+  } else if (o == "fp8_attention") {
+    err = kvkern::fp8_detail::run_fp8_decode_attention(h->f, dt, launch);
+  } else if (o == "fp8_quantize") {
+    err = kvkern::fp8_detail::run_quantize_fp8_kv(h->f, dt, launch);
+  } else if (o == "fp8_append") {
+    err = kvkern::fp8_detail::run_append_fp8_kv(h->f, dt, launch);
   }
   return finish(err);
 }

@@ -4,7 +4,7 @@
 ``build()`` compiles (once; cached under build/cuda_emu/quant-<hash>/) the
 emulator library from the real kernel headers (the emulation copy
 tools/cuda_emu/gen.py makes) with g++ and the CUDA headers. ``run`` fills
-QuantCudaParams (quant_launch.h) from torch CPU tensors, as the torch glue
+QuantKVParams (quant_params.h) from torch CPU tensors, as the torch glue
 would (strides in elements), and runs one launch sequence ("attention",
 "quantize", "append") with every kernel emulated block by block, thread by
 thread. Used by tests/test_cuda_quant_kernels.py.
@@ -94,6 +94,8 @@ def load() -> ctypes.CDLL:
         lib.emu_workspace_bytes.restype = ctypes.c_longlong
         lib.emu_workspace_bytes.argtypes = [ctypes.c_void_p, ctypes.c_int]
         lib.emu_run.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_void_p]
+        lib.emu_new_fp8.restype = ctypes.c_void_p
+        lib.emu_fp8_default_splits.argtypes = [ctypes.c_void_p, ctypes.c_int]
         _LIB = lib
     return _LIB
 
@@ -185,6 +187,83 @@ def run(op: str, cache: dict, lengths, bits: int, group: int, *, q=None, sm_scal
             raise Refused(f"{op}: {lib.emu_error().decode()}")
         if rc != 0:
             raise EmulatorError(f"{op}: {lib.emu_error().decode()}\nlaunches:\n" + "\n".join(launches))
+        return (out, lse, launches) if op == "attention" else launches
+    finally:
+        lib.emu_free(h)
+
+
+def run_fp8(op: str, k_fp8, v_fp8, k_scale, v_scale, lengths, *, q=None, sm_scale=None, num_splits=0, k=None,
+            v=None, seed=1, block_order=2, deferred=True):
+    """The FP8 cache's CUDA launch sequences (fp8_kv.cuh) on CPU tensors: op "attention"
+    returns (out, lse, launches); "quantize" (k, v [B, Hkv, T, D]) and "append" (k, v the new
+    tokens [B, Hkv, D]) mutate k_fp8 / v_fp8 (and lengths) and return the launch lines.
+    dtype: that of q (attention) or k."""
+    import torch
+
+    lib = load()
+    h = lib.emu_new_fp8()
+    keep = []
+
+    def ptr(name, t):
+        keep.append(t)
+        assert lib.emu_set_ptr(h, name.encode(), None if t is None else t.data_ptr()) == 0, lib.emu_error()
+
+    def num(name, x):
+        assert lib.emu_set(h, name.encode(), float(x)) == 0, lib.emu_error()
+
+    try:
+        B, H, C, D = k_fp8.shape
+        for name, t in (("k_fp8", k_fp8), ("v_fp8", v_fp8)):
+            ptr(name, t)
+            for s, val in zip(("sb", "sh", "sr"), _strides3(t)):
+                num(f"{name}_{s}", val)
+        ptr("k_scale", k_scale)
+        ptr("v_scale", v_scale)
+        num("k_scale_stride", k_scale.stride(0))
+        num("v_scale_stride", v_scale.stride(0))
+        ptr("lengths", lengths)
+        num("lengths_sb", lengths.stride(0))
+        num("lengths_sh", lengths.stride(1))
+        for name, val in (("batch", B), ("num_kv_heads", H), ("capacity", C), ("head_dim", D), ("seed", seed),
+                          ("block_order", block_order), ("deferred", deferred)):
+            num(name, val)
+        out = lse = None
+        if op == "attention":
+            dtype = q.dtype
+            Hq = q.shape[1]
+            ptr("q", q)
+            num("q_sb", q.stride(0))
+            num("q_sh", q.stride(1))
+            num("num_q_heads", Hq)
+            out = torch.full((B, Hq, D), float("nan"), dtype=q.dtype)
+            lse = torch.full((B, Hq), float("nan"), dtype=torch.float32)
+            ptr("out", out)
+            ptr("lse", lse)
+            num("sm_scale", sm_scale if sm_scale is not None else D ** -0.5)
+            S = num_splits or lib.emu_fp8_default_splits(h, 132)
+            num("num_splits", S)
+            if S > 1:
+                ptr("partial_out", torch.full((B, Hq, S, D), float("nan")))
+                ptr("partial_lse", torch.full((B, Hq, S), float("nan")))
+        else:
+            dtype = k.dtype
+            for name, t in (("k_in", k), ("v_in", v)):
+                ptr(name, t)
+                st = list(t.stride()) + [0]
+                for s, val in zip(("sb", "sh", "sr"), st[:3]):
+                    num(f"{name}_{s}", val)
+            if op == "quantize":
+                num("in_tokens", k.shape[2])
+        lib.emu_clear_allowed()
+        for t in keep:
+            if t is not None:
+                lib.emu_allow(t.data_ptr(), t.untyped_storage().nbytes() - t.storage_offset() * t.element_size())
+        rc = lib.emu_run(h, f"fp8_{op}".encode(), KV_DTYPES[str(dtype).split(".")[-1]], None)
+        launches = lib.emu_launches().decode().splitlines()
+        if rc == 2:
+            raise Refused(f"fp8_{op}: {lib.emu_error().decode()}")
+        if rc != 0:
+            raise EmulatorError(f"fp8_{op}: {lib.emu_error().decode()}\nlaunches:\n" + "\n".join(launches))
         return (out, lse, launches) if op == "attention" else launches
     finally:
         lib.emu_free(h)

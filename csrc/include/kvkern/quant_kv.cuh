@@ -135,7 +135,7 @@ struct AttnCfg {
 };
 
 struct AttnArgs {
-  QuantCudaParams p;
+  QuantKVParams p;
   int num_splits;
   int tiles_per_split;
   bool vec_k, vec_v;  // 16-byte loads of the code words are aligned
@@ -161,7 +161,7 @@ __global__ void __launch_bounds__(kAttnThreads) quant_decode_kernel(AttnArgs a) 
   float* salpha = sl_ + kMaxGroupHeads;
   float* sfin = reinterpret_cast<float*>(smem) + Cfg::OFF_FIN;
 
-  const QuantCudaParams& p = a.p;
+  const QuantKVParams& p = a.p;
   const int tid = static_cast<int>(threadIdx.x);
   const int S = a.num_splits;
   const int64_t bid = blockIdx.x;
@@ -171,7 +171,7 @@ __global__ void __launch_bounds__(kAttnThreads) quant_decode_kernel(AttnArgs a) 
   const int Gq = static_cast<int>(p.num_q_heads / p.num_kv_heads);
   const int64_t C = p.capacity, R = p.residual;
   const int G = p.group;
-  const int L = p.lengths[b * p.lengths_sb + h * p.lengths_sh];
+  const int L = p.lengths[b * p.lengths_stride_b + h * p.lengths_stride_h];
   const bool bad = L < 0 || L > C;
   const int64_t nk = bad ? 0 : L - L % R;
   const int64_t nv = bad ? 0 : (L > R ? L - R : 0);
@@ -179,27 +179,27 @@ __global__ void __launch_bounds__(kAttnThreads) quant_decode_kernel(AttnArgs a) 
   const int64_t tile_begin = static_cast<int64_t>(split) * a.tiles_per_split;
   const int64_t tile_end = tile_begin + a.tiles_per_split < n_tiles ? tile_begin + a.tiles_per_split : n_tiles;
 
-  const T* qb = static_cast<const T*>(p.q) + b * p.q_sb;
+  const T* qb = static_cast<const T*>(p.q) + b * p.q_stride_b;
   const float qscale = p.sm_scale * kLog2e;  // base-2 logits
   for (int i = tid; i < D * kMaxGroupHeads; i += kAttnThreads) {
     const int d = i / kMaxGroupHeads, g = i % kMaxGroupHeads;
-    sq[i] = g < Gq ? ldg(qb + (h * Gq + g) * p.q_sh + d) * qscale : 0.f;
+    sq[i] = g < Gq ? ldg(qb + (h * Gq + g) * p.q_stride_h + d) * qscale : 0.f;
   }
   if (tid < kMaxGroupHeads) {
     sm_[tid] = kQNegInf;
     sl_[tid] = 0.f;
   }
 
-  const int32_t* kc = p.k_codes + b * p.k_codes_sb + h * p.k_codes_sh;
-  const T* ksc = static_cast<const T*>(p.k_scale) + b * p.k_scale_sb + h * p.k_scale_sh;
-  const T* kmn = static_cast<const T*>(p.k_min) + b * p.k_min_sb + h * p.k_min_sh;
-  const int32_t* vc = p.v_codes + b * p.v_codes_sb + h * p.v_codes_sh;
-  const T* vsc = static_cast<const T*>(p.v_scale) + b * p.v_scale_sb + h * p.v_scale_sh;
-  const T* vmn = static_cast<const T*>(p.v_min) + b * p.v_min_sb + h * p.v_min_sh;
-  const T* kr = static_cast<const T*>(p.k_res) + b * p.k_res_sb + h * p.k_res_sh;
-  const T* vr = static_cast<const T*>(p.v_res) + b * p.v_res_sb + h * p.v_res_sh;
-  const T* kmean = p.k_mean ? static_cast<const T*>(p.k_mean) + b * p.k_mean_sb : nullptr;
-  const T* vmean = p.v_mean ? static_cast<const T*>(p.v_mean) + b * p.v_mean_sb : nullptr;
+  const int32_t* kc = static_cast<int32_t*>(p.k_codes.data) + b * p.k_codes.stride[0] + h * p.k_codes.stride[1];
+  const T* ksc = static_cast<const T*>(p.k_scale.data) + b * p.k_scale.stride[0] + h * p.k_scale.stride[1];
+  const T* kmn = static_cast<const T*>(p.k_min.data) + b * p.k_min.stride[0] + h * p.k_min.stride[1];
+  const int32_t* vc = static_cast<int32_t*>(p.v_codes.data) + b * p.v_codes.stride[0] + h * p.v_codes.stride[1];
+  const T* vsc = static_cast<const T*>(p.v_scale.data) + b * p.v_scale.stride[0] + h * p.v_scale.stride[1];
+  const T* vmn = static_cast<const T*>(p.v_min.data) + b * p.v_min.stride[0] + h * p.v_min.stride[1];
+  const T* kr = static_cast<const T*>(p.k_res.data) + b * p.k_res.stride[0] + h * p.k_res.stride[1];
+  const T* vr = static_cast<const T*>(p.v_res.data) + b * p.v_res.stride[0] + h * p.v_res.stride[1];
+  const T* kmean = p.k_mean.data ? static_cast<const T*>(p.k_mean.data) + b * p.k_mean.stride[0] : nullptr;
+  const T* vmean = p.v_mean.data ? static_cast<const T*>(p.v_mean.data) + b * p.v_mean.stride[0] : nullptr;
   const int nvg = D / G;  // value groups per slot
 
   // P·V role: channels 4c .. 4c + 3, slots slice, slice + NS, ...
@@ -218,14 +218,14 @@ __global__ void __launch_bounds__(kAttnThreads) quant_decode_kernel(AttnArgs a) 
       for (int i = tid; i < Cfg::KROWS * (D / 4); i += kAttnThreads) {
         const int r = i / (D / 4), c4 = i % (D / 4);
         uint4 w = make_uint4(0u, 0u, 0u, 0u);
-        if (krow0 + r < C / P) w = __ldg(reinterpret_cast<const uint4*>(kc + (krow0 + r) * p.k_codes_sr) + c4);
+        if (krow0 + r < C / P) w = __ldg(reinterpret_cast<const uint4*>(kc + (krow0 + r) * p.k_codes.stride[2]) + c4);
         *reinterpret_cast<uint4*>(skw + r * Cfg::KSTRIDE + c4 * 4) = w;
       }
     } else {
       for (int i = tid; i < Cfg::KROWS * D; i += kAttnThreads) {
         const int r = i / D, d = i % D;
         skw[r * Cfg::KSTRIDE + d] =
-            krow0 + r < C / P ? static_cast<uint32_t>(__ldg(kc + (krow0 + r) * p.k_codes_sr + d)) : 0u;
+            krow0 + r < C / P ? static_cast<uint32_t>(__ldg(kc + (krow0 + r) * p.k_codes.stride[2] + d)) : 0u;
       }
     }
     const int64_t kg0 = t0 / G;
@@ -233,27 +233,27 @@ __global__ void __launch_bounds__(kAttnThreads) quant_decode_kernel(AttnArgs a) 
     for (int i = tid; i < nkg * D; i += kAttnThreads) {
       const int j = i / D, d = i % D;
       const bool in = kg0 + j < C / G;
-      sks[i] = in ? ldg(ksc + (kg0 + j) * p.k_scale_sr + d) : 0.f;
-      skm[i] = in ? ldg(kmn + (kg0 + j) * p.k_min_sr + d) : 0.f;
+      sks[i] = in ? ldg(ksc + (kg0 + j) * p.k_scale.stride[2] + d) : 0.f;
+      skm[i] = in ? ldg(kmn + (kg0 + j) * p.k_min.stride[2] + d) : 0.f;
     }
     if (a.vec_v) {
       for (int i = tid; i < kTile * (Cfg::VW / 4); i += kAttnThreads) {
         const int r = i / (Cfg::VW / 4), c4 = i % (Cfg::VW / 4);
         uint4 w = make_uint4(0u, 0u, 0u, 0u);
-        if (t0 + r < C) w = __ldg(reinterpret_cast<const uint4*>(vc + (t0 + r) * p.v_codes_sr) + c4);
+        if (t0 + r < C) w = __ldg(reinterpret_cast<const uint4*>(vc + (t0 + r) * p.v_codes.stride[2]) + c4);
         *reinterpret_cast<uint4*>(svw + r * Cfg::VW + c4 * 4) = w;
       }
     } else {
       for (int i = tid; i < kTile * Cfg::VW; i += kAttnThreads) {
         const int r = i / Cfg::VW, c = i % Cfg::VW;
-        svw[i] = t0 + r < C ? static_cast<uint32_t>(__ldg(vc + (t0 + r) * p.v_codes_sr + c)) : 0u;
+        svw[i] = t0 + r < C ? static_cast<uint32_t>(__ldg(vc + (t0 + r) * p.v_codes.stride[2] + c)) : 0u;
       }
     }
     for (int i = tid; i < kTile * nvg; i += kAttnThreads) {
       const int r = i / nvg, j = i % nvg;
       const bool in = t0 + r < nv;  // only quantized values have metadata
-      svs[r * Cfg::MAXVG + j] = in ? ldg(vsc + (t0 + r) * p.v_scale_sr + j) : 0.f;
-      svm[r * Cfg::MAXVG + j] = in ? ldg(vmn + (t0 + r) * p.v_min_sr + j) : 0.f;
+      svs[r * Cfg::MAXVG + j] = in ? ldg(vsc + (t0 + r) * p.v_scale.stride[2] + j) : 0.f;
+      svm[r * Cfg::MAXVG + j] = in ? ldg(vmn + (t0 + r) * p.v_min.stride[2] + j) : 0.f;
     }
     __syncthreads();
 
@@ -275,7 +275,7 @@ __global__ void __launch_bounds__(kAttnThreads) quant_decode_kernel(AttnArgs a) 
 #pragma unroll 4
           for (int d = d0; d < d0 + D / 2; ++d) {
             float k = fmaf(static_cast<float>((wrow[d] >> shift) & MASK), sc[d], mn[d]);
-            if (kmean) k += ldg(kmean + t * p.k_mean_sr + d);
+            if (kmean) k += ldg(kmean + t * p.k_mean.stride[1] + d);
             const float4 qa = *reinterpret_cast<const float4*>(sq + d * kMaxGroupHeads);
             const float4 qb4 = *reinterpret_cast<const float4*>(sq + d * kMaxGroupHeads + 4);
             s[0] = fmaf(qa.x, k, s[0]);
@@ -288,7 +288,7 @@ __global__ void __launch_bounds__(kAttnThreads) quant_decode_kernel(AttnArgs a) 
             s[7] = fmaf(qb4.w, k, s[7]);
           }
         } else {
-          const T* row = kr + (t % R) * p.k_res_sr;
+          const T* row = kr + (t % R) * p.k_res.stride[2];
           for (int d = d0; d < d0 + D / 2; ++d) {
             const float k = ldg(row + d);
 #pragma unroll
@@ -352,10 +352,10 @@ __global__ void __launch_bounds__(kAttnThreads) quant_decode_kernel(AttnArgs a) 
           for (int e = 0; e < 4; ++e) v[e] = fmaf(static_cast<float>((w >> (e * BITS)) & MASK), sc, mn);
           if (vmean) {
 #pragma unroll
-            for (int e = 0; e < 4; ++e) v[e] += ldg(vmean + t * p.v_mean_sr + ch + e);
+            for (int e = 0; e < 4; ++e) v[e] += ldg(vmean + t * p.v_mean.stride[1] + ch + e);
           }
         } else {
-          const T* row = vr + (t % R) * p.v_res_sr + ch;
+          const T* row = vr + (t % R) * p.v_res.stride[2] + ch;
 #pragma unroll
           for (int e = 0; e < 4; ++e) v[e] = ldg(row + e);
         }
@@ -436,20 +436,20 @@ __global__ void __launch_bounds__(kAttnThreads) quant_merge_kernel(MergeArgs a) 
 // never an out-of-bounds access (the glue rejects it first).
 // ===========================================================================
 struct QuantArgs {
-  QuantCudaParams p;
+  QuantKVParams p;
 };
 
-__device__ __forceinline__ int64_t clamp_len(const QuantCudaParams& p, int64_t b, int64_t h, int64_t limit) {
-  int64_t L = p.lengths[b * p.lengths_sb + h * p.lengths_sh];
+__device__ __forceinline__ int64_t clamp_len(const QuantKVParams& p, int64_t b, int64_t h, int64_t limit) {
+  int64_t L = p.lengths[b * p.lengths_stride_b + h * p.lengths_stride_h];
   return L < 0 ? 0 : (L > limit ? limit : L);
 }
 
 // means over kv heads: fp32 sum in head order / Hkv, rounded to T.
 template <typename T>
 __global__ void __launch_bounds__(kQuantThreads) quant_mean_kernel(QuantArgs a) {
-  const QuantCudaParams& p = a.p;
+  const QuantKVParams& p = a.p;
   const int64_t D = p.head_dim, C = p.capacity, R = p.residual, H = p.num_kv_heads;
-  const int64_t lim = p.seq_len < C ? p.seq_len : C;
+  const int64_t lim = p.in_tokens < C ? p.in_tokens : C;
   const int64_t total = p.batch * C * D * 2;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -457,13 +457,13 @@ __global__ void __launch_bounds__(kQuantThreads) quant_mean_kernel(QuantArgs a) 
     const int64_t L = clamp_len(p, b, 0, lim);
     const int64_t n = which == 0 ? L - L % R : (L > R ? L - R : 0);
     if (t >= n) continue;
-    const T* x = static_cast<const T*>(which == 0 ? p.k_in : p.v_in);
-    const int64_t sb = which == 0 ? p.k_in_sb : p.v_in_sb, sh = which == 0 ? p.k_in_sh : p.v_in_sh,
-                  sr = which == 0 ? p.k_in_sr : p.v_in_sr;
+    const T* x = static_cast<const T*>(which == 0 ? p.k_in.data : p.v_in.data);
+    const int64_t sb = which == 0 ? p.k_in.stride[0] : p.v_in.stride[0], sh = which == 0 ? p.k_in.stride[1] : p.v_in.stride[1],
+                  sr = which == 0 ? p.k_in.stride[2] : p.v_in.stride[2];
     float s = 0.f;
     for (int64_t hh = 0; hh < H; ++hh) s += ldg(x + b * sb + hh * sh + t * sr + d);
-    T* m = static_cast<T*>(which == 0 ? p.k_mean : p.v_mean);
-    st(m + b * (which == 0 ? p.k_mean_sb : p.v_mean_sb) + t * (which == 0 ? p.k_mean_sr : p.v_mean_sr) + d,
+    T* m = static_cast<T*>(which == 0 ? p.k_mean.data : p.v_mean.data);
+    st(m + b * (which == 0 ? p.k_mean.stride[0] : p.v_mean.stride[0]) + t * (which == 0 ? p.k_mean.stride[1] : p.v_mean.stride[1]) + d,
        __fdiv_rn(s, static_cast<float>(H)));
   }
 }
@@ -472,38 +472,38 @@ __global__ void __launch_bounds__(kQuantThreads) quant_mean_kernel(QuantArgs a) 
 template <typename T, int BITS>
 __global__ void __launch_bounds__(kQuantThreads) quant_keys_kernel(QuantArgs a) {
   constexpr int P = 32 / BITS;
-  const QuantCudaParams& p = a.p;
+  const QuantKVParams& p = a.p;
   const int64_t D = p.head_dim, C = p.capacity, R = p.residual, H = p.num_kv_heads;
   const int G = p.group;
-  const int64_t lim = p.seq_len < C ? p.seq_len : C;
+  const int64_t lim = p.in_tokens < C ? p.in_tokens : C;
   const int64_t total = p.batch * H * (C / G) * D;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t d = i % D, gi = (i / D) % (C / G), h = (i / (D * (C / G))) % H, b = i / (D * (C / G) * H);
     const int64_t L = clamp_len(p, b, h, lim);
     if ((gi + 1) * G > L - L % R) continue;
-    const T* x = static_cast<const T*>(p.k_in) + b * p.k_in_sb + h * p.k_in_sh + gi * G * p.k_in_sr + d;
-    const T* m = p.k_mean ? static_cast<const T*>(p.k_mean) + b * p.k_mean_sb + gi * G * p.k_mean_sr + d : nullptr;
+    const T* x = static_cast<const T*>(p.k_in.data) + b * p.k_in.stride[0] + h * p.k_in.stride[1] + gi * G * p.k_in.stride[2] + d;
+    const T* m = p.k_mean.data ? static_cast<const T*>(p.k_mean.data) + b * p.k_mean.stride[0] + gi * G * p.k_mean.stride[1] + d : nullptr;
     float mn = __int_as_float(0x7f800000), mx = -mn;
     for (int j = 0; j < G; ++j) {
-      const float v = ldg(x + j * p.k_in_sr) - (m ? ldg(m + j * p.k_mean_sr) : 0.f);
+      const float v = ldg(x + j * p.k_in.stride[2]) - (m ? ldg(m + j * p.k_mean.stride[1]) : 0.f);
       mn = fminf(mn, v);
       mx = fmaxf(mx, v);
     }
     float lo, scale;
     group_params<T, BITS>(mn, mx, lo, scale);
-    int32_t* out = p.k_codes + b * p.k_codes_sb + h * p.k_codes_sh + (gi * G / P) * p.k_codes_sr + d;
+    int32_t* out = static_cast<int32_t*>(p.k_codes.data) + b * p.k_codes.stride[0] + h * p.k_codes.stride[1] + (gi * G / P) * p.k_codes.stride[2] + d;
     for (int w = 0; w < G / P; ++w) {
       uint32_t word = 0;
       for (int j = 0; j < P; ++j) {
         const int tt = w * P + j;
-        const float v = ldg(x + tt * p.k_in_sr) - (m ? ldg(m + tt * p.k_mean_sr) : 0.f);
+        const float v = ldg(x + tt * p.k_in.stride[2]) - (m ? ldg(m + tt * p.k_mean.stride[1]) : 0.f);
         word |= encode<BITS>(v, lo, scale) << (j * BITS);
       }
-      out[w * p.k_codes_sr] = static_cast<int32_t>(word);
+      out[w * p.k_codes.stride[2]] = static_cast<int32_t>(word);
     }
-    st(static_cast<T*>(p.k_scale) + b * p.k_scale_sb + h * p.k_scale_sh + gi * p.k_scale_sr + d, scale);
-    st(static_cast<T*>(p.k_min) + b * p.k_min_sb + h * p.k_min_sh + gi * p.k_min_sr + d, lo);
+    st(static_cast<T*>(p.k_scale.data) + b * p.k_scale.stride[0] + h * p.k_scale.stride[1] + gi * p.k_scale.stride[2] + d, scale);
+    st(static_cast<T*>(p.k_min.data) + b * p.k_min.stride[0] + h * p.k_min.stride[1] + gi * p.k_min.stride[2] + d, lo);
   }
 }
 
@@ -511,19 +511,19 @@ __global__ void __launch_bounds__(kQuantThreads) quant_keys_kernel(QuantArgs a) 
 template <typename T, int BITS>
 __global__ void __launch_bounds__(kQuantThreads) quant_values_kernel(QuantArgs a) {
   constexpr int P = 32 / BITS;
-  const QuantCudaParams& p = a.p;
+  const QuantKVParams& p = a.p;
   const int64_t D = p.head_dim, C = p.capacity, R = p.residual, H = p.num_kv_heads;
   const int G = p.group;
   const int64_t nvg = D / G;
-  const int64_t lim = p.seq_len < C ? p.seq_len : C;
+  const int64_t lim = p.in_tokens < C ? p.in_tokens : C;
   const int64_t total = p.batch * H * C * nvg;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t gj = i % nvg, t = (i / nvg) % C, h = (i / (nvg * C)) % H, b = i / (nvg * C * H);
     const int64_t L = clamp_len(p, b, h, lim);
     if (t >= (L > R ? L - R : 0)) continue;
-    const T* x = static_cast<const T*>(p.v_in) + b * p.v_in_sb + h * p.v_in_sh + t * p.v_in_sr + gj * G;
-    const T* m = p.v_mean ? static_cast<const T*>(p.v_mean) + b * p.v_mean_sb + t * p.v_mean_sr + gj * G : nullptr;
+    const T* x = static_cast<const T*>(p.v_in.data) + b * p.v_in.stride[0] + h * p.v_in.stride[1] + t * p.v_in.stride[2] + gj * G;
+    const T* m = p.v_mean.data ? static_cast<const T*>(p.v_mean.data) + b * p.v_mean.stride[0] + t * p.v_mean.stride[1] + gj * G : nullptr;
     float mn = __int_as_float(0x7f800000), mx = -mn;
     for (int j = 0; j < G; ++j) {
       const float v = ldg(x + j) - (m ? ldg(m + j) : 0.f);
@@ -532,7 +532,7 @@ __global__ void __launch_bounds__(kQuantThreads) quant_values_kernel(QuantArgs a
     }
     float lo, scale;
     group_params<T, BITS>(mn, mx, lo, scale);
-    int32_t* out = p.v_codes + b * p.v_codes_sb + h * p.v_codes_sh + t * p.v_codes_sr + gj * (G / P);
+    int32_t* out = static_cast<int32_t*>(p.v_codes.data) + b * p.v_codes.stride[0] + h * p.v_codes.stride[1] + t * p.v_codes.stride[2] + gj * (G / P);
     for (int w = 0; w < G / P; ++w) {
       uint32_t word = 0;
       for (int j = 0; j < P; ++j) {
@@ -541,17 +541,17 @@ __global__ void __launch_bounds__(kQuantThreads) quant_values_kernel(QuantArgs a
       }
       out[w] = static_cast<int32_t>(word);
     }
-    st(static_cast<T*>(p.v_scale) + b * p.v_scale_sb + h * p.v_scale_sh + t * p.v_scale_sr + gj, scale);
-    st(static_cast<T*>(p.v_min) + b * p.v_min_sb + h * p.v_min_sh + t * p.v_min_sr + gj, lo);
+    st(static_cast<T*>(p.v_scale.data) + b * p.v_scale.stride[0] + h * p.v_scale.stride[1] + t * p.v_scale.stride[2] + gj, scale);
+    st(static_cast<T*>(p.v_min.data) + b * p.v_min.stride[0] + h * p.v_min.stride[1] + t * p.v_min.stride[2] + gj, lo);
   }
 }
 
 // The rings: keys of [L - L % R, L), values of [max(L - R, 0), L), raw.
 template <typename T>
 __global__ void __launch_bounds__(kQuantThreads) quant_rings_kernel(QuantArgs a) {
-  const QuantCudaParams& p = a.p;
+  const QuantKVParams& p = a.p;
   const int64_t D = p.head_dim, C = p.capacity, R = p.residual, H = p.num_kv_heads;
-  const int64_t lim = p.seq_len < C ? p.seq_len : C;
+  const int64_t lim = p.in_tokens < C ? p.in_tokens : C;
   const int64_t total = p.batch * H * R * D;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -559,11 +559,11 @@ __global__ void __launch_bounds__(kQuantThreads) quant_rings_kernel(QuantArgs a)
     const int64_t L = clamp_len(p, b, h, lim);
     const int64_t tk = L - L % R + j, tv = (L > R ? L - R : 0) + j;
     if (tk < L)
-      static_cast<T*>(p.k_res)[b * p.k_res_sb + h * p.k_res_sh + (tk % R) * p.k_res_sr + d] =
-          __ldg(static_cast<const T*>(p.k_in) + b * p.k_in_sb + h * p.k_in_sh + tk * p.k_in_sr + d);
+      static_cast<T*>(p.k_res.data)[b * p.k_res.stride[0] + h * p.k_res.stride[1] + (tk % R) * p.k_res.stride[2] + d] =
+          __ldg(static_cast<const T*>(p.k_in.data) + b * p.k_in.stride[0] + h * p.k_in.stride[1] + tk * p.k_in.stride[2] + d);
     if (tv < L)
-      static_cast<T*>(p.v_res)[b * p.v_res_sb + h * p.v_res_sh + (tv % R) * p.v_res_sr + d] =
-          __ldg(static_cast<const T*>(p.v_in) + b * p.v_in_sb + h * p.v_in_sh + tv * p.v_in_sr + d);
+      static_cast<T*>(p.v_res.data)[b * p.v_res.stride[0] + h * p.v_res.stride[1] + (tv % R) * p.v_res.stride[2] + d] =
+          __ldg(static_cast<const T*>(p.v_in.data) + b * p.v_in.stride[0] + h * p.v_in.stride[1] + tv * p.v_in.stride[2] + d);
   }
 }
 
@@ -575,7 +575,7 @@ __global__ void __launch_bounds__(kQuantThreads) quant_rings_kernel(QuantArgs a)
 // Shared memory: nh * D floats (the deviations of the value leaving the ring).
 // ===========================================================================
 struct AppendArgs {
-  QuantCudaParams p;
+  QuantKVParams p;
   int heads_per_cta;
 };
 
@@ -584,31 +584,31 @@ __global__ void __launch_bounds__(kQuantThreads) quant_append_kernel(AppendArgs 
   constexpr int P = 32 / BITS;
   extern __shared__ __align__(16) unsigned char smem[];
   float* xs = reinterpret_cast<float*>(smem);
-  const QuantCudaParams& p = a.p;
+  const QuantKVParams& p = a.p;
   const int nh = a.heads_per_cta;
   const int64_t H = p.num_kv_heads, D = p.head_dim, C = p.capacity, R = p.residual;
   const int G = p.group;
   const int64_t ctas_per_b = H / nh;
   const int64_t b = blockIdx.x / ctas_per_b, h0 = (blockIdx.x % ctas_per_b) * nh;
   const int tid = static_cast<int>(threadIdx.x);
-  const int64_t t = p.lengths[b * p.lengths_sb + h0 * p.lengths_sh];
-  const bool centred = p.k_mean != nullptr;
+  const int64_t t = p.lengths[b * p.lengths_stride_b + h0 * p.lengths_stride_h];
+  const bool centred = p.k_mean.data != nullptr;
   if (t < 0 || t >= C) return;  // uniform over the CTA: no barrier is skipped by some threads only
   const int64_t slot = t % R;
-  T* kres = static_cast<T*>(p.k_res) + b * p.k_res_sb;
-  T* vres = static_cast<T*>(p.v_res) + b * p.v_res_sb;
+  T* kres = static_cast<T*>(p.k_res.data) + b * p.k_res.stride[0];
+  T* vres = static_cast<T*>(p.v_res.data) + b * p.v_res.stride[0];
 
   // ---- 1. the value leaving the ring (token t - R) becomes codes ----
   if (t >= R) {
     const int64_t s = t - R;
     for (int64_t i = tid; i < nh * D; i += kQuantThreads) {
       const int64_t hh = i / D, d = i % D;
-      float x = ld(vres + (h0 + hh) * p.v_res_sh + slot * p.v_res_sr + d);
+      float x = ld(vres + (h0 + hh) * p.v_res.stride[1] + slot * p.v_res.stride[2] + d);
       if (centred) {
         float m = 0.f;
-        for (int64_t k = 0; k < H; ++k) m += ld(vres + k * p.v_res_sh + slot * p.v_res_sr + d);
+        for (int64_t k = 0; k < H; ++k) m += ld(vres + k * p.v_res.stride[1] + slot * p.v_res.stride[2] + d);
         m = round_t<T>(__fdiv_rn(m, static_cast<float>(H)));
-        if (hh == 0) st(static_cast<T*>(p.v_mean) + b * p.v_mean_sb + s * p.v_mean_sr + d, m);
+        if (hh == 0) st(static_cast<T*>(p.v_mean.data) + b * p.v_mean.stride[0] + s * p.v_mean.stride[1] + d, m);
         x -= m;
       }
       xs[i] = x;
@@ -625,14 +625,14 @@ __global__ void __launch_bounds__(kQuantThreads) quant_append_kernel(AppendArgs 
       }
       float lo, scale;
       group_params<T, BITS>(mn, mx, lo, scale);
-      int32_t* out = p.v_codes + b * p.v_codes_sb + h * p.v_codes_sh + s * p.v_codes_sr + gj * (G / P);
+      int32_t* out = static_cast<int32_t*>(p.v_codes.data) + b * p.v_codes.stride[0] + h * p.v_codes.stride[1] + s * p.v_codes.stride[2] + gj * (G / P);
       for (int w = 0; w < G / P; ++w) {
         uint32_t word = 0;
         for (int j = 0; j < P; ++j) word |= encode<BITS>(x[w * P + j], lo, scale) << (j * BITS);
         out[w] = static_cast<int32_t>(word);
       }
-      st(static_cast<T*>(p.v_scale) + b * p.v_scale_sb + h * p.v_scale_sh + s * p.v_scale_sr + gj, scale);
-      st(static_cast<T*>(p.v_min) + b * p.v_min_sb + h * p.v_min_sh + s * p.v_min_sr + gj, lo);
+      st(static_cast<T*>(p.v_scale.data) + b * p.v_scale.stride[0] + h * p.v_scale.stride[1] + s * p.v_scale.stride[2] + gj, scale);
+      st(static_cast<T*>(p.v_min.data) + b * p.v_min.stride[0] + h * p.v_min.stride[1] + s * p.v_min.stride[2] + gj, lo);
     }
     __syncthreads();  // every read of the old ring slot is done
   }
@@ -640,10 +640,10 @@ __global__ void __launch_bounds__(kQuantThreads) quant_append_kernel(AppendArgs 
   // ---- 2. the new token into ring slot t % R ----
   for (int64_t i = tid; i < nh * D; i += kQuantThreads) {
     const int64_t h = h0 + i / D, d = i % D;
-    kres[h * p.k_res_sh + slot * p.k_res_sr + d] =
-        __ldg(static_cast<const T*>(p.k_new) + b * p.k_new_sb + h * p.k_new_sh + d);
-    vres[h * p.v_res_sh + slot * p.v_res_sr + d] =
-        __ldg(static_cast<const T*>(p.v_new) + b * p.v_new_sb + h * p.v_new_sh + d);
+    kres[h * p.k_res.stride[1] + slot * p.k_res.stride[2] + d] =
+        __ldg(static_cast<const T*>(p.k_in.data) + b * p.k_in.stride[0] + h * p.k_in.stride[1] + d);
+    vres[h * p.v_res.stride[1] + slot * p.v_res.stride[2] + d] =
+        __ldg(static_cast<const T*>(p.v_in.data) + b * p.v_in.stride[0] + h * p.v_in.stride[1] + d);
   }
   __syncthreads();
 
@@ -651,53 +651,53 @@ __global__ void __launch_bounds__(kQuantThreads) quant_append_kernel(AppendArgs 
   if ((t + 1) % R == 0) {
     const int64_t s0 = t + 1 - R;
     if (centred) {
-      T* km = static_cast<T*>(p.k_mean) + b * p.k_mean_sb;
+      T* km = static_cast<T*>(p.k_mean.data) + b * p.k_mean.stride[0];
       for (int64_t i = tid; i < R * D; i += kQuantThreads) {
         const int64_t j = i / D, d = i % D;
         float m = 0.f;
-        for (int64_t k = 0; k < H; ++k) m += ld(kres + k * p.k_res_sh + j * p.k_res_sr + d);
-        st(km + (s0 + j) * p.k_mean_sr + d, __fdiv_rn(m, static_cast<float>(H)));
+        for (int64_t k = 0; k < H; ++k) m += ld(kres + k * p.k_res.stride[1] + j * p.k_res.stride[2] + d);
+        st(km + (s0 + j) * p.k_mean.stride[1] + d, __fdiv_rn(m, static_cast<float>(H)));
       }
       __syncthreads();  // the block's own global writes are visible to it after the barrier
     }
-    const T* km = centred ? static_cast<const T*>(p.k_mean) + b * p.k_mean_sb + s0 * p.k_mean_sr : nullptr;
+    const T* km = centred ? static_cast<const T*>(p.k_mean.data) + b * p.k_mean.stride[0] + s0 * p.k_mean.stride[1] : nullptr;
     const int64_t ng = R / G;
     for (int64_t i = tid; i < nh * ng * D; i += kQuantThreads) {
       const int64_t d = i % D, gi = (i / D) % ng, h = h0 + i / (D * ng);
-      const T* x = kres + h * p.k_res_sh + gi * G * p.k_res_sr + d;  // ring slot j = token s0 + j
-      const T* m = km ? km + gi * G * p.k_mean_sr + d : nullptr;
+      const T* x = kres + h * p.k_res.stride[1] + gi * G * p.k_res.stride[2] + d;  // ring slot j = token s0 + j
+      const T* m = km ? km + gi * G * p.k_mean.stride[1] + d : nullptr;
       float mn = __int_as_float(0x7f800000), mx = -mn;
       for (int j = 0; j < G; ++j) {
-        const float v = ld(x + j * p.k_res_sr) - (m ? ld(m + j * p.k_mean_sr) : 0.f);
+        const float v = ld(x + j * p.k_res.stride[2]) - (m ? ld(m + j * p.k_mean.stride[1]) : 0.f);
         mn = fminf(mn, v);
         mx = fmaxf(mx, v);
       }
       float lo, scale;
       group_params<T, BITS>(mn, mx, lo, scale);
-      int32_t* out = p.k_codes + b * p.k_codes_sb + h * p.k_codes_sh + ((s0 + gi * G) / P) * p.k_codes_sr + d;
+      int32_t* out = static_cast<int32_t*>(p.k_codes.data) + b * p.k_codes.stride[0] + h * p.k_codes.stride[1] + ((s0 + gi * G) / P) * p.k_codes.stride[2] + d;
       for (int w = 0; w < G / P; ++w) {
         uint32_t word = 0;
         for (int j = 0; j < P; ++j) {
           const int tt = w * P + j;
-          word |= encode<BITS>(ld(x + tt * p.k_res_sr) - (m ? ld(m + tt * p.k_mean_sr) : 0.f), lo, scale)
+          word |= encode<BITS>(ld(x + tt * p.k_res.stride[2]) - (m ? ld(m + tt * p.k_mean.stride[1]) : 0.f), lo, scale)
                   << (j * BITS);
         }
-        out[w * p.k_codes_sr] = static_cast<int32_t>(word);
+        out[w * p.k_codes.stride[2]] = static_cast<int32_t>(word);
       }
       const int64_t kg = s0 / G + gi;
-      st(static_cast<T*>(p.k_scale) + b * p.k_scale_sb + h * p.k_scale_sh + kg * p.k_scale_sr + d, scale);
-      st(static_cast<T*>(p.k_min) + b * p.k_min_sb + h * p.k_min_sh + kg * p.k_min_sr + d, lo);
+      st(static_cast<T*>(p.k_scale.data) + b * p.k_scale.stride[0] + h * p.k_scale.stride[1] + kg * p.k_scale.stride[2] + d, scale);
+      st(static_cast<T*>(p.k_min.data) + b * p.k_min.stride[0] + h * p.k_min.stride[1] + kg * p.k_min.stride[2] + d, lo);
     }
   }
   __syncthreads();  // every thread read lengths before it changes
-  if (tid < nh) p.lengths[b * p.lengths_sb + (h0 + tid) * p.lengths_sh] = static_cast<int32_t>(t + 1);
+  if (tid < nh) p.lengths[b * p.lengths_stride_b + (h0 + tid) * p.lengths_stride_h] = static_cast<int32_t>(t + 1);
 }
 
 // ===========================================================================
 // Launch sequences over a launcher L: cudaError_t L(kernel, blocks, threads,
 // smem, args); it refuses shared memory above the device limit.
 // ===========================================================================
-inline bool layout_ok(const QuantCudaParams& p) {
+inline bool layout_ok(const QuantKVParams& p) {
   const int b = p.bits, G = p.group;
   if (b != 2 && b != 4 && b != 8) return false;
   if (G != 32 && G != 64 && G != 128) return false;
@@ -706,16 +706,16 @@ inline bool layout_ok(const QuantCudaParams& p) {
       p.capacity % p.residual != 0)
     return false;
   if (p.batch < 0 || p.num_kv_heads <= 0) return false;
-  if ((p.k_mean == nullptr) != (p.v_mean == nullptr)) return false;
-  return p.k_codes && p.k_scale && p.k_min && p.v_codes && p.v_scale && p.v_min && p.k_res && p.v_res && p.lengths;
+  if ((p.k_mean.data == nullptr) != (p.v_mean.data == nullptr)) return false;
+  return p.k_codes.data && p.k_scale.data && p.k_min.data && p.v_codes.data && p.v_scale.data && p.v_min.data && p.k_res.data && p.v_res.data && p.lengths;
 }
 
-inline bool attention_ok(const QuantCudaParams& p) {
+inline bool attention_ok(const QuantKVParams& p) {
   return layout_ok(p) && p.q && p.out && p.num_q_heads > 0 && p.num_q_heads % p.num_kv_heads == 0 &&
          p.num_q_heads / p.num_kv_heads <= kMaxGroupHeads;
 }
 
-inline int default_splits(const QuantCudaParams& p, int num_sms) {
+inline int default_splits(const QuantKVParams& p, int num_sms) {
   const int64_t tiles = ceil_div<int64_t>(p.capacity, kTile);
   const int64_t heads = p.batch * p.num_kv_heads;
   if (heads <= 0) return 1;
@@ -725,14 +725,14 @@ inline int default_splits(const QuantCudaParams& p, int num_sms) {
   return static_cast<int>(s < 1 ? 1 : s);
 }
 
-inline size_t attention_ws_bytes(const QuantCudaParams& p, int S) {
+inline size_t attention_ws_bytes(const QuantKVParams& p, int S) {
   if (S <= 1) return 0;
   const size_t n = static_cast<size_t>(p.batch * p.num_q_heads) * static_cast<size_t>(S) *
                    static_cast<size_t>(p.head_dim + 1) * 4;
   return (n + 255) / 256 * 256;
 }
 
-inline void set_attention_ws(QuantCudaParams& p, int S, void* ws) {
+inline void set_attention_ws(QuantKVParams& p, int S, void* ws) {
   if (S <= 1) {
     p.partial_out = p.partial_lse = nullptr;
     return;
@@ -746,12 +746,12 @@ inline bool aligned16(const void* ptr, int64_t sb, int64_t sh, int64_t sr) {
 }
 
 template <typename T, int BITS, int D, typename L>
-cudaError_t run_attention_typed(const QuantCudaParams& p, L& launch) {
+cudaError_t run_attention_typed(const QuantKVParams& p, L& launch) {
   AttnArgs a{p, p.num_splits, 0, false, false};
   const int64_t tiles = ceil_div<int64_t>(p.capacity, kTile);
   a.tiles_per_split = static_cast<int>(ceil_div<int64_t>(tiles, a.num_splits));
-  a.vec_k = aligned16(p.k_codes, p.k_codes_sb, p.k_codes_sh, p.k_codes_sr);
-  a.vec_v = aligned16(p.v_codes, p.v_codes_sb, p.v_codes_sh, p.v_codes_sr);
+  a.vec_k = aligned16(p.k_codes.data, p.k_codes.stride[0], p.k_codes.stride[1], p.k_codes.stride[2]);
+  a.vec_v = aligned16(p.v_codes.data, p.v_codes.stride[0], p.v_codes.stride[1], p.v_codes.stride[2]);
   const int64_t blocks = p.batch * p.num_kv_heads * a.num_splits;
   KVKERN_CUDA_TRY(launch(quant_decode_kernel<T, BITS, D>, blocks, kAttnThreads, AttnCfg<BITS, D>::SMEM, a));
   if (a.num_splits > 1) {
@@ -763,7 +763,7 @@ cudaError_t run_attention_typed(const QuantCudaParams& p, L& launch) {
 }
 
 template <typename T, int BITS, typename L>
-cudaError_t run_attention_bits(const QuantCudaParams& p, L& launch) {
+cudaError_t run_attention_bits(const QuantKVParams& p, L& launch) {
   switch (p.head_dim) {
     case 64: return run_attention_typed<T, BITS, 64>(p, launch);
     case 128: return run_attention_typed<T, BITS, 128>(p, launch);
@@ -773,7 +773,7 @@ cudaError_t run_attention_bits(const QuantCudaParams& p, L& launch) {
 }
 
 template <typename T, typename L>
-cudaError_t run_attention_t(const QuantCudaParams& p, L& launch) {
+cudaError_t run_attention_t(const QuantKVParams& p, L& launch) {
   switch (p.bits) {
     case 2: return run_attention_bits<T, 2>(p, launch);
     case 4: return run_attention_bits<T, 4>(p, launch);
@@ -784,7 +784,7 @@ cudaError_t run_attention_t(const QuantCudaParams& p, L& launch) {
 
 // p.num_splits must be resolved (>= 1); with S > 1 the partial buffers set.
 template <typename L>
-cudaError_t run_quant_decode_attention(const QuantCudaParams& p, KvDtype dt, L& launch) {
+cudaError_t run_quant_decode_attention(const QuantKVParams& p, KvDtype dt, L& launch) {
   if (!attention_ok(p) || p.num_splits < 1) return cudaErrorInvalidValue;
   if (p.num_splits > 1 && (p.partial_out == nullptr || p.partial_lse == nullptr)) return cudaErrorInvalidValue;
   if (p.batch == 0) return cudaSuccess;
@@ -802,25 +802,25 @@ inline int64_t grid_for(int64_t work) {
 }
 
 template <typename T, int BITS, typename L>
-cudaError_t run_quantize_typed(const QuantCudaParams& p, L& launch) {
+cudaError_t run_quantize_typed(const QuantKVParams& p, L& launch) {
   QuantArgs a{p};
   const int64_t B = p.batch, H = p.num_kv_heads, C = p.capacity, D = p.head_dim;
-  if (p.k_mean) KVKERN_CUDA_TRY(launch(quant_mean_kernel<T>, grid_for(B * C * D * 2), kQuantThreads, 0, a));
+  if (p.k_mean.data) KVKERN_CUDA_TRY(launch(quant_mean_kernel<T>, grid_for(B * C * D * 2), kQuantThreads, 0, a));
   KVKERN_CUDA_TRY(launch(quant_keys_kernel<T, BITS>, grid_for(B * H * (C / p.group) * D), kQuantThreads, 0, a));
   KVKERN_CUDA_TRY(launch(quant_values_kernel<T, BITS>, grid_for(B * H * C * (D / p.group)), kQuantThreads, 0, a));
   return launch(quant_rings_kernel<T>, grid_for(B * H * p.residual * D), kQuantThreads, 0, a);
 }
 
 template <typename T, int BITS, typename L>
-cudaError_t run_append_typed(const QuantCudaParams& p, L& launch) {
-  AppendArgs a{p, p.k_mean ? static_cast<int>(p.num_kv_heads) : 1};
+cudaError_t run_append_typed(const QuantKVParams& p, L& launch) {
+  AppendArgs a{p, p.k_mean.data ? static_cast<int>(p.num_kv_heads) : 1};
   const size_t smem = static_cast<size_t>(a.heads_per_cta) * static_cast<size_t>(p.head_dim) * 4;
   return launch(quant_append_kernel<T, BITS>, p.batch * (p.num_kv_heads / a.heads_per_cta), kQuantThreads, smem, a);
 }
 
 
 template <typename L>
-cudaError_t dispatch_quantize(const QuantCudaParams& p, KvDtype dt, L& launch, bool append) {
+cudaError_t dispatch_quantize(const QuantKVParams& p, KvDtype dt, L& launch, bool append) {
 #define KVKERN_Q_CASE(TYPE)                                                                   \
   switch (p.bits) {                                                                           \
     case 2: return append ? run_append_typed<TYPE, 2>(p, launch) : run_quantize_typed<TYPE, 2>(p, launch); \
@@ -838,15 +838,15 @@ cudaError_t dispatch_quantize(const QuantCudaParams& p, KvDtype dt, L& launch, b
 }
 
 template <typename L>
-cudaError_t run_quantize_kv(const QuantCudaParams& p, KvDtype dt, L& launch) {
-  if (!layout_ok(p) || !p.k_in || !p.v_in || p.seq_len < 0) return cudaErrorInvalidValue;
+cudaError_t run_quantize_kv(const QuantKVParams& p, KvDtype dt, L& launch) {
+  if (!layout_ok(p) || !p.k_in.data || !p.v_in.data || p.in_tokens < 0) return cudaErrorInvalidValue;
   if (p.batch == 0) return cudaSuccess;
   return dispatch_quantize(p, dt, launch, false);
 }
 
 template <typename L>
-cudaError_t run_append_quantized_kv(const QuantCudaParams& p, KvDtype dt, L& launch) {
-  if (!layout_ok(p) || !p.k_new || !p.v_new) return cudaErrorInvalidValue;
+cudaError_t run_append_quantized_kv(const QuantKVParams& p, KvDtype dt, L& launch) {
+  if (!layout_ok(p) || !p.k_in.data || !p.v_in.data) return cudaErrorInvalidValue;
   if (p.batch == 0) return cudaSuccess;
   return dispatch_quantize(p, dt, launch, true);
 }

@@ -1,7 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
 // Plain description of one call of a quantized-KV op (quantize_kv_, dequantize_kv,
-// append_quantized_kv_, quant_decode_attention), shared by the CPU, CUDA and any
-// other C++ kernels. No framework types: pointers, sizes and strides in elements.
+// append_quantized_kv_, quant_decode_attention): the ONE struct the torch glue
+// fills and both the CPU kernels (csrc/cpu/quant_kernel.h) and the CUDA kernels
+// (quant_kv.cuh, passed by value as a kernel argument, so it stays trivially
+// copyable) read. No framework types: pointers, sizes and strides in elements.
 //
 // The layout is kvkern/reference.py's "Quantized KV" block (b = bits, G = group,
 // R = residual ring, C = capacity, P = 32 / b codes per int32 word, T = the cache
@@ -18,6 +20,14 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
+
+// Members that device code calls too.
+#if defined(__CUDACC__)
+#define KVKERN_QUANT_HD __host__ __device__
+#else
+#define KVKERN_QUANT_HD
+#endif
 
 namespace kvkern {
 
@@ -28,7 +38,7 @@ enum class QuantDType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 struct QuantTensorRef {
   void* data = nullptr;
   int64_t stride[4] = {0, 0, 0, 0};
-  bool present() const { return data != nullptr; }
+  KVKERN_QUANT_HD bool present() const { return data != nullptr; }
 };
 
 struct QuantKVParams {
@@ -37,7 +47,7 @@ struct QuantKVParams {
   QuantTensorRef v_codes, v_scale, v_min;
   QuantTensorRef k_res, v_res;
   QuantTensorRef k_mean, v_mean;  // both present (mean-centred) or both absent
-  const int32_t* lengths = nullptr;  // [B, Hkv]; append_quantized_kv_ increments it
+  int32_t* lengths = nullptr;  // [B, Hkv]; append_quantized_kv_ increments it
   int64_t lengths_stride_b = 0, lengths_stride_h = 0;
 
   int64_t batch = 0;         // B
@@ -59,7 +69,7 @@ struct QuantKVParams {
   void* v_out = nullptr;
 
   // ---- quant_decode_attention ----
-  const void* q = nullptr;  // [B, Hq, D], T
+  const void* q = nullptr;  // [B, Hq, D], T (the CUDA kernel: Hq / Hkv <= 8)
   int64_t q_stride_b = 0, q_stride_h = 0;
   int64_t num_q_heads = 0;   // Hq, a multiple of Hkv
   void* out = nullptr;       // [B, Hq, D], T, contiguous
@@ -67,18 +77,21 @@ struct QuantKVParams {
   float sm_scale = 1.0f;
   // Split-K: each (b, kv head) is cut into num_splits chunks of whole tiles;
   // with num_splits > 1 the partial states go to [B, Hq, S, D] / [B, Hq, S]
-  // fp32 buffers and are merged like decode_attention's.
+  // fp32 buffers and are merged like decode_attention's. The CPU glue always
+  // resolves it; the CUDA launchers take 0 as quant_decode_default_splits.
   int num_splits = 1;
-  int block_n = 64;  // tokens per tile (a multiple of 32 keeps tiles word-aligned)
+  int block_n = 64;  // CPU: tokens per tile (a multiple of 32 keeps tiles word-aligned)
   float* partial_out = nullptr;
   float* partial_lse = nullptr;
 
-  int codes_per_word() const { return 32 / bits; }
-  int64_t group_size() const { return num_q_heads / num_kv_heads; }  // GQA ratio
-  bool mean_centred() const { return k_mean.present(); }
-  int32_t length(int64_t b, int64_t j) const {
+  KVKERN_QUANT_HD int codes_per_word() const { return 32 / bits; }
+  KVKERN_QUANT_HD int64_t group_size() const { return num_kv_heads > 0 ? num_q_heads / num_kv_heads : 0; }  // GQA ratio
+  KVKERN_QUANT_HD bool mean_centred() const { return k_mean.present(); }
+  KVKERN_QUANT_HD int32_t length(int64_t b, int64_t j) const {
     return lengths[b * lengths_stride_b + j * lengths_stride_h];
   }
 };
+
+static_assert(std::is_trivially_copyable<QuantKVParams>::value, "QuantKVParams is a CUDA kernel argument");
 
 }  // namespace kvkern

@@ -1,0 +1,121 @@
+// SPDX-License-Identifier: Apache-2.0
+// CPU glue for the FP8-KV ops: checks (csrc/torch/fp8_args.h plus the value
+// checks that are free on CPU), outputs, and the parallel loops. Every check
+// runs before the first write, so bad input never half-writes a cache.
+
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+
+#include <optional>
+#include <tuple>
+
+#include "cpu/fp8_kernel.h"
+#include "torch/fp8_args.h"
+
+namespace kvkern::torch_glue {
+namespace {
+
+constexpr int kCpuFp8BlockN = 64;
+
+template <typename F>
+void dispatch_fp8_dtype(QuantDType dt, F&& f) {
+  switch (dt) {
+    case QuantDType::kFloat16: f(cpu::Half{}); break;
+    case QuantDType::kBFloat16: f(cpu::BFloat16{}); break;
+    default: f(float{}); break;
+  }
+}
+
+void quantize_fp8_kv_cpu(const Tensor& k, const Tensor& v, const Tensor& lengths, const Tensor& k_scale,
+                         const Tensor& v_scale, const Tensor& k_fp8, const Tensor& v_fp8) {
+  const char* op = "kvkern::quantize_fp8_kv_";
+  Fp8KVParams p = make_fp8_cache_params(op, k_fp8, v_fp8, k_scale, v_scale, lengths);
+  add_fp8_inputs(op, p, k, v, /*prefill=*/true, k_fp8);
+  STD_TORCH_CHECK(k_fp8.is_cpu(), op, ": expected CPU tensors here");
+  check_fp8_values(op, p, p.in_tokens, "T = k.size(2)");
+  dispatch_fp8_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    torch::stable::parallel_for(0, p.batch * p.num_kv_heads, 1, [&](int64_t i0, int64_t i1) {
+      cpu::quantize_fp8_kv_heads<T>(p, i0, i1);
+    });
+  });
+}
+
+void append_fp8_kv_cpu(const Tensor& k_new, const Tensor& v_new, const Tensor& lengths, const Tensor& k_scale,
+                       const Tensor& v_scale, const Tensor& k_fp8, const Tensor& v_fp8) {
+  const char* op = "kvkern::append_fp8_kv_";
+  Fp8KVParams p = make_fp8_cache_params(op, k_fp8, v_fp8, k_scale, v_scale, lengths);
+  add_fp8_inputs(op, p, k_new, v_new, /*prefill=*/false, k_fp8);
+  STD_TORCH_CHECK(k_fp8.is_cpu(), op, ": expected CPU tensors here");
+  // A full head has no slot for the new token.
+  check_fp8_values(op, p, p.capacity - 1, "C - 1");
+  dispatch_fp8_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    torch::stable::parallel_for(0, p.batch * p.num_kv_heads, 16, [&](int64_t i0, int64_t i1) {
+      cpu::append_fp8_kv_heads<T>(p, i0, i1);
+    });
+  });
+}
+
+// Enough (batch, head, split) items for every thread to get two, without
+// splitting a head into pieces shorter than four tiles.
+int64_t fp8_default_num_splits(int64_t items, int64_t capacity, int64_t block_n) {
+  const int64_t threads = static_cast<int64_t>(torch::stable::get_num_threads());
+  if (items == 0 || items >= 2 * threads) return 1;
+  const int64_t want = (2 * threads + items - 1) / items;
+  int64_t most = capacity / (4 * block_n);
+  if (most < 1) most = 1;
+  return want < most ? want : most;
+}
+
+std::tuple<Tensor, Tensor> fp8_decode_attention_cpu(const Tensor& q, const Tensor& k_fp8, const Tensor& v_fp8,
+                                                    const Tensor& k_scale, const Tensor& v_scale,
+                                                    const Tensor& lengths, std::optional<double> sm_scale,
+                                                    int64_t num_splits, int64_t block_n, int64_t num_warps,
+                                                    int64_t num_stages) {
+  const char* op = "kvkern::fp8_decode_attention";
+  Fp8KVParams p = make_fp8_cache_params(op, k_fp8, v_fp8, k_scale, v_scale, lengths);
+  add_fp8_attention_inputs(op, p, q, k_fp8, sm_scale, num_splits);
+  STD_TORCH_CHECK(block_n >= 0 && num_warps >= 0 && num_stages >= 0, op,
+                  ": block_n, num_warps, num_stages: expected >= 0 (0 = heuristic)");
+  STD_TORCH_CHECK(q.is_cpu(), op, ": expected CPU tensors here");
+  check_fp8_values(op, p, p.capacity, "C");
+  p.block_n = block_n > 0 ? static_cast<int>(block_n) : kCpuFp8BlockN;
+  p.num_splits = num_splits > 0 ? static_cast<int>(num_splits)
+                                : static_cast<int>(fp8_default_num_splits(p.batch * p.num_kv_heads, p.capacity,
+                                                                          p.block_n));
+  Tensor out = torch::stable::new_empty(q, {p.batch, p.num_q_heads, p.head_dim});
+  Tensor lse = torch::stable::new_empty(q, {p.batch, p.num_q_heads}, ScalarType::Float);
+  p.out = out.mutable_data_ptr();
+  p.lse = static_cast<float*>(lse.mutable_data_ptr());
+  if (out.numel() == 0) return {out, lse};
+  Tensor partial_out = out, partial_lse = lse;  // placeholders when there is one split
+  if (p.num_splits > 1) {
+    partial_out = torch::stable::new_empty(q, {p.batch, p.num_q_heads, p.num_splits, p.head_dim}, ScalarType::Float);
+    partial_lse = torch::stable::new_empty(q, {p.batch, p.num_q_heads, p.num_splits}, ScalarType::Float);
+    p.partial_out = static_cast<float*>(partial_out.mutable_data_ptr());
+    p.partial_lse = static_cast<float*>(partial_lse.mutable_data_ptr());
+  }
+  dispatch_fp8_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    torch::stable::parallel_for(0, p.batch * p.num_kv_heads * p.num_splits, 1, [&](int64_t i0, int64_t i1) {
+      cpu::fp8_decode_attention_items<T>(p, i0, i1);
+    });
+    if (p.num_splits > 1)
+      torch::stable::parallel_for(0, p.batch * p.num_q_heads, 16, [&](int64_t r0, int64_t r1) {
+        cpu::merge_states_rows<T>(p.partial_out, p.partial_lse, static_cast<T*>(p.out), p.lse, p.num_splits,
+                                  p.head_dim, r0, r1);
+      });
+  });
+  return {out, lse};
+}
+
+}  // namespace
+}  // namespace kvkern::torch_glue
+
+STABLE_TORCH_LIBRARY_IMPL(kvkern, CPU, m) {
+  m.impl("quantize_fp8_kv_", TORCH_BOX(&kvkern::torch_glue::quantize_fp8_kv_cpu));
+  m.impl("append_fp8_kv_", TORCH_BOX(&kvkern::torch_glue::append_fp8_kv_cpu));
+  m.impl("fp8_decode_attention", TORCH_BOX(&kvkern::torch_glue::fp8_decode_attention_cpu));
+}
