@@ -37,6 +37,8 @@ def add_subcommands(sub) -> None:
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--interval", type=int, default=0, help="recompress every N decoded tokens (0: prefill only)")
     common.add_argument("--window", type=int, default=32, help="observation window of the window-scored methods")
+    common.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's; 1 is faster on a CPU shared with other jobs)")
     common.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     d = sub.add_parser("demo", parents=[common], help="needle-in-a-haystack: full cache vs compression methods",
@@ -132,6 +134,8 @@ def run(args, *, model=None, tokenizer=None, texts=None, backend=None, stream=No
     stream = stream or sys.stdout
     t0 = time.perf_counter()
     torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     backend = backend or harness.Backend.default()
     if backend.hf is None:
         print("kvkern: kvkern.integrations.hf is unavailable: only the DynamicCache reference runs", file=sys.stderr)
