@@ -137,7 +137,11 @@ def _make_kvpress_backend():
 
     class KVPressBackend(harness.Backend):
         """A DynamicCache per run with a press's hooks on the model while the run's cache is live
-        (presses compress at prefill only, as kvkern's ``interval=0``)."""
+        (presses compress at prefill only, as kvkern's ``interval=0``). A pruned DynamicCache's
+        ``get_seq_length()`` counts kept slots, so decoding passes explicit positions, as KVPress's
+        own pipeline does (``generate_answer``)."""
+
+        explicit_positions = True
 
         def __init__(self):
             super().__init__(None)
@@ -186,7 +190,7 @@ def _make_kvpress_backend():
 
 
 def worker(job_path: str, out_path: str) -> None:
-    import kvpress
+    import importlib.metadata
     import transformers
 
     torch.set_grad_enabled(False)
@@ -200,7 +204,7 @@ def worker(job_path: str, out_path: str) -> None:
     t0 = time.perf_counter()
     per = run_side(model, tokenizer, _make_kvpress_backend(), job)
     Path(out_path).write_text(json.dumps(dict(
-        versions=dict(kvpress=getattr(kvpress, "__version__", "?"), transformers=transformers.__version__,
+        versions=dict(kvpress=importlib.metadata.version("kvpress"), transformers=transformers.__version__,
                       torch=torch.__version__),
         wall_s=time.perf_counter() - t0, summary=summarize(per)), default=str))
 

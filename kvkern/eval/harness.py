@@ -53,6 +53,9 @@ class Backend:
     """What the harness needs from ``kvkern.integrations.hf`` (its public API), wrapped so a
     missing or partial module degrades to the DynamicCache reference alone."""
 
+    # True: decoding passes explicit position_ids (for caches that count kept slots, not tokens seen).
+    explicit_positions = False
+
     def __init__(self, hf=None):
         self.hf = hf
         self.methods = dict(getattr(hf, "METHODS", {})) if hf is not None else {}
@@ -127,13 +130,19 @@ def prefill(model, input_ids: torch.Tensor, cache) -> tuple[torch.Tensor, float]
 
 @torch.no_grad()
 def decode_steps(model, cache, first_logits: torch.Tensor, n: int, *, targets: Sequence[int] | None = None,
-                 eos_token_id: int | None = None) -> tuple[list[int], torch.Tensor, float]:
+                 eos_token_id: int | None = None, start_position: int | None = None
+                 ) -> tuple[list[int], torch.Tensor, float]:
     """Greedy (``targets=None``) or teacher-forced decoding after a prefill.
 
     ``first_logits`` ``[V]``: the prefill's last logits (they predict token 0). Step i feeds token
     i-1 (the argmax, or ``targets[i-1]``) and records the logits predicting token i. Returns the
     tokens (``n``, or fewer when greedy hits ``eos_token_id``), their logits ``[n, V]`` fp32 (cpu) and
     the wall time of the ``n - 1`` one-token forwards. ``cache`` is mutated.
+
+    ``start_position``: the prompt length, to pass explicit ``position_ids`` (``start_position + i - 1``
+    at step i) for caches whose ``get_seq_length()`` counts kept slots rather than tokens seen (a
+    ``DynamicCache`` pruned by KVPress). None: transformers derives them from the cache (kvkern's
+    caches report tokens seen).
     """
     dev = first_logits.device
     logits = [first_logits.float().cpu()]
@@ -144,7 +153,9 @@ def decode_steps(model, cache, first_logits: torch.Tensor, n: int, *, targets: S
         if targets is None and eos_token_id is not None and tokens[-1] == eos_token_id:
             break
         ids = torch.tensor([[tokens[-1]]], dtype=torch.long, device=dev)
-        step = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1].float()
+        kw = {} if start_position is None else \
+            {"position_ids": torch.tensor([[start_position + i - 1]], dtype=torch.long, device=dev)}
+        step = model(input_ids=ids, past_key_values=cache, use_cache=True, **kw).logits[0, -1].float()
         logits.append(step.cpu())
         tokens.append(int(step.argmax()) if targets is None else int(targets[i]))
     _sync(dev)
@@ -189,6 +200,10 @@ class Harness:
     def __post_init__(self):
         self.backend.enable(self.model)
 
+    def _decode(self, cache, first, n, prompt_len: int, **kw):
+        pos = prompt_len if getattr(self.backend, "explicit_positions", False) else None
+        return decode_steps(self.model, cache, first, n, start_position=pos, **kw)
+
     def warmup(self, methods: Sequence[str], input_ids: torch.Tensor) -> None:
         """A short untimed run of the reference and each method, so first-call costs (kernel
         loading, allocator growth, lazy imports) stay out of the timed decode steps. Half the
@@ -198,7 +213,7 @@ class Harness:
         for m in [REFERENCE] + [m for m in methods if m != REFERENCE]:
             cache = self.backend.reference_cache(self.model) if m == REFERENCE else self._new_cache(m, keep_fraction, 4)
             first, _ = prefill(self.model, ids, cache)
-            decode_steps(self.model, cache, first, 4)
+            self._decode(cache, first, 4, ids.shape[-1])
 
     # -- reference ---------------------------------------------------------------------------
     def reference(self, input_ids: torch.Tensor, n: int, *, key: str | None = None,
@@ -208,7 +223,7 @@ class Harness:
         cache = self.backend.reference_cache(self.model)
         ids = input_ids.to(self.device)
         first, pre_s = prefill(self.model, ids, cache)
-        toks, logits, dec_s = decode_steps(self.model, cache, first, n, targets=targets)
+        toks, logits, dec_s = self._decode(cache, first, n, ids.shape[-1], targets=targets)
         answer = decode(self.tokenizer, toks)
         return Reference(tokens=toks, logits=logits, answer=answer,
                          hit=None if key is None else M.needle_hit(answer, key),
@@ -235,7 +250,7 @@ class Harness:
             snapshot = copy.deepcopy(cache)
         except Exception:
             snapshot = None
-        toks, logits, dec_s = decode_steps(self.model, cache, first, n)
+        toks, logits, dec_s = self._decode(cache, first, n, ids.shape[-1])
         comp_s = self.backend.compression_seconds(cache)
         kv_end = self.backend.nbytes(cache)
         teacher_forced = toks != ref.tokens
@@ -243,7 +258,7 @@ class Harness:
             if snapshot is None:
                 snapshot = self._new_cache(method, keep_fraction, n)
                 first, _ = prefill(self.model, ids, snapshot)
-            _, logits, _ = decode_steps(self.model, snapshot, first, n, targets=ref.tokens)
+            _, logits, _ = self._decode(snapshot, first, n, ids.shape[-1], targets=ref.tokens)
         answer = decode(self.tokenizer, toks)
         kl = M.kl_per_token(ref.logits, logits)
         agree = M.top1_agreement(ref.logits, logits)
@@ -265,7 +280,7 @@ class Harness:
         else:
             cache = self._new_cache(method, keep_fraction, len(targets))
             first, pre_s = prefill(self.model, window.prompt_ids.to(self.device), cache)
-            _, logits, dec_s = decode_steps(self.model, cache, first, len(targets), targets=targets)
+            _, logits, dec_s = self._decode(cache, first, len(targets), window.prompt_ids.shape[-1], targets=targets)
             kv, comp_s = self.backend.nbytes(cache), self.backend.compression_seconds(cache)
         return dict(method=method, source=window.source, window=window.index, kv_bytes=kv, prefill_s=pre_s,
                     decode_s=dec_s, compress_s=comp_s, **M.compare_logits(ref.logits, logits),

@@ -30,17 +30,15 @@ def plot_demo(summary: list[dict], path: str | Path, *, title: str = "") -> Path
     plt = _plt()
     path = Path(path)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    placed: list[tuple[float, float]] = []
     xmax = max(r["kv_bytes"] for r in summary) / 2**20
-    for r in summary:
+    markers = "os^Dv<>pP*Xh"
+    # A legend rather than labels on the points: methods at the same budget sit on top of each other.
+    for i, r in enumerate(summary):
         x, y = r["kv_bytes"] / 2**20, r["top1_agreement"]
         name = "full (DynamicCache)" if r["method"] == "dynamic" else r["method"]
-        ax.scatter([x], [y], s=40)
-        # Nearby points (full vs DynamicCache, methods at the same budget) get stacked labels.
-        near = sum(abs(px - x) < 0.08 * xmax and abs(py - y) < 0.04 for px, py in placed)
-        placed.append((x, y))
-        ax.annotate(f"{name} ({r['hits']}/{r['prompts']})", (x, y), textcoords="offset points",
-                    xytext=(5, 4 - 11 * near), fontsize=8)
+        ax.scatter([x], [y], s=55, marker=markers[i % len(markers)], alpha=0.85,
+                   label=f"{name}: needle {r['hits']}/{r['prompts']}, KL {r['kl_mean']:.3g}")
+    ax.legend(fontsize=7, loc="lower right", framealpha=0.9)
     ax.set_xlabel("KV cache (MiB)")
     ax.set_ylabel("top-1 agreement with the full cache")
     ax.set_ylim(min([0.0] + [r["top1_agreement"] for r in summary]) - 0.02, 1.05)
