@@ -243,8 +243,8 @@ def markdown(result: dict) -> str:
         f"kvpress {result['kvpress']['versions']['kvpress']} (transformers {result['kvpress']['versions']['transformers']}), "
         f"kvkern with transformers {result['kvkern']['versions']['transformers']}.",
         "",
-        "| method | side | text top-1 | text KL | needle found | needle top-1 | KV MiB | compress ms |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | side | text top-1 | text KL | needle found | needle top-1 | KV MiB | compress ms | prefill ms |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for m in ["dynamic"] + s["methods"]:
         for side, d in (("kvkern", kk), ("KVPress", kp)):
@@ -253,13 +253,19 @@ def markdown(result: dict) -> str:
                 continue
             lines.append(f"| {LABELS.get(m, m)} | {side} | {_f(r['text_top1'], '{:.3f}')} | {_f(r['text_kl'], '{:.4f}')} | "
                          f"{r['needle_hits']}/{r['needles']} | {_f(r['needle_top1'], '{:.3f}')} | "
-                         f"{r['kv_bytes'] / 2**20:.2f} | {r['compress_ms']:.1f} |")
+                         f"{r['kv_bytes'] / 2**20:.2f} | {r['compress_ms']:.1f} | {r['prefill_ms']:.0f} |")
+    lines += ["", "compress ms: mean per prompt inside the policy (kvkern) / press.compress (KVPress); prefill ms: "
+              "the whole prefill forward including it (KVPress's ObservedAttention runs eager attention to get the "
+              "map, kvkern's H2O computes it in the policy, so compare those two by prefill). The sides ran one "
+              f"after the other on a shared CPU: the full-cache rows' prefill shows the timing noise between them. "
+              f"Wall: kvkern {result['kvkern']['wall_s']:.0f} s, KVPress {result['kvpress']['wall_s']:.0f} s."]
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", nargs=2, metavar=("JOB", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--markdown-from", metavar="JSON", help="reprint the table of a saved result and exit")
     ap.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
     ap.add_argument("--budget", type=float, default=0.25, help="fraction of the prompt kept (default 0.25)")
     ap.add_argument("--length", type=int, default=1024, help="prompt tokens (default 1024)")
@@ -274,6 +280,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.worker:
         worker(*args.worker)
+        return 0
+    if args.markdown_from:
+        print(markdown(json.loads(Path(args.markdown_from).read_text())))
         return 0
 
     import transformers

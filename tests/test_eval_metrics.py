@@ -283,3 +283,13 @@ def test_real_model_smoke():
     for m in ("snapkv", "streaming_llm"):
         assert rows[m]["kv_bytes"] < 0.75 * rows["dynamic"]["kv_bytes"]
         assert 0.0 <= rows[m]["top1_agreement"] <= 1.0 and math.isfinite(rows[m]["kl_mean"])
+
+
+def test_main_has_demo_and_eval(capsys):
+    from kvkern.__main__ import main
+
+    for cmd in ("demo", "eval"):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+        assert "--methods" in capsys.readouterr().out
