@@ -98,15 +98,17 @@ def test_tiny_every_method_generates(tiny, method):
         if method == "full" or method in QUANT:
             assert bool((L == T + fed).all())
         elif method == "pyramidkv":
-            per_layer = pyramid_budgets(T, None, 8, tiny.cfg.num_hidden_layers, budget=budget)
-            assert bool((L <= per_layer[lay] + fed % interval).all())
+            # per-layer budgets, recomputed from the tokens seen at the last compression
+            seen = T + fed - fed % interval
+            per_layer = pyramid_budgets(seen, None, 8, tiny.cfg.num_hidden_layers, budget=budget)
+            assert bool((L == per_layer[lay] + fed % interval).all()), (per_layer, L)
         elif method == "adakv":
             # head-wise budgets: the layer total is Hkv * budget after each compression
             assert int(L.sum()) == L.shape[1] * (budget + fed % interval)
         else:
             assert bool((L == budget + fed % interval).all()), (method, L)
             assert cap == budget + interval
-    if method in hf.METHODS and method != "full" and method not in QUANT:
+    if method != "full" and method not in QUANT:
         full_bytes = 2 * tiny.cfg.num_hidden_layers * 2 * (T + new) * 64 * 4
         assert hf.cache_nbytes(cache) < full_bytes
         assert hf.compression_seconds(cache) > 0
@@ -153,6 +155,15 @@ def test_tiny_batch_and_beam_search(tiny):
     b_ref = tiny.model.generate(tiny.ids, past_key_values=DynamicCache(config=tiny.cfg), **kw)
     b_got = tiny.model.generate(tiny.ids, past_key_values=hf.make_cache(tiny.model, "full", max_new_tokens=6), **kw)
     assert torch.equal(b_got, b_ref)
+    cache = hf.make_cache(tiny.model, "observed_attention", budget=20, interval=2, max_new_tokens=6)
+    out = tiny.model.generate(tiny.ids, past_key_values=cache, **kw)
+    assert out.shape == (1, tiny.ids.shape[1] + 6)
+    assert all(L.shape == (3, 2) and bool((L == 21).all()) for L in cache.lengths())
+    # Sampling (and several samples per prompt) runs through the same path.
+    cache = hf.make_cache(tiny.model, "tova", budget=20, interval=2, max_new_tokens=5)
+    out = tiny.model.generate(tiny.ids, past_key_values=cache, max_new_tokens=5, do_sample=True, top_k=10,
+                              num_return_sequences=2)
+    assert out.shape == (2, tiny.ids.shape[1] + 5) and all(L.shape == (2, 2) for L in cache.lengths())
 
 
 def test_tiny_padded_batch_refused(tiny):
@@ -169,6 +180,13 @@ def test_tiny_ratio_and_growth(tiny):
     cache = hf.make_cache(tiny.model, "knorm", ratio=0.5, max_new_tokens=2)
     tiny.model.generate(tiny.ids, past_key_values=cache, max_new_tokens=1, do_sample=False)
     assert all(bool((L == int(T * 0.5)).all()) for L in live(cache))
+    # A ratio while decoding keeps a fraction of the tokens seen, so the kept count (and the
+    # capacity, by reallocation) grows with every compression.
+    cache = hf.make_cache(tiny.model, "knorm", ratio=0.5, interval=2, max_new_tokens=10)
+    tiny.model.generate(tiny.ids, past_key_values=cache, max_new_tokens=10, do_sample=False)
+    seen = T + 8  # 9 tokens fed, the last compression after the 8th
+    assert all(bool((L == int(seen * 0.5) + 1).all()) for L in live(cache))
+    assert all(cap >= int(seen * 0.5) + 1 for cap in cache.capacities())
     # More tokens than max_new_tokens: the cache grows instead of failing, and stays exact.
     ids = torch.cat([tiny.ids, torch.randint(0, 128, (1, 6))], 1)
     ref = teacher_forced_logits(tiny.model, ids, DynamicCache(config=tiny.cfg), T)
@@ -189,6 +207,18 @@ def test_tiny_quantized_bytes_formula(tiny, method):
     assert all(bool((L == T + new - 1).all()) for L in live(cache))
 
 
+def test_quantized_cache_grows_past_its_capacity(tiny):
+    T = tiny.ids.shape[1]  # 61 -> capacity 64 with residual 32
+    ids = torch.cat([tiny.ids, torch.randint(0, 128, (1, 8))], 1)
+    cache = hf.make_cache(tiny.model, "kivi4", max_new_tokens=0, residual=32)
+    got = teacher_forced_logits(tiny.model, ids, cache, T)
+    assert cache.get_seq_length() == T + 8 and all(bool((L == T + 8).all()) for L in live(cache))
+    assert cache.capacities()[0] >= T + 8 and cache.capacities()[0] % 32 == 0
+    ref = teacher_forced_logits(tiny.model, ids, DynamicCache(config=tiny.cfg), T)
+    assert bool(torch.isfinite(got).all())
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.5
+
+
 def test_errors(tiny):
     with pytest.raises(ValueError, match="unknown method 'nope'.*snapkv.*streaming_llm"):
         hf.make_cache(tiny.model, "nope", budget=8)
@@ -206,8 +236,61 @@ def test_errors(tiny):
     with pytest.raises(TypeError):
         hf.make_cache(tiny.model, "knorm", budget=8, no_such_option=1)
     with pytest.raises(ValueError, match="budget 4 is smaller"):  # SnapKV keeps its window
-        tiny.model.generate(tiny.ids, past_key_values=hf.make_cache(tiny.model, "snapkv", budget=4, window=8),
-                            max_new_tokens=1)
+        hf.make_cache(tiny.model, "snapkv", budget=4, window=8)
+    with pytest.raises(ValueError, match="group"):
+        hf.make_cache(tiny.model, "kivi4", group=48)
+    with pytest.raises(ValueError, match="takes only group= and residual="):
+        hf.make_cache(tiny.model, "kivi2", seed=3)
+    # the cache must be used through the kvkern attention function
+    cache = hf.make_cache(tiny.model, "full", max_new_tokens=2)
+    cache.update(torch.zeros(1, 2, 3, 64), torch.zeros(1, 2, 3, 64), 0)
+    with pytest.raises(RuntimeError, match="never consumed"):
+        cache.update(torch.zeros(1, 2, 3, 64), torch.zeros(1, 2, 3, 64), 0)
+    with pytest.raises(NotImplementedError, match="cannot be cropped"):
+        cache.crop(-1)
+
+
+def test_unrope_inverts_rotary_embedding(tiny):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    rot = tiny.model.model.rotary_emb
+    q = torch.randn(2, 4, 7, 64)
+    pos = torch.tensor([[0, 1, 2, 3, 100, 200, 511], [5, 6, 7, 8, 9, 10, 11]])
+    cos, sin = rot(q, pos)
+    q_rot, _ = apply_rotary_pos_emb(q, q, cos, sin)
+    back = hf._unrope(q_rot, pos, rot.inv_freq, rot.attention_scaling)
+    torch.testing.assert_close(back, q, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["full", "tova", "kivi4"])
+def test_tiny_bf16(method):
+    with torch.random.fork_rng():
+        torch.manual_seed(11)
+        model = LlamaForCausalLM(tiny_config()).to(torch.bfloat16).eval()
+    ids = torch.randint(0, 128, (1, 50))
+    ext = torch.cat([ids, torch.randint(0, 128, (1, 4))], 1)
+    ref = teacher_forced_logits(model, ext, DynamicCache(config=model.config), 50).float()
+    cache = hf.make_cache(model, method, max_new_tokens=4, **kwargs_for(method, 40))
+    got = teacher_forced_logits(model, ext, cache, 50).float()
+    assert bool(torch.isfinite(got).all())
+    if method == "full":  # bf16 rounding of SDPA vs the fp32-accumulating kernel
+        torch.testing.assert_close(got, ref, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+def test_other_llama_family_models(family):
+    cls, ccls = {"mistral": ("MistralForCausalLM", "MistralConfig"), "qwen2": ("Qwen2ForCausalLM", "Qwen2Config"),
+                 "qwen3": ("Qwen3ForCausalLM", "Qwen3Config")}[family]
+    cfg = getattr(transformers, ccls)(num_hidden_layers=2, hidden_size=256, intermediate_size=256,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=128,
+                                      max_position_embeddings=512, sliding_window=None)
+    model = getattr(transformers, cls)(cfg).eval()
+    ext = torch.randint(0, 128, (1, 45))
+    ref = teacher_forced_logits(model, ext, DynamicCache(config=model.config), 40)
+    got = teacher_forced_logits(model, ext, hf.make_cache(model, "full", max_new_tokens=5), 40)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    cache = hf.make_cache(model, "snapkv", budget=20, interval=2, max_new_tokens=5, window=8)
+    teacher_forced_logits(model, ext, cache, 40)
+    assert all(bool((L == 21).all()) for L in cache.lengths())
 
 
 def test_unsupported_models():
@@ -232,6 +315,14 @@ def test_cache_nbytes_of_transformers_caches(tiny):
         tiny.model(input_ids=tiny.ids, past_key_values=cache, use_cache=True)
     T = tiny.ids.shape[1]
     assert hf.cache_nbytes(cache) == tiny.cfg.num_hidden_layers * 2 * 2 * T * 64 * 4
+    # A StaticCache runs through the fallback too (with its 4D masks) and counts its whole length.
+    hf.enable(tiny.model)
+    ref = tiny.model.generate(tiny.ids, past_key_values=DynamicCache(config=tiny.cfg), max_new_tokens=4,
+                              do_sample=False)
+    static = transformers.StaticCache(config=tiny.cfg, max_cache_len=80)
+    out = tiny.model.generate(tiny.ids, past_key_values=static, max_new_tokens=4, do_sample=False)
+    assert torch.equal(out, ref)
+    assert hf.cache_nbytes(static) == tiny.cfg.num_hidden_layers * 2 * 2 * 80 * 64 * 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,3 +415,21 @@ def test_real_quantized_generates(real):
     assert hf.cache_nbytes(cache) == n_layers * per_layer
     agree = (out.sequences[0, N_PROMPT:] == real.seq[0, N_PROMPT:]).float().mean().item()
     assert agree >= 0.5, agree
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_tiny(dtype):
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        model = LlamaForCausalLM(tiny_config()).to("cuda", dtype).eval()
+    ext = torch.randint(0, 128, (1, 70), device="cuda")
+    ref = teacher_forced_logits(model, ext, DynamicCache(config=model.config), 60).float()
+    got = teacher_forced_logits(model, ext, hf.make_cache(model, "full", max_new_tokens=10), 60).float()
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(got, ref, atol=tol, rtol=tol)
+    for method in ("snapkv", "observed_attention", "adakv", "gkv", "kivi4", "tada4"):
+        cache = hf.make_cache(model, method, interval=3, max_new_tokens=10, window=8, **kwargs_for(method, 24))
+        out = teacher_forced_logits(model, ext, cache, 60)
+        assert bool(torch.isfinite(out).all()), method

@@ -33,20 +33,26 @@ sizes: RoPE positions keep counting absolute positions), each slot stores its ab
 (``LayerCache.positions``), and a decode query attends to every live slot (the causal mask over a
 compacted cache is "all live slots").
 
-Supported: transformers 5.23.0 (tested); other 5.x releases whose attention modules call
-``past_key_values.update(k, v, layer_idx)`` and then ``ALL_ATTENTION_FUNCTIONS.get_interface(...)`` are
-expected to work. 4.x is not supported (its cache API differs). Models: the Llama family with GQA or MHA
-(``model_type`` in :data:`SUPPORTED_MODEL_TYPES`; tested: Llama — SmolLM2 and a random tiny Llama;
-Mistral / Qwen2 / Qwen3 share the attention interface and are expected to work), full attention in every
-layer (no sliding-window or chunked layers), head dim 64 / 128 / 256 (the decode kernel's), RoPE with a
-static ``inv_freq`` (not "dynamic"/"longrope"). Anything else raises one ``ValueError`` naming what was
-found. Greedy decoding and sampling work; beam search works through ``reorder_cache`` (``index_select``
-on the batch dim). Batches: ``B > 1`` without padding; a padded batch is refused.
+Supported versions: transformers 5.23.0 (tested). Other 5.x releases whose attention modules call
+``past_key_values.update(k, v, layer_idx)`` and then ``ALL_ATTENTION_FUNCTIONS.get_interface(...)``, and
+whose ``CacheLayerMixin`` has this interface, are expected to work; 4.x is not supported (its cache API
+differs: ``cache_position`` kwargs, no layer objects).
+
+Supported models: ``model_type`` in :data:`SUPPORTED_MODEL_TYPES` — tested: Llama (SmolLM2-135M and a
+random tiny Llama), and random tiny Mistral, Qwen2 and Qwen3 (full budget equal to ``DynamicCache``).
+GQA or MHA, full attention in every layer (no sliding-window or chunked layers), head dim 64 / 128 / 256
+(the decode kernel's), RoPE over the whole head with a static ``inv_freq`` (not "dynamic"/"longrope").
+Anything else raises one ``ValueError`` naming what was found.
+
+Generation: greedy decoding and sampling; beam search through ``reorder_cache`` (``index_select`` on the
+batch dim); no assisted/speculative decoding (a compressed cache cannot ``crop``); no
+``torch.compile`` of the model (the decode path has host-side bookkeeping). Batches: ``B > 1`` without
+padding (each sequence keeps its own slots); a padded batch is refused. Inference only (no autograd
+through the cache). ``output_attentions`` returns None for kvkern layers.
 """
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -55,13 +61,20 @@ import torch
 
 try:
     import transformers
+except ModuleNotFoundError as err:  # pragma: no cover - exercised only without transformers
+    raise ModuleNotFoundError(
+        "kvkern.integrations.hf needs transformers>=5 (tested 5.23.0): pip install transformers==5.23.0") from err
+if int(transformers.__version__.split(".")[0]) < 5:
+    raise ImportError(f"kvkern.integrations.hf needs transformers>=5 (tested 5.23.0); found {transformers.__version__}, "
+                      "whose cache API differs: pip install transformers==5.23.0")
+try:
     from transformers.cache_utils import Cache, CacheLayerMixin
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     from transformers.modeling_utils import AttentionInterface
-except ModuleNotFoundError as err:  # pragma: no cover - exercised only without transformers
-    raise ModuleNotFoundError(
-        "kvkern.integrations.hf needs transformers>=5 (tested 5.23.0): pip install transformers==5.23.0") from err
+except ImportError as err:  # pragma: no cover - a 5.x release that moved these
+    raise ImportError(f"kvkern.integrations.hf: transformers {transformers.__version__} lacks an interface it needs "
+                      f"({err}); tested with 5.23.0") from err
 
 import kvkern
 
@@ -259,6 +272,26 @@ def _unrope(q: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, scaling:
     return ((qf * cos - rot * sin) / scaling).to(q.dtype)
 
 
+def _append_token(lc: LayerCache, k1: torch.Tensor, v1: torch.Tensor, pos1: torch.Tensor, n_seen: int) -> None:
+    """Writes one token (``k1, v1 [B, Hkv, 1, D]``, absolute position ``pos1 [B, 1]``) at each head's
+    length. ``LayerCache.append_`` without its host-side checks (the caller sized the capacity), so a
+    decode step reads nothing back from the device."""
+    B, H, _, D = lc.k.shape
+    idx = lc.lengths.to(torch.int64).view(B, H, 1)
+    lc.k.scatter_(2, idx.unsqueeze(-1).expand(B, H, 1, D), k1.to(lc.k.dtype))
+    lc.v.scatter_(2, idx.unsqueeze(-1).expand(B, H, 1, D), v1.to(lc.v.dtype))
+    lc.positions.scatter_(2, idx, pos1.to(torch.int32).view(B, 1, 1).expand(B, H, 1))
+    if lc.log_w is not None:
+        lc.log_w.scatter_(2, idx, torch.zeros(B, H, 1, dtype=lc.log_w.dtype, device=lc.log_w.device))
+    lc.lengths += 1
+    lc.next_position = n_seen
+
+
+def _stack_heads(outs: list) -> torch.Tensor:
+    """T outputs ``[B, Hq, D]`` -> ``[B, T, Hq, D]``, the layout attention functions return."""
+    return outs[0].unsqueeze(1) if len(outs) == 1 else torch.stack(outs, dim=1)
+
+
 class KVKernLayer(CacheLayerMixin):
     """One layer of a :class:`KVKernCache`: a :class:`~kvkern.policies.LayerCache` (or a
     :class:`kvkern.QuantizedKVCache`), its policy and its query windows."""
@@ -277,6 +310,9 @@ class KVKernLayer(CacheLayerMixin):
         self.qc = None  # kvkern.QuantizedKVCache for the quantized methods
         self.n_seen = 0
         self.decoded = 0  # tokens appended since the prefill (the compression clock)
+        # Host copy of max(lengths), kept without reading the device: a decode step then needs no
+        # host sync (one per compression instead).
+        self.live_max = 0
         self._pending = None
         m = spec.method
         self.q_win = QueryWindow(max(spec.window, 1)) if m in ("snapkv", "tova", "adakv", "pyramidkv", "gkv") else None
@@ -324,7 +360,7 @@ class KVKernLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.lc = self.qc = None
-        self.n_seen = self.decoded = 0
+        self.n_seen = self.decoded = self.live_max = 0
         self._pending = None
         if self.q_win is not None:
             self.q_win.q = None
@@ -333,6 +369,8 @@ class KVKernLayer(CacheLayerMixin):
         self.is_initialized = False
 
     def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove == 0:  # generate's deferred stop check calls crop(0)
+            return
         raise NotImplementedError("kvkern.integrations.hf: a compressed cache cannot be cropped (evicted tokens are "
                                   "gone); assisted / speculative decoding is not supported")
 
@@ -351,6 +389,8 @@ class KVKernLayer(CacheLayerMixin):
         for w in (self.q_win, self.q_pre):
             if w is not None and w.q is not None:
                 w.q = f(w.q)
+        lengths = self.lc.lengths if self.lc is not None else self.qc.lengths if self.qc is not None else None
+        self.live_max = int(lengths.max()) if lengths is not None and lengths.numel() else 0
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_batch(lambda x: x.index_select(0, beam_idx.to(x.device)).contiguous())
@@ -409,6 +449,7 @@ class KVKernLayer(CacheLayerMixin):
     def _compress(self, t0: float | None = None, **obs) -> None:
         t0 = time.perf_counter() if t0 is None else t0
         self.policy.compress(self.lc, **obs)
+        self.live_max = int(self.lc.lengths.max())
         self.spec.stats["compress_s"] += time.perf_counter() - t0
         self.spec.stats["compressions"] += 1
 
@@ -436,7 +477,7 @@ class KVKernLayer(CacheLayerMixin):
                                  "mask hides some tokens); run sequences one at a time or without padding")
         out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling,
                                         **{k: v for k, v in kwargs.items() if k in ("is_causal",)})
-        self.n_seen = T
+        self.n_seen = max(T, int(pos.max()) + 1)
         spec = self.spec
         if spec.quant is not None:
             self._prefill_quant(key, value, T)
@@ -444,7 +485,7 @@ class KVKernLayer(CacheLayerMixin):
         if self.policy is None:  # "full": one allocation at prompt + max_new_tokens
             lc = LayerCache.empty(B, key.shape[1], T + spec.max_new_tokens, D, key.dtype, key.device)
             lc.append_(key, value, pos.to(torch.int32))
-            self.lc = lc
+            self.lc, self.live_max = lc, T
             return out
         # Compress the prompt's own buffers in place, then move the survivors to the static capacity.
         lc = LayerCache(k=key.contiguous(), v=value.contiguous(),
@@ -462,8 +503,7 @@ class KVKernLayer(CacheLayerMixin):
         self.lc = lc
         self._compress(t0, **obs)
         # A prompt shorter than the budget grows up to it before the first decode-time compression.
-        kept = int(lc.lengths.max())
-        self.lc = self._reallocate(lc, max(kept, self.policy.n_kept(T)) + self._slack())
+        self.lc = self._reallocate(lc, max(self.live_max, self.policy.n_kept(T)) + self._slack())
         return out
 
     def _reallocate(self, lc: LayerCache, capacity: int) -> LayerCache:
@@ -488,29 +528,31 @@ class KVKernLayer(CacheLayerMixin):
         if self.qc is not None:
             return self._extend_quant(query, key, value, scaling, pos)
         lc = self.lc
-        need = int(lc.lengths.max()) + T
+        need = self.live_max + T
         if need > lc.capacity:
             # Past what make_cache sized for (more tokens than max_new_tokens, or a growing ratio budget).
             self.lc = lc = self._reallocate(lc, need + self._slack())
         outs = []
         h2o = self.spec.method == "observed_attention"
+        # A chunk attends token by token: each query sees the live slots plus the chunk's earlier
+        # tokens, which is exactly the causal mask over a compacted cache.
         for t in range(T):
-            lc.append_(key[:, :, t:t + 1], value[:, :, t:t + 1], pos[:, t:t + 1].to(torch.int32))
-            q = query[:, :, t]
-            outs.append(kvkern.decode_attention(q, lc.k, lc.v, lc.lengths, lc.log_w, scaling))
+            _append_token(lc, key[:, :, t:t + 1], value[:, :, t:t + 1], pos[:, t:t + 1], self.n_seen + t + 1)
+            outs.append(kvkern.decode_attention(query[:, :, t], lc.k, lc.v, lc.lengths, lc.log_w, scaling))
             if h2o:
                 t0 = time.perf_counter()
                 self.policy.observe(lc, query[:, :, t:t + 1])
                 self.spec.stats["compress_s"] += time.perf_counter() - t0
-        self.n_seen = max(self.n_seen + T, int(pos.max()) + 1)
+        # position_ids come from get_seq_length() (transformers) or follow on (ours): no device read
+        self.n_seen += T
+        self.live_max += T
         if self.policy is not None:
             self._push(query, pos)
             before, self.decoded = self.decoded, self.decoded + T
             iv = self.spec.interval
             if iv > 0 and self.decoded // iv > before // iv:
                 self._compress(**self._obs())
-        out = torch.stack(outs, dim=2)  # [B, Hq, T, D]
-        return out.transpose(1, 2).contiguous()
+        return _stack_heads(outs)
 
     # -- quantized ------------------------------------------------------------------------------
     def _prefill_quant(self, key, value, T: int) -> None:
@@ -520,20 +562,21 @@ class KVKernLayer(CacheLayerMixin):
         qc = kvkern.QuantizedKVCache.empty(B, H, cap, D, bits=bits, group=group, residual=residual,
                                            mean_centred=centred, dtype=key.dtype, device=key.device)
         qc.fill_(key.contiguous(), value.contiguous(), torch.full((B, H), T, dtype=torch.int32, device=key.device))
-        self.qc = qc
+        self.qc, self.live_max = qc, T
 
     def _extend_quant(self, query, key, value, scaling, pos):
         B, Hq, T, D = query.shape
         qc = self.qc
-        if int(qc.lengths.max()) + T > qc.capacity:
-            self._grow_quant(int(qc.lengths.max()) + T)
+        if self.live_max + T > qc.capacity:
+            self._grow_quant(self.live_max + T)
             qc = self.qc
         outs = []
         for t in range(T):
             qc.append_(key[:, :, t].contiguous(), value[:, :, t].contiguous())
             outs.append(qc.attention(query[:, :, t].contiguous(), scaling))
-        self.n_seen = max(self.n_seen + T, int(pos.max()) + 1)
-        return torch.stack(outs, dim=2).transpose(1, 2).contiguous()
+        self.n_seen += T
+        self.live_max += T
+        return _stack_heads(outs)
 
     def _grow_quant(self, need: int) -> None:
         bits, centred, group, residual = self.spec.quant
@@ -577,7 +620,13 @@ class KVKernCache(Cache):
         return out
 
     def capacities(self) -> list[int]:
+        """Per layer: the slots allocated per (batch, kv head)."""
         return [layer.capacity for layer in self.layers]
+
+    @property
+    def stats(self) -> dict:
+        """``{"compress_s": wall seconds inside the policies, "compressions": policy calls (all layers)}``."""
+        return dict(self.spec.stats)
 
     def reset(self):
         super().reset()
@@ -644,7 +693,15 @@ def make_cache(model, method: str, *, budget: int | None = None, ratio: float | 
                  cfg.num_hidden_layers, rot.inv_freq.detach().clone(), float(getattr(rot, "attention_scaling", 1.0)),
                  quant)
     # The layers build their policies now, so bad policy kwargs fail here rather than mid-forward.
-    return KVKernCache(spec)
+    cache = KVKernCache(spec)
+    pol = cache.layers[0].policy
+    if pol is not None and budget is not None:
+        pol._check_budget(budget)  # e.g. SnapKV's budget must hold its window
+    if quant is not None:
+        D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kvkern.QuantizedKVCache.empty(1, 2, quant[3], D, bits=quant[0], group=quant[2], residual=quant[3],
+                                      dtype=torch.float32)  # raises for a bad group / residual
+    return cache
 
 
 def cache_nbytes(cache) -> int:
