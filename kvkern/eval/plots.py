@@ -76,7 +76,7 @@ def plot_eval(summary: list[dict], out_dir: str | Path, *, prefix: str = "eval")
             mr = sorted((r for r in rows if r["method"] == m), key=lambda r: r.get("kv_bytes", r.get("needle_kv_bytes")))
             xs = [r.get("kv_bytes", r.get("needle_kv_bytes")) / 2**20 for r in mr]
             ys = [r[key] for r in mr]
-            ax.plot(xs, ys, marker="o", ms=4, label=m)
+            ax.plot(xs, ys, marker="o", ms=4, label="full (DynamicCache)" if m == "dynamic" else m)
             pts += list(zip(xs, ys if higher_better else [-y for y in ys]))
         front = _pareto(pts)
         ax.plot([x for x, _ in front], [y if higher_better else -y for _, y in front], "k--", lw=0.8, label="Pareto front")
