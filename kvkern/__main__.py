@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""``python -m kvkern info``: what a bug report needs."""
+"""``python -m kvkern info``: what a bug report needs. ``demo`` and ``eval``: the quality harness
+(:mod:`kvkern.eval.cli`; needs transformers and the offline model packages)."""
 
 from __future__ import annotations
 
@@ -84,12 +85,25 @@ def print_info(info: dict) -> None:
     print("tuning search path: " + (", ".join(info["tuning_dirs"]) or "(none)"))
 
 
+def _add_eval_subcommands(sub) -> None:
+    from kvkern.eval.cli import add_subcommands
+
+    add_subcommands(sub)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kvkern")
     sub = parser.add_subparsers(dest="command")
     info_p = sub.add_parser("info", help="versions, build, devices, backends and tuning files")
     info_p.add_argument("--json", action="store_true", help="print JSON")
+    # demo/eval import transformers only when they run, so `info` works without it.
+    _add_eval_subcommands(sub)
     args = parser.parse_args(argv)
+    if args.command in ("demo", "eval"):
+        from kvkern.eval import cli
+
+        cli.run(args)
+        return 0
     if args.command != "info":
         parser.print_help()
         return 2
