@@ -53,7 +53,7 @@ def collect_info() -> dict:
             entry["tuning_files"] = [str(p) for d in tuning.search_dirs() for p in sorted(d.glob(f"*/device={name},*.json"))]
             info["devices"].append(entry)
     for op in _manifest.OPS:
-        if op.endswith("_triton"):
+        if _manifest.OPS[op] == "triton":
             continue  # reported as the "triton" backend of its base op
         info["ops"][op] = {"cpu": list(available_backends(op, "cpu")), "cuda": list(available_backends(op, "cuda"))}
     return info

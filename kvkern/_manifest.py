@@ -15,13 +15,9 @@ OPS = {
     "decode_attention_triton": "triton",
 }
 for _op in ("window_scores", "expected_attention_scores", "slot_scores", "key_redundancy", "update_scores_",
-            "select_keep", "compact_", "evict_", "allocate_head_budgets", "score_evict_"):
-    OPS[_op] = "cpp"
-    OPS[_op[:-1] + "_triton_" if _op.endswith("_") else _op + "_triton"] = "triton"
-for _op in ("quantize_kv_", "dequantize_kv", "append_quantized_kv_", "quant_decode_attention"):
-    OPS[_op] = "cpp"
-    OPS[_op[:-1] + "_triton_" if _op.endswith("_") else _op + "_triton"] = "triton"
-for _op in ("quantize_fp8_kv_", "append_fp8_kv_", "fp8_decode_attention"):
+            "select_keep", "compact_", "evict_", "allocate_head_budgets", "score_evict_",
+            "quantize_kv_", "dequantize_kv", "append_quantized_kv_", "quant_decode_attention",
+            "quantize_fp8_kv_", "append_fp8_kv_", "fp8_decode_attention"):
     OPS[_op] = "cpp"
     OPS[_op[:-1] + "_triton_" if _op.endswith("_") else _op + "_triton"] = "triton"
 # CUDA C++ kernels exist only on the hot paths; the other ops run on CUDA through their Triton twin.

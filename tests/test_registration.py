@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -70,3 +71,15 @@ def test_opcheck(op, with_log_w):
     q, k, v, lengths, log_w = OPCHECK_CASES[base]()
     args = (q, k, v, lengths, log_w if with_log_w else None, 0.3)
     torch.library.opcheck(getattr(torch.ops.kvkern, op).default, args)
+
+
+def test_info_command_lists_every_base_op(capsys):
+    from kvkern.__main__ import main
+
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    bases = {op for op, family in _manifest.OPS.items() if family == "cpp"}
+    assert set(info["ops"]) == bases
+    assert all("cpu" in info["ops"][op]["cpu"] for op in bases)
+    assert main(["info"]) == 0
+    assert "decode_attention" in capsys.readouterr().out
