@@ -147,9 +147,6 @@ def _check_feasible(public, lengths, positions, budgets, budget, n_sink, n_recen
     kernel leaving the head untouched. Under torch.compile they are skipped (documented)."""
     from .reference import protected_mask
 
-    if positions is None:
-        B, H = lengths.shape
-        positions = torch.arange(C, dtype=torch.int32, device=lengths.device).view(1, 1, C).expand(B, H, C)
     L = lengths.to(torch.int64)
     if int(L.min()) < 0 or int(L.max()) > C:
         raise ValueError(f"{public}: lengths: expected every value in [0, C] = [0, {C}], got "
@@ -157,7 +154,16 @@ def _check_feasible(public, lengths, positions, budgets, budget, n_sink, n_recen
     K = budgets.to(torch.int64) if budgets is not None else torch.full_like(L, budget)
     if int(K.min()) < 0:
         raise ValueError(f"{public}: budget: expected values >= 0, got {int(K.min())}")
-    prot = protected_mask(lengths, positions, n_sink, n_recent, protect_ranges, keep_mask).sum(-1)
+    if protect_ranges is None and keep_mask is None:
+        # Sinks [0, n_sink) and the recent [L - n_recent, L) of a head's L valid slots: their union
+        # holds min(L, n_sink + n_recent) slots, so the [B, Hkv, C] mask is not needed (the common
+        # case, and a per-call cost that showed in every prefill compression).
+        prot = torch.clamp(L, max=n_sink + n_recent)
+    else:
+        if positions is None:
+            B, H = lengths.shape
+            positions = torch.arange(C, dtype=torch.int32, device=lengths.device).view(1, 1, C).expand(B, H, C)
+        prot = protected_mask(lengths, positions, n_sink, n_recent, protect_ranges, keep_mask).sum(-1)
     bad = (L > K) & (prot > K)
     if bool(bad.any()):
         b, j = (int(x) for x in bad.nonzero()[0])
