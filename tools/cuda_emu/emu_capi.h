@@ -98,6 +98,7 @@ KVKERN_EXPORT const char* emu_launches() {
   static std::string s;
   s.clear();
   for (const auto& l : kvkern_emu::g_launches)
-    s += l.kernel + " " + std::to_string(l.blocks) + " " + std::to_string(l.threads) + " " + std::to_string(l.smem) + "\n";
+    s += l.kernel + " " + std::to_string(l.blocks) + " " + std::to_string(l.threads) + " " + std::to_string(l.smem) +
+         "\n";
   return s.c_str();
 }

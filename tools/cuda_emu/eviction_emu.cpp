@@ -88,8 +88,9 @@ const std::vector<Field> kScoreEvictFields = {
     FLD(ScoreEvictParams, n_recent), FLD(ScoreEvictParams, decay), FLD(ScoreEvictParams, hist_mode),
     FLD(ScoreEvictParams, mix_lambda)};
 
-const std::vector<Field> kTuningFields = {FLD(EvictionTuning, force_simt), FLD(EvictionTuning, window_target_blocks), FLD(EvictionTuning, select_list_cap),
-                                          FLD(EvictionTuning, window_chunk_tiles), FLD(EvictionTuning, max_smem)};
+const std::vector<Field> kTuningFields = {
+    FLD(EvictionTuning, force_simt), FLD(EvictionTuning, window_target_blocks), FLD(EvictionTuning, select_list_cap),
+    FLD(EvictionTuning, window_chunk_tiles), FLD(EvictionTuning, max_smem)};
 #undef FLD
 
 struct Handle {
