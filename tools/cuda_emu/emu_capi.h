@@ -27,15 +27,24 @@ constexpr Kind kind_of() {
   else if constexpr (std::is_same_v<T, bool>) return kBool;
   else return kI32;  // int and the int-based enums
 }
-// A field of struct S under the name `name`, at byte `off` of S (a member of a member too).
-#define KVKERN_EMU_FIELD_AT(S, name, member, off) \
-  ::kvkern_emu::Field { name, off, ::kvkern_emu::kind_of<std::remove_cv_t<decltype(S::member)>>() }
-#define KVKERN_EMU_FIELD_AS(S, name, member) KVKERN_EMU_FIELD_AT(S, name, member, offsetof(S, member))
+// Member `member` of struct S, under the name `name`.
+#define KVKERN_EMU_FIELD_AS(S, name, member) \
+  ::kvkern_emu::Field { name, offsetof(S, member), ::kvkern_emu::kind_of<std::remove_cv_t<decltype(S::member)>>() }
 #define KVKERN_EMU_FIELD(S, member) KVKERN_EMU_FIELD_AS(S, #member, member)
+// KVKERN_EMU_FIELDS(S, a, b, ...): KVKERN_EMU_FIELD(S, a), KVKERN_EMU_FIELD(S, b), ...
+// (a __VA_OPT__ recursion, rescanned up to 256 times: so many members at most).
+#define KVKERN_EMU_FIELDS(S, ...) __VA_OPT__(KVKERN_EMU_EXP4(KVKERN_EMU_FIELDS_STEP(S, __VA_ARGS__)))
+#define KVKERN_EMU_FIELDS_STEP(S, m, ...) \
+  KVKERN_EMU_FIELD(S, m), __VA_OPT__(KVKERN_EMU_FIELDS_AGAIN KVKERN_EMU_PARENS(S, __VA_ARGS__))
+#define KVKERN_EMU_FIELDS_AGAIN() KVKERN_EMU_FIELDS_STEP
+#define KVKERN_EMU_PARENS ()
+#define KVKERN_EMU_EXP4(...) KVKERN_EMU_EXP3(KVKERN_EMU_EXP3(KVKERN_EMU_EXP3(KVKERN_EMU_EXP3(__VA_ARGS__))))
+#define KVKERN_EMU_EXP3(...) KVKERN_EMU_EXP2(KVKERN_EMU_EXP2(KVKERN_EMU_EXP2(KVKERN_EMU_EXP2(__VA_ARGS__))))
+#define KVKERN_EMU_EXP2(...) KVKERN_EMU_EXP1(KVKERN_EMU_EXP1(KVKERN_EMU_EXP1(KVKERN_EMU_EXP1(__VA_ARGS__))))
+#define KVKERN_EMU_EXP1(...) __VA_ARGS__
 
 inline const std::vector<Field> kOptionFields = {
-    KVKERN_EMU_FIELD(Options, seed), KVKERN_EMU_FIELD(Options, deferred), KVKERN_EMU_FIELD(Options, check_reads),
-    KVKERN_EMU_FIELD(Options, block_order), KVKERN_EMU_FIELD(Options, smem_limit)};
+    KVKERN_EMU_FIELDS(Options, seed, deferred, check_reads, block_order, smem_limit)};
 
 // Where fields of one struct live: the table and the struct's address.
 struct FieldTable {

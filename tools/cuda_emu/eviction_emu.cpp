@@ -27,71 +27,36 @@ namespace {
 using namespace kvkern;
 using kvkern::eviction_detail::EvictionTuning;
 using kvkern_emu::Field;
-#define FLD(S, n) KVKERN_EMU_FIELD(S, n)
 
-const std::vector<Field> kWindowFields = {
-    FLD(WindowScoresParams, q_win), FLD(WindowScoresParams, k), FLD(WindowScoresParams, lengths),
-    FLD(WindowScoresParams, out), FLD(WindowScoresParams, batch), FLD(WindowScoresParams, num_q_heads),
-    FLD(WindowScoresParams, num_kv_heads), FLD(WindowScoresParams, window), FLD(WindowScoresParams, capacity),
-    FLD(WindowScoresParams, head_dim), FLD(WindowScoresParams, q_stride_b), FLD(WindowScoresParams, q_stride_h),
-    FLD(WindowScoresParams, q_stride_t), FLD(WindowScoresParams, k_stride_b), FLD(WindowScoresParams, k_stride_h),
-    FLD(WindowScoresParams, k_stride_c), FLD(WindowScoresParams, lengths_stride_b),
-    FLD(WindowScoresParams, lengths_stride_h), FLD(WindowScoresParams, sm_scale),
-    FLD(WindowScoresParams, query_reduce), FLD(WindowScoresParams, group_reduce), FLD(WindowScoresParams, normalize),
-    FLD(WindowScoresParams, pool), FLD(WindowScoresParams, pool_kernel)};
+const std::vector<Field> kWindowFields = {KVKERN_EMU_FIELDS(
+    WindowScoresParams, q_win, k, lengths, out, batch, num_q_heads, num_kv_heads, window, capacity, head_dim,
+    q_stride_b, q_stride_h, q_stride_t, k_stride_b, k_stride_h, k_stride_c, lengths_stride_b, lengths_stride_h,
+    sm_scale, query_reduce, group_reduce, normalize, pool, pool_kernel)};
 
-const std::vector<Field> kSelectFields = {
-    FLD(SelectParams, scores), FLD(SelectParams, lengths), FLD(SelectParams, positions), FLD(SelectParams, budgets),
-    FLD(SelectParams, protect_ranges), FLD(SelectParams, keep_mask), FLD(SelectParams, segment_cuts),
-    FLD(SelectParams, segment_min), FLD(SelectParams, keep), FLD(SelectParams, new_lengths), FLD(SelectParams, batch),
-    FLD(SelectParams, num_kv_heads), FLD(SelectParams, capacity), FLD(SelectParams, scores_stride_b),
-    FLD(SelectParams, scores_stride_h), FLD(SelectParams, lengths_stride_b), FLD(SelectParams, lengths_stride_h),
-    FLD(SelectParams, positions_stride_b), FLD(SelectParams, positions_stride_h),
-    FLD(SelectParams, budgets_stride_b), FLD(SelectParams, budgets_stride_h), FLD(SelectParams, keep_mask_stride_b),
-    FLD(SelectParams, keep_mask_stride_h), FLD(SelectParams, num_ranges), FLD(SelectParams, ranges_stride_b),
-    FLD(SelectParams, num_segments), FLD(SelectParams, budget), FLD(SelectParams, n_sink),
-    FLD(SelectParams, n_recent)};
+const std::vector<Field> kSelectFields = {KVKERN_EMU_FIELDS(
+    SelectParams, scores, lengths, positions, budgets, protect_ranges, keep_mask, segment_cuts, segment_min, keep,
+    new_lengths, batch, num_kv_heads, capacity, scores_stride_b, scores_stride_h, lengths_stride_b,
+    lengths_stride_h, positions_stride_b, positions_stride_h, budgets_stride_b, budgets_stride_h,
+    keep_mask_stride_b, keep_mask_stride_h, num_ranges, ranges_stride_b, num_segments, budget, n_sink, n_recent)};
 
-const std::vector<Field> kCompactFields = {
-    FLD(CompactParams, k), FLD(CompactParams, v), FLD(CompactParams, lengths), FLD(CompactParams, keep),
-    FLD(CompactParams, positions), FLD(CompactParams, hist), FLD(CompactParams, log_w), FLD(CompactParams, batch),
-    FLD(CompactParams, num_kv_heads), FLD(CompactParams, capacity), FLD(CompactParams, head_dim),
-    FLD(CompactParams, k_stride_b), FLD(CompactParams, k_stride_h), FLD(CompactParams, k_stride_c),
-    FLD(CompactParams, v_stride_b), FLD(CompactParams, v_stride_h), FLD(CompactParams, v_stride_c),
-    FLD(CompactParams, lengths_stride_b), FLD(CompactParams, lengths_stride_h), FLD(CompactParams, keep_stride_b),
-    FLD(CompactParams, keep_stride_h), FLD(CompactParams, positions_stride_b),
-    FLD(CompactParams, positions_stride_h), FLD(CompactParams, hist_stride_b), FLD(CompactParams, hist_stride_h),
-    FLD(CompactParams, log_w_stride_b), FLD(CompactParams, log_w_stride_h)};
+const std::vector<Field> kCompactFields = {KVKERN_EMU_FIELDS(
+    CompactParams, k, v, lengths, keep, positions, hist, log_w, batch, num_kv_heads, capacity, head_dim, k_stride_b,
+    k_stride_h, k_stride_c, v_stride_b, v_stride_h, v_stride_c, lengths_stride_b, lengths_stride_h, keep_stride_b,
+    keep_stride_h, positions_stride_b, positions_stride_h, hist_stride_b, hist_stride_h, log_w_stride_b,
+    log_w_stride_h)};
 
-const std::vector<Field> kScoreEvictFields = {
-    FLD(ScoreEvictParams, q_win), FLD(ScoreEvictParams, k), FLD(ScoreEvictParams, v),
-    FLD(ScoreEvictParams, lengths), FLD(ScoreEvictParams, positions), FLD(ScoreEvictParams, budgets),
-    FLD(ScoreEvictParams, protect_ranges), FLD(ScoreEvictParams, keep_mask), FLD(ScoreEvictParams, hist),
-    FLD(ScoreEvictParams, hist_lengths), FLD(ScoreEvictParams, log_w), FLD(ScoreEvictParams, redundancy),
-    FLD(ScoreEvictParams, keep), FLD(ScoreEvictParams, batch), FLD(ScoreEvictParams, num_q_heads),
-    FLD(ScoreEvictParams, num_kv_heads), FLD(ScoreEvictParams, window), FLD(ScoreEvictParams, capacity),
-    FLD(ScoreEvictParams, head_dim), FLD(ScoreEvictParams, q_stride_b), FLD(ScoreEvictParams, q_stride_h),
-    FLD(ScoreEvictParams, q_stride_t), FLD(ScoreEvictParams, k_stride_b), FLD(ScoreEvictParams, k_stride_h),
-    FLD(ScoreEvictParams, k_stride_c), FLD(ScoreEvictParams, v_stride_b), FLD(ScoreEvictParams, v_stride_h),
-    FLD(ScoreEvictParams, v_stride_c), FLD(ScoreEvictParams, lengths_stride_b),
-    FLD(ScoreEvictParams, lengths_stride_h), FLD(ScoreEvictParams, positions_stride_b),
-    FLD(ScoreEvictParams, positions_stride_h), FLD(ScoreEvictParams, budgets_stride_b),
-    FLD(ScoreEvictParams, budgets_stride_h), FLD(ScoreEvictParams, keep_mask_stride_b),
-    FLD(ScoreEvictParams, keep_mask_stride_h), FLD(ScoreEvictParams, hist_stride_b),
-    FLD(ScoreEvictParams, hist_stride_h), FLD(ScoreEvictParams, hist_lengths_stride_b),
-    FLD(ScoreEvictParams, hist_lengths_stride_h), FLD(ScoreEvictParams, log_w_stride_b),
-    FLD(ScoreEvictParams, log_w_stride_h), FLD(ScoreEvictParams, redundancy_stride_b),
-    FLD(ScoreEvictParams, redundancy_stride_h), FLD(ScoreEvictParams, num_ranges),
-    FLD(ScoreEvictParams, ranges_stride_b), FLD(ScoreEvictParams, sm_scale), FLD(ScoreEvictParams, query_reduce),
-    FLD(ScoreEvictParams, group_reduce), FLD(ScoreEvictParams, normalize), FLD(ScoreEvictParams, pool),
-    FLD(ScoreEvictParams, pool_kernel), FLD(ScoreEvictParams, budget), FLD(ScoreEvictParams, n_sink),
-    FLD(ScoreEvictParams, n_recent), FLD(ScoreEvictParams, decay), FLD(ScoreEvictParams, hist_mode),
-    FLD(ScoreEvictParams, mix_lambda)};
+const std::vector<Field> kScoreEvictFields = {KVKERN_EMU_FIELDS(
+    ScoreEvictParams, q_win, k, v, lengths, positions, budgets, protect_ranges, keep_mask, hist, hist_lengths,
+    log_w, redundancy, keep, batch, num_q_heads, num_kv_heads, window, capacity, head_dim, q_stride_b, q_stride_h,
+    q_stride_t, k_stride_b, k_stride_h, k_stride_c, v_stride_b, v_stride_h, v_stride_c, lengths_stride_b,
+    lengths_stride_h, positions_stride_b, positions_stride_h, budgets_stride_b, budgets_stride_h,
+    keep_mask_stride_b, keep_mask_stride_h, hist_stride_b, hist_stride_h, hist_lengths_stride_b,
+    hist_lengths_stride_h, log_w_stride_b, log_w_stride_h, redundancy_stride_b, redundancy_stride_h, num_ranges,
+    ranges_stride_b, sm_scale, query_reduce, group_reduce, normalize, pool, pool_kernel, budget, n_sink, n_recent,
+    decay, hist_mode, mix_lambda)};
 
-const std::vector<Field> kTuningFields = {
-    FLD(EvictionTuning, force_simt), FLD(EvictionTuning, window_target_blocks), FLD(EvictionTuning, select_list_cap),
-    FLD(EvictionTuning, window_chunk_tiles), FLD(EvictionTuning, max_smem)};
-#undef FLD
+const std::vector<Field> kTuningFields = {KVKERN_EMU_FIELDS(
+    EvictionTuning, force_simt, window_target_blocks, select_list_cap, window_chunk_tiles, max_smem)};
 
 struct Handle {
   std::string kind;

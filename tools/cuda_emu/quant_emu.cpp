@@ -26,48 +26,45 @@ using namespace kvkern;
 using kvkern_emu::Field;
 using kvkern_emu::kPtr;
 using kvkern_emu::kI64;
+
 // The tools/cuda_emu/quant_emu.py names: a tensor ref X is "X" (its data),
 // "X_sb" / "X_sh" / "X_sr" (strides over b, h, rows); the means' rows are
-// stride[1] ("X_sr"); append's k_new / v_new are k_in / v_in.
-#define FLD(n) KVKERN_EMU_FIELD(QuantKVParams, n)
-#define FLD_AS(name, n) KVKERN_EMU_FIELD_AS(QuantKVParams, name, n)
+// stride[1] ("X_sr"); append's k_new / v_new are k_in / v_in. QuantKVParams
+// (quant_params.h) and Fp8KVParams (fp8_params.h) share the naming.
 constexpr size_t kRefData = offsetof(QuantTensorRef, data), kRefStride = offsetof(QuantTensorRef, stride);
-#define REF_AS(name, n) Field{name, offsetof(QuantKVParams, n) + kRefData, kPtr}
-#define STRIDE_AS(name, n, i) Field{name, offsetof(QuantKVParams, n) + kRefStride + (i) * sizeof(int64_t), kI64}
-#define REF3(n) REF_AS(#n, n), STRIDE_AS(#n "_sb", n, 0), STRIDE_AS(#n "_sh", n, 1), STRIDE_AS(#n "_sr", n, 2)
+#define FLD_AS(S, name, n) KVKERN_EMU_FIELD_AS(S, name, n)
+#define REF_AS(S, name, n) Field{name, offsetof(S, n) + kRefData, kPtr}
+#define STRIDE_AS(S, name, n, i) Field{name, offsetof(S, n) + kRefStride + (i) * sizeof(int64_t), kI64}
+#define REF3(S, n) \
+  REF_AS(S, #n, n), STRIDE_AS(S, #n "_sb", n, 0), STRIDE_AS(S, #n "_sh", n, 1), STRIDE_AS(S, #n "_sr", n, 2)
+// The b / h strides of lengths and q, named alike in both structs.
+#define STRIDES_BH(S)                                                             \
+  FLD_AS(S, "lengths_sb", lengths_stride_b), FLD_AS(S, "lengths_sh", lengths_stride_h), \
+      FLD_AS(S, "q_sb", q_stride_b), FLD_AS(S, "q_sh", q_stride_h)
 const std::vector<Field> kFields = {
-    REF3(k_codes), REF3(k_scale), REF3(k_min), REF3(v_codes), REF3(v_scale), REF3(v_min), REF3(k_res), REF3(v_res),
-    REF3(k_in), REF3(v_in),
-    REF_AS("k_mean", k_mean), STRIDE_AS("k_mean_sb", k_mean, 0), STRIDE_AS("k_mean_sr", k_mean, 1),
-    REF_AS("v_mean", v_mean), STRIDE_AS("v_mean_sb", v_mean, 0), STRIDE_AS("v_mean_sr", v_mean, 1),
-    REF_AS("k_new", k_in), STRIDE_AS("k_new_sb", k_in, 0), STRIDE_AS("k_new_sh", k_in, 1),
-    REF_AS("v_new", v_in), STRIDE_AS("v_new_sb", v_in, 0), STRIDE_AS("v_new_sh", v_in, 1),
-    FLD(lengths), FLD_AS("lengths_sb", lengths_stride_b), FLD_AS("lengths_sh", lengths_stride_h),
-    FLD(batch), FLD(num_kv_heads), FLD(capacity), FLD(head_dim), FLD(residual), FLD(bits), FLD(group),
-    FLD(q), FLD_AS("q_sb", q_stride_b), FLD_AS("q_sh", q_stride_h), FLD(num_q_heads), FLD(out), FLD(lse),
-    FLD(sm_scale), FLD(num_splits), FLD_AS("seq_len", in_tokens)};
+    REF3(QuantKVParams, k_codes), REF3(QuantKVParams, k_scale), REF3(QuantKVParams, k_min),
+    REF3(QuantKVParams, v_codes), REF3(QuantKVParams, v_scale), REF3(QuantKVParams, v_min),
+    REF3(QuantKVParams, k_res), REF3(QuantKVParams, v_res), REF3(QuantKVParams, k_in), REF3(QuantKVParams, v_in),
+    REF_AS(QuantKVParams, "k_mean", k_mean), STRIDE_AS(QuantKVParams, "k_mean_sb", k_mean, 0),
+    STRIDE_AS(QuantKVParams, "k_mean_sr", k_mean, 1), REF_AS(QuantKVParams, "v_mean", v_mean),
+    STRIDE_AS(QuantKVParams, "v_mean_sb", v_mean, 0), STRIDE_AS(QuantKVParams, "v_mean_sr", v_mean, 1),
+    REF_AS(QuantKVParams, "k_new", k_in), STRIDE_AS(QuantKVParams, "k_new_sb", k_in, 0),
+    STRIDE_AS(QuantKVParams, "k_new_sh", k_in, 1), REF_AS(QuantKVParams, "v_new", v_in),
+    STRIDE_AS(QuantKVParams, "v_new_sb", v_in, 0), STRIDE_AS(QuantKVParams, "v_new_sh", v_in, 1),
+    STRIDES_BH(QuantKVParams), FLD_AS(QuantKVParams, "seq_len", in_tokens),
+    KVKERN_EMU_FIELDS(QuantKVParams, lengths, batch, num_kv_heads, capacity, head_dim, residual, bits, group, q,
+                      num_q_heads, out, lse, sm_scale, num_splits)};
+const std::vector<Field> kFp8Fields = {
+    REF3(Fp8KVParams, k_fp8), REF3(Fp8KVParams, v_fp8), REF3(Fp8KVParams, k_in), REF3(Fp8KVParams, v_in),
+    STRIDES_BH(Fp8KVParams),
+    KVKERN_EMU_FIELDS(Fp8KVParams, k_scale, v_scale, k_scale_stride, v_scale_stride, lengths, batch, num_kv_heads,
+                      capacity, head_dim, in_tokens, q, num_q_heads, out, lse, sm_scale, num_splits, partial_out,
+                      partial_lse)};
+#undef STRIDES_BH
 #undef REF3
 #undef STRIDE_AS
 #undef REF_AS
 #undef FLD_AS
-#undef FLD
-// Fp8KVParams (fp8_params.h), the same naming.
-#define FFLD(n) KVKERN_EMU_FIELD(Fp8KVParams, n)
-#define FFLD_AS(name, n) KVKERN_EMU_FIELD_AS(Fp8KVParams, name, n)
-#define FREF_AS(name, n) Field{name, offsetof(Fp8KVParams, n) + kRefData, kPtr}
-#define FSTRIDE_AS(name, n, i) Field{name, offsetof(Fp8KVParams, n) + kRefStride + (i) * sizeof(int64_t), kI64}
-#define FREF3(n) FREF_AS(#n, n), FSTRIDE_AS(#n "_sb", n, 0), FSTRIDE_AS(#n "_sh", n, 1), FSTRIDE_AS(#n "_sr", n, 2)
-const std::vector<Field> kFp8Fields = {
-    FREF3(k_fp8), FREF3(v_fp8), FREF3(k_in), FREF3(v_in), FFLD(k_scale), FFLD(v_scale), FFLD(k_scale_stride),
-    FFLD(v_scale_stride), FFLD(lengths), FFLD_AS("lengths_sb", lengths_stride_b),
-    FFLD_AS("lengths_sh", lengths_stride_h), FFLD(batch), FFLD(num_kv_heads), FFLD(capacity), FFLD(head_dim),
-    FFLD(in_tokens), FFLD(q), FFLD_AS("q_sb", q_stride_b), FFLD_AS("q_sh", q_stride_h), FFLD(num_q_heads),
-    FFLD(out), FFLD(lse), FFLD(sm_scale), FFLD(num_splits), FFLD(partial_out), FFLD(partial_lse)};
-#undef FREF3
-#undef FSTRIDE_AS
-#undef FREF_AS
-#undef FFLD_AS
-#undef FFLD
 
 struct Handle {
   QuantKVParams p;
