@@ -7,9 +7,11 @@
 //
 // Built and run by tools/cuda_emu/run.py, which first makes an emulation copy
 // of the kernel headers (tools/cuda_emu/gen.py): the pre-sm_80 fallback of
-// each cp.async primitive becomes a call into this file, and the host
-// launchers (<<<>>> syntax) are cut off. This file is compiled several times:
-// KVKERN_EMU_PART=0 holds the runtime, the cases and main(); parts
+// each cp.async primitive becomes a call into the runtime, and the host
+// launchers (<<<>>> syntax) are cut off. The runtime (fibers, barriers,
+// shuffles, cp.async, read checks, shared memory) is emu_runtime.h, shared
+// with the other emulators. This file is compiled several times:
+// KVKERN_EMU_PART=0 holds the cases and main(); parts
 // 1..KVKERN_EMU_PARTS each instantiate a share of the kernels (compiled in
 // parallel). Together they instantiate every kernel the library compiles:
 // dtype {fp32, fp16, bf16} x head_dim {64, 128, 256} x heads tile {1, 2, 4, 8}
@@ -65,40 +67,15 @@
 //  * The sm_80+ code paths themselves (the inline PTX of cp.async), register
 //    allocation and spills, __launch_bounds__, occupancy, launch limits, the
 //    device's shared-memory limit, timing and performance.
-#include <signal.h>
-#include <sys/mman.h>
-#include <unistd.h>
-// Fiber switches: a few instructions of assembly on x86-64; elsewhere (or with
-// -DKVKERN_EMU_UCONTEXT) ucontext, which is slower (a system call per switch).
-#if defined(__x86_64__) && !defined(KVKERN_EMU_UCONTEXT)
-#define KVKERN_EMU_ASM_SWITCH 1
-#else
-#define KVKERN_EMU_ASM_SWITCH 0
-#include <ucontext.h>
-#endif
+#include "emu_runtime.h"
 
-#include <algorithm>
 #include <cinttypes>
 #include <climits>
-#include <cmath>
-#include <cstdarg>
-#include <cstdint>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
-#include <functional>
 #include <limits>
 #include <memory>
-#include <random>
-#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
-#include <vector>
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
 
 #ifndef KVKERN_EMU_PART
 #define KVKERN_EMU_PART 0
@@ -106,54 +83,6 @@
 #ifndef KVKERN_EMU_PARTS
 #define KVKERN_EMU_PARTS 1
 #endif
-
-// ===========================================================================
-// The runtime's interface (defined in part 0) and the CUDA builtins the
-// kernels use, on the host.
-// ===========================================================================
-namespace kvkern_emu {
-void violation(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
-bool check_read(const void* p, size_t n);
-void cp_async(void* dst, const void* src, int n);  // the hooks gen.py puts into common.cuh
-void commit();
-void wait(int n);
-void syncthreads();
-float shfl_xor(float v, int lane_mask, int width);
-
-template <typename V>
-inline V ldg(const V* p) {
-  static_assert(sizeof(V) == 16, "16-byte loads");
-  V v;
-  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) violation("misaligned 16-byte __ldg at %p", static_cast<const void*>(p));
-  if (check_read(p, sizeof(V))) std::memcpy(&v, p, sizeof(V));
-  else std::memset(&v, 0xff, sizeof(V));
-  return v;
-}
-}  // namespace kvkern_emu
-
-#define __launch_bounds__(...)
-using std::isnan;
-
-extern dim3 threadIdx, blockIdx, blockDim, gridDim;
-
-inline void __syncthreads() { kvkern_emu::syncthreads(); }
-inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask, int width = 32) {
-  if (mask != 0xffffffffu) kvkern_emu::violation("__shfl_xor_sync with mask %#x (only the full mask is emulated)", mask);
-  return kvkern_emu::shfl_xor(v, lane_mask, width);
-}
-inline uint4 __ldg(const uint4* p) { return kvkern_emu::ldg(p); }
-inline float4 __ldg(const float4* p) { return kvkern_emu::ldg(p); }
-inline float __uint_as_float(unsigned u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline float __int_as_float(int u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline size_t __cvta_generic_to_shared(const void* p) { return reinterpret_cast<size_t>(p); }
 
 #include <kvkern/decode_attention.cuh>
 
@@ -253,18 +182,9 @@ const bool registered = [] {
 #endif  // KVKERN_EMU_PART > 0
 
 // ===========================================================================
-// Part 0: the runtime, the cases, main().
+// Part 0: the cases, main() (the runtime: emu_runtime.h).
 // ===========================================================================
 #if KVKERN_EMU_PART == 0
-
-dim3 threadIdx, blockIdx, blockDim, gridDim;
-
-namespace kvkern::decode_attention_detail {
-// The kernels' `extern __shared__ unsigned char smem[]`. Page-aligned so the
-// part past each case's size + guard can be made inaccessible.
-constexpr size_t kSmemCapacity = 1u << 20;
-alignas(4096) unsigned char smem[kSmemCapacity];
-}  // namespace kvkern::decode_attention_detail
 
 namespace kvkern_emu {
 
@@ -275,407 +195,6 @@ std::vector<SplitKernel>& split_registry() {
 std::vector<MergeKernel>& merge_registry() {
   static std::vector<MergeKernel> r;
   return r;
-}
-
-// ---------------------------------------------------------------------------
-// Violations: recorded for the running case (the first few verbatim).
-// ---------------------------------------------------------------------------
-struct Violations {
-  long count = 0;
-  std::vector<std::string> first;
-};
-Violations g_violations;
-// After this many violations the case is abandoned (a kernel that ignores a
-// bad length would otherwise walk gigabytes of unreadable slots).
-constexpr long kMaxViolations = 64;
-void park_for_good();  // below: abandons the running fiber
-
-void violation(const char* fmt, ...) {
-  ++g_violations.count;
-  if (g_violations.first.size() < 4) {
-    char buf[512];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(buf, sizeof(buf), fmt, ap);
-    va_end(ap);
-    g_violations.first.emplace_back(buf);
-  }
-  if (g_violations.count >= kMaxViolations) park_for_good();
-}
-
-// ---------------------------------------------------------------------------
-// Readable global memory: named regions with a per-byte readable flag.
-// ---------------------------------------------------------------------------
-struct Region {
-  const char* name;
-  const unsigned char* base;
-  size_t bytes;
-  std::vector<unsigned char> readable;
-};
-std::vector<Region*> g_regions;
-
-bool check_read(const void* p, size_t n) {
-  const auto* a = static_cast<const unsigned char*>(p);
-  for (Region* r : g_regions) {
-    if (a >= r->base && a + n <= r->base + r->bytes) {
-      const size_t off = static_cast<size_t>(a - r->base);
-      for (size_t i = 0; i < n; ++i)
-        if (!r->readable[off + i]) {
-          violation("read of %zu bytes at byte %zu of %s, which the kernel must not read (a slot past the length, "
-                    "a head with an out-of-range length, or padding)",
-                    n, off, r->name);
-          return false;
-        }
-      return true;
-    }
-  }
-  violation("read of %zu bytes at %p, outside every input buffer", n, p);
-  return false;
-}
-
-// ---------------------------------------------------------------------------
-// Fibers.
-// ---------------------------------------------------------------------------
-#if KVKERN_EMU_ASM_SWITCH
-// switch(save, to): pushes the callee-saved registers, stores the stack
-// pointer in *save, loads `to` and pops the other fiber's registers.
-extern "C" void kvkern_emu_switch(void** save_sp, void* to_sp);
-asm(R"(
-  .text
-  .globl kvkern_emu_switch
-  .type kvkern_emu_switch, @function
-kvkern_emu_switch:
-  pushq %rbp
-  pushq %rbx
-  pushq %r12
-  pushq %r13
-  pushq %r14
-  pushq %r15
-  movq %rsp, (%rdi)
-  movq %rsi, %rsp
-  popq %r15
-  popq %r14
-  popq %r13
-  popq %r12
-  popq %rbx
-  popq %rbp
-  ret
-  .size kvkern_emu_switch, .-kvkern_emu_switch
-)");
-#endif
-
-enum FiberState { kRunnable, kAtBarrier, kAtShuffle, kDone, kAbandoned };
-
-struct Copy {
-  void* dst;
-  const void* src;
-  int n;
-};
-
-struct Fiber {
-#if KVKERN_EMU_ASM_SWITCH
-  void* sp = nullptr;
-#else
-  ucontext_t ctx;
-#endif
-  unsigned char* stack = nullptr;
-  FiberState state = kRunnable;
-  std::vector<Copy> open;                 // issued, not committed
-  std::vector<std::vector<Copy>> groups;  // committed, oldest first
-};
-
-constexpr int kMaxThreads = 1024;
-constexpr size_t kStackBytes = 256 * 1024;
-
-struct Block {
-  int n = 0;
-  int cur = -1;
-  int done = 0;
-  std::vector<Fiber> fibers;
-  std::vector<int> runnable;
-  std::vector<int> barrier;  // threads waiting at __syncthreads
-  std::vector<int> warp_wait[kMaxThreads / 32];
-  unsigned warp_gen[kMaxThreads / 32] = {};
-  float warp_slot[kMaxThreads / 32][2][32];
-#if KVKERN_EMU_ASM_SWITCH
-  void* sched_sp = nullptr;
-#else
-  ucontext_t sched_ctx;
-#endif
-  ThreadFn fn = nullptr;
-  void* arg = nullptr;
-  bool deferred = true;
-  bool abandoned = false;  // too many violations: the block (and case) stops
-  std::mt19937_64 rng;
-};
-Block g_block;
-
-void to_scheduler() {
-  Fiber& f = g_block.fibers[g_block.cur];
-#if KVKERN_EMU_ASM_SWITCH
-  kvkern_emu_switch(&f.sp, g_block.sched_sp);
-#else
-  swapcontext(&f.ctx, &g_block.sched_ctx);
-#endif
-}
-
-// Called by a fiber: it never runs again, nor does any other of the block.
-void park_for_good() {
-  if (g_block.cur < 0) return;  // not inside a block
-  g_block.abandoned = true;
-  g_block.fibers[g_block.cur].state = kAbandoned;
-  to_scheduler();
-  std::abort();  // never resumed
-}
-
-[[noreturn]] void fiber_main() {
-  g_block.fn(g_block.arg);
-  Fiber& f = g_block.fibers[g_block.cur];
-  f.state = kDone;
-  ++g_block.done;
-  to_scheduler();
-  std::abort();  // never resumed
-}
-
-void init_stacks() {
-  static bool done = false;
-  if (done) return;
-  done = true;
-  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
-  const size_t each = kStackBytes + page;  // a guard page below each stack
-  auto* base = static_cast<unsigned char*>(
-      mmap(nullptr, each * kMaxThreads, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
-  if (base == MAP_FAILED) {
-    perror("mmap of the fiber stacks");
-    std::exit(2);
-  }
-  g_block.fibers.resize(kMaxThreads);
-  for (int i = 0; i < kMaxThreads; ++i) {
-    unsigned char* s = base + i * each;
-    mprotect(s, page, PROT_NONE);
-    g_block.fibers[i].stack = s + page;
-  }
-}
-
-void start_fiber(Fiber& f) {
-#if KVKERN_EMU_ASM_SWITCH
-  // Initial frame for kvkern_emu_switch: six zero registers, then the return
-  // address fiber_main, entered with rsp = 8 mod 16 as after a call.
-  auto* top = reinterpret_cast<uint64_t*>(f.stack + kStackBytes);
-  top[-1] = 0;
-  top[-2] = reinterpret_cast<uint64_t>(&fiber_main);
-  for (int i = 3; i <= 8; ++i) top[-i] = 0;
-  f.sp = &top[-8];
-#else
-  getcontext(&f.ctx);
-  f.ctx.uc_stack.ss_sp = f.stack;
-  f.ctx.uc_stack.ss_size = kStackBytes;
-  f.ctx.uc_link = nullptr;
-  makecontext(&f.ctx, reinterpret_cast<void (*)()>(&fiber_main), 0);
-#endif
-}
-
-const char* state_name(FiberState s) {
-  switch (s) {
-    case kRunnable: return "runnable";
-    case kAtBarrier: return "at __syncthreads";
-    case kAtShuffle: return "at a warp shuffle";
-    case kDone: return "exited";
-    default: return "abandoned";
-  }
-}
-
-// Runs one block of n threads to completion. False when it deadlocked.
-bool run_block(int n, ThreadFn fn, void* arg, bool deferred, uint64_t seed) {
-  init_stacks();
-  if (n < 1 || n > kMaxThreads) {
-    violation("block of %d threads", n);
-    return false;
-  }
-  Block& b = g_block;
-  b.n = n;
-  b.done = 0;
-  b.fn = fn;
-  b.arg = arg;
-  b.deferred = deferred;
-  b.abandoned = false;
-  b.rng.seed(seed);
-  b.runnable.clear();
-  b.barrier.clear();
-  for (int w = 0; w < (n + 31) / 32; ++w) {
-    b.warp_wait[w].clear();
-    b.warp_gen[w] = 0;
-  }
-  for (int i = 0; i < n; ++i) {
-    Fiber& f = b.fibers[i];
-    f.state = kRunnable;
-    f.open.clear();
-    f.groups.clear();
-    start_fiber(f);
-    b.runnable.push_back(i);
-  }
-  blockDim = dim3(static_cast<unsigned>(n), 1, 1);
-  while (b.done < n) {
-    if (b.abandoned) {
-      b.cur = -1;
-      g_violations.first.push_back("case abandoned after " + std::to_string(kMaxViolations) + " violations");
-      return false;
-    }
-    if (b.runnable.empty()) {
-      // Nobody can go on: describe where the threads are.
-      int counts[5] = {};
-      int first[5] = {-1, -1, -1, -1, -1};
-      for (int i = 0; i < n; ++i) {
-        const int s = b.fibers[i].state;
-        if (counts[s]++ == 0) first[s] = i;
-      }
-      std::string msg;
-      for (int s = 0; s < 5; ++s)
-        if (counts[s])
-          msg += std::to_string(counts[s]) + " " + state_name(static_cast<FiberState>(s)) + " (first: thread " +
-                 std::to_string(first[s]) + "); ";
-      violation("deadlock in block %u: %s(a barrier or full-mask shuffle not reached by every thread)", blockIdx.x,
-                msg.c_str());
-      return false;
-    }
-    const size_t k = b.rng() % b.runnable.size();
-    const int id = b.runnable[k];
-    b.runnable[k] = b.runnable.back();
-    b.runnable.pop_back();
-    b.cur = id;
-    threadIdx = dim3(static_cast<unsigned>(id), 0, 0);
-#if KVKERN_EMU_ASM_SWITCH
-    kvkern_emu_switch(&b.sched_sp, b.fibers[id].sp);
-#else
-    swapcontext(&b.sched_ctx, &b.fibers[id].ctx);
-#endif
-    b.cur = -1;  // in the scheduler
-  }
-  for (int i = 0; i < n; ++i) {
-    const Fiber& f = b.fibers[i];
-    if (!f.open.empty() || !f.groups.empty()) {
-      violation("thread %d of block %u exited with cp.async copies pending (%zu uncommitted, %zu groups unwaited)", i,
-                blockIdx.x, f.open.size(), f.groups.size());
-      break;
-    }
-  }
-  return true;
-}
-
-void syncthreads() {
-  Block& b = g_block;
-  b.fibers[b.cur].state = kAtBarrier;
-  b.barrier.push_back(b.cur);
-  if (static_cast<int>(b.barrier.size()) == b.n) {
-    for (int i : b.barrier) {
-      b.fibers[i].state = kRunnable;
-      b.runnable.push_back(i);
-    }
-    b.barrier.clear();
-  }
-  to_scheduler();
-}
-
-float shfl_xor(float v, int lane_mask, int width) {
-  Block& b = g_block;
-  const int w = b.cur / 32, lane = b.cur % 32;
-  if (width != 32) violation("__shfl_xor_sync with width %d (only 32 is emulated)", width);
-  if (lane_mask < 0 || lane_mask > 31) violation("__shfl_xor_sync lane mask %d", lane_mask);
-  if (b.n % 32 != 0) violation("warp shuffle in a block of %d threads (a partial warp)", b.n);
-  // Double-buffered slots: a lane can write the next shuffle's slot only after
-  // every lane of the warp has reached that shuffle, i.e. read this one.
-  const unsigned parity = b.warp_gen[w] & 1u;
-  b.warp_slot[w][parity][lane] = v;
-  b.fibers[b.cur].state = kAtShuffle;
-  b.warp_wait[w].push_back(b.cur);
-  if (b.warp_wait[w].size() == 32) {
-    ++b.warp_gen[w];
-    for (int i : b.warp_wait[w]) {
-      b.fibers[i].state = kRunnable;
-      b.runnable.push_back(i);
-    }
-    b.warp_wait[w].clear();
-  }
-  to_scheduler();
-  return b.warp_slot[w][parity][(lane ^ lane_mask) & 31];
-}
-
-void cp_async(void* dst, const void* src, int n) {
-  using kvkern::decode_attention_detail::smem;
-  Block& b = g_block;
-  auto* d = static_cast<unsigned char*>(dst);
-  if (d < smem || d + n > smem + kvkern::decode_attention_detail::kSmemCapacity) {
-    violation("cp.async destination %p outside shared memory", dst);
-    return;
-  }
-  if (reinterpret_cast<uintptr_t>(dst) % n || reinterpret_cast<uintptr_t>(src) % n)
-    violation("misaligned %d-byte cp.async: dst byte %zu of shared memory, src %p", n, static_cast<size_t>(d - smem),
-              src);
-  if (!check_read(src, n)) {
-    std::memset(dst, 0xff, n);
-    return;
-  }
-  if (b.deferred) {
-    std::memset(dst, 0xff, n);  // undefined until the copy lands
-    b.fibers[b.cur].open.push_back({dst, src, n});
-  } else {
-    std::memcpy(dst, src, n);
-  }
-}
-
-void commit() {
-  Fiber& f = g_block.fibers[g_block.cur];
-  f.groups.push_back(std::move(f.open));
-  f.open.clear();
-}
-
-void wait(int n) {
-  Fiber& f = g_block.fibers[g_block.cur];
-  const size_t keep = static_cast<size_t>(std::max(n, 0));
-  if (f.groups.size() <= keep) return;
-  const size_t retire = f.groups.size() - keep;
-  for (size_t g = 0; g < retire; ++g)
-    for (const Copy& c : f.groups[g]) std::memcpy(c.dst, c.src, c.n);
-  f.groups.erase(f.groups.begin(), f.groups.begin() + static_cast<std::ptrdiff_t>(retire));
-}
-
-// ---------------------------------------------------------------------------
-// Crash report: a wild access (past the shared-memory guard, a stack
-// overflow) names the case instead of dying silently.
-// ---------------------------------------------------------------------------
-char g_running[512] = "(no case)";
-
-unsigned g_case_timeout = 300;  // seconds per case (--case-timeout)
-
-void crash_handler(int sig) {
-  char buf[800];
-  const int len =
-      sig == SIGALRM
-          ? snprintf(buf, sizeof(buf), "\nEMU TIMEOUT: %s ran for over %u s (an endless loop in the kernel?)\n",
-                     g_running, g_case_timeout)
-          : snprintf(buf, sizeof(buf),
-                     "\nEMU CRASH: signal %d while running %s (a wild memory access by the kernel, e.g. shared "
-                     "memory far past the host-computed size, or a fiber stack overflow)\n",
-                     sig, g_running);
-  if (len > 0) {
-    ssize_t ignored = write(2, buf, static_cast<size_t>(std::min<int>(len, sizeof(buf) - 1)));
-    (void)ignored;
-  }
-  _exit(3);
-}
-
-void install_crash_handler() {
-  static std::vector<char> alt(1 << 16);
-  stack_t ss{};
-  ss.ss_sp = alt.data();
-  ss.ss_size = alt.size();
-  sigaltstack(&ss, nullptr);
-  struct sigaction sa{};
-  sa.sa_handler = crash_handler;
-  sa.sa_flags = SA_ONSTACK;
-  sigaction(SIGSEGV, &sa, nullptr);
-  sigaction(SIGBUS, &sa, nullptr);
-  sigaction(SIGALRM, &sa, nullptr);
 }
 
 // ===========================================================================
@@ -808,15 +327,8 @@ constexpr int kPad = 64;          // canary elements on each side of every outpu
 constexpr float kCanary = 512.f;  // exact in every dtype
 constexpr size_t kSmemGuard = 16 * 1024;
 
-void set_smem_limit(size_t bytes) {
-  // Pages past bytes + guard become inaccessible for this case.
-  using kvkern::decode_attention_detail::kSmemCapacity;
-  using kvkern::decode_attention_detail::smem;
-  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
-  const size_t open = std::min(kSmemCapacity, (bytes + kSmemGuard + page - 1) / page * page);
-  mprotect(smem, open, PROT_READ | PROT_WRITE);
-  if (open < kSmemCapacity) mprotect(smem + open, kSmemCapacity - open, PROT_NONE);
-}
+// Pages past bytes + guard become inaccessible for this case.
+void set_smem_limit(size_t bytes) { protect_smem_from(bytes + kSmemGuard); }
 
 struct OutBuf {  // an output with canaries
   Buffer buf;
@@ -1055,8 +567,6 @@ Outcome run_split_case(const SplitCase& c, Stats& st) {
   if (kvb != &kb) g_regions.push_back(&vb.region);
 
   // The split kernel, block by block.
-  using kvkern::decode_attention_detail::kSmemCapacity;
-  using kvkern::decode_attention_detail::smem;
   const size_t smem_bytes = kvkern::decode_attention_smem_bytes(D, dt, G, k.BN, k.NW, c.stages);
   if (smem_bytes + kSmemGuard > kSmemCapacity) {
     res.fail("case needs " + std::to_string(smem_bytes) + " bytes of shared memory, more than the emulator holds");
@@ -1069,7 +579,7 @@ Outcome run_split_case(const SplitCase& c, Stats& st) {
   for (int64_t bid = 0; bid < blocks && alive; ++bid) {
     std::memset(smem, 0xff, smem_bytes + kSmemGuard);
     blockIdx = dim3(static_cast<unsigned>(bid), 0, 0);
-    alive = run_block(k.NW * 32, k.fn, &prm, c.deferred, c.seed * 7919 + static_cast<uint64_t>(bid));
+    alive = run_block(k.NW * 32, [&] { k.fn(&prm); }, c.deferred, c.seed * 7919 + static_cast<uint64_t>(bid));
     for (size_t i = smem_bytes; i < smem_bytes + kSmemGuard; ++i)
       if (smem[i] != 0xff) {
         violation("block %" PRId64 " wrote shared memory byte %zu, past decode_attention_smem_bytes = %zu", bid, i,
@@ -1089,7 +599,7 @@ Outcome run_split_case(const SplitCase& c, Stats& st) {
     gridDim = dim3(static_cast<unsigned>(mblocks), 1, 1);
     for (int64_t bid = 0; bid < mblocks && alive; ++bid) {
       blockIdx = dim3(static_cast<unsigned>(bid), 0, 0);
-      alive = run_block(kvkern::decode_attention_detail::kMergeThreads, c.merge->fn, &ma, true,
+      alive = run_block(kvkern::decode_attention_detail::kMergeThreads, [&] { c.merge->fn(&ma); }, true,
                         c.seed * 104729 + static_cast<uint64_t>(bid));
     }
   }
@@ -1197,7 +707,7 @@ Outcome run_merge_case(const MergeCase& c, Stats& st) {
   bool alive = true;
   for (int64_t bid = 0; bid < blocks && alive; ++bid) {
     blockIdx = dim3(static_cast<unsigned>(bid), 0, 0);
-    alive = run_block(kvkern::decode_attention_detail::kMergeThreads, c.k->fn, &ma, true, c.seed + bid);
+    alive = run_block(kvkern::decode_attention_detail::kMergeThreads, [&] { c.k->fn(&ma); }, true, c.seed + bid);
   }
   g_regions.clear();
   for (const std::string& v : g_violations.first) res.fail(v);
@@ -1497,6 +1007,7 @@ int usage() {
 }
 
 int main_impl(int argc, char** argv) {
+  g_timeout_s = 300;  // seconds per case (--case-timeout)
   bool full = false, quick = false, list = false, verbose = false;
   std::string mode = "both";
   long shard = 0, nshards = 1, only = -1;
@@ -1518,7 +1029,7 @@ int main_impl(int argc, char** argv) {
     } else if (a == "--case-timeout") {
       const char* v = next();
       if (!v) return usage();
-      g_case_timeout = static_cast<unsigned>(std::strtoul(v, nullptr, 10));
+      g_timeout_s = static_cast<unsigned>(std::strtoul(v, nullptr, 10));
     } else if (a == "--only") {
       const char* v = next();
       if (!v) return usage();
@@ -1566,7 +1077,7 @@ int main_impl(int argc, char** argv) {
     const std::string desc = it.merge ? describe(it.mcase) : describe(it.split);
     snprintf(g_running, sizeof(g_running), "case %zu: %s", i, desc.c_str());
     Stats cs;
-    alarm(g_case_timeout);
+    alarm(g_timeout_s);
     const Outcome o = it.merge ? run_merge_case(it.mcase, cs) : run_split_case(it.split, cs);
     alarm(0);
     ++runs;

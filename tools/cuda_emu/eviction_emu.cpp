@@ -9,708 +9,54 @@
 // run_select_keep, run_compact, run_evict, run_score_evict: planning,
 // workspace layout, kernel dispatch) and every kernel they launch, compiled
 // for the host by g++ from the emulation copy of the headers that
-// tools/cuda_emu/gen.py makes (common.cuh's cp.async fallbacks become calls
-// into this file). Only eviction_inst.cu's CudaLauncher (the <<<>>> line, the
-// shared-memory opt-in) is replaced by EmuLauncher below, and the tensor-core
-// instruction (mma.sync, inline PTX) by kvkern_emu::mma_16816, which computes
-// the documented PTX fragment layout from the 32 lanes' registers (the header
-// takes that branch when KVKERN_CUDA_EMULATION is defined).
-//
-// Emulated and checked (the same machinery as tools/cuda_emu/emu.cpp):
-//  * every CUDA thread of a block is a fiber; they switch only at
-//    __syncthreads and warp collectives (shuffles, ballots, mma), the next
-//    one picked at random (seeded), so any order between barriers can show;
-//  * __syncthreads over the whole block and warp collectives over all 32
-//    lanes (a collective some lane never reaches, or lanes at different
-//    collectives, is reported as a deadlock / mismatch);
-//  * cp.async deferred (lands at the issuing thread's wait; the destination
-//    reads 0xff until then) or immediate (lands at issue); copies pending at
-//    thread exit are reported; sources are checked against the buffers the
-//    test registered (emu_allow), as are __ldg sources;
-//  * blocks run one at a time in a random order (seeded; or in order, or
-//    reversed), so a block that depends on another block of the same launch
-//    (e.g. reads what it writes) shows;
-//  * dynamic shared memory is poisoned (0xff) before every block and the
-//    pages after the launch's size are inaccessible (a write past it
-//    crashes with the kernel named); the sub-page tail is a checked canary.
-// Not emulated: the device's math library (host exp2f / log2f here), the
-// memory model beyond barriers, tensor-core rounding (the emulated mma sums
-// exactly in double then rounds), occupancy, timing.
-#include <cxxabi.h>
-#include <dlfcn.h>
-#include <signal.h>
-#include <sys/mman.h>
-#include <unistd.h>
+// tools/cuda_emu/gen.py makes, on the shared runtime (emu_runtime.h: fibers,
+// barriers, warp collectives, the emulated mma.sync, cp.async, read checks,
+// shared-memory poisoning and guard pages, random block order; what it does
+// and does not emulate is described there). Only eviction_inst.cu's
+// CudaLauncher (the <<<>>> line, the shared-memory opt-in) is replaced by
+// kvkern_emu::EmuLauncher. This file holds the C API: the parameter structs'
+// fields by name and one entry point per launch sequence.
+#include "emu_runtime.h"
 
-#include <algorithm>
-#include <cmath>
-#include <cstdarg>
-#include <cstddef>
-#include <cstdint>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
-#include <functional>
-#include <random>
-#include <string>
-#include <type_traits>
-#include <vector>
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#define KVKERN_EXPORT extern "C" __attribute__((visibility("default")))
-
-// ===========================================================================
-// The runtime's interface and the CUDA builtins the kernels use, on the host.
-// ===========================================================================
-namespace kvkern_emu {
-void violation(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
-bool check_read(const void* p, size_t n, const char* what);
-void cp_async(void* dst, const void* src, int n);  // the hooks gen.py puts into common.cuh
-void commit();
-void wait(int n);
-void syncthreads();
-// All 32 lanes of the calling warp deposit `bytes` bytes; returns the 32
-// deposits (valid until the warp's next collective but one).
-const unsigned char* warp_exchange(const void* mine, size_t bytes, int tag);
-void mma_16816(bool bf16, float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
-               uint32_t b1);
-}  // namespace kvkern_emu
-
-#define __launch_bounds__(...)
-#define KVKERN_CUDA_EMULATION 1
-
-dim3 threadIdx, blockIdx, blockDim, gridDim;
-
-namespace emu_builtins {
-enum Tag { kShfl = 1, kShflUp, kShflXor, kBallot, kMma };
-template <typename V>
-inline V shfl_generic(unsigned mask, V v, int tag, int (*src_of)(int lane, int arg), int arg, bool keep_own) {
-  static_assert(sizeof(V) == 4, "32-bit shuffles");
-  if (mask != 0xffffffffu) kvkern_emu::violation("warp shuffle with mask %#x (only the full mask is emulated)", mask);
-  const int lane = static_cast<int>(threadIdx.x) & 31;
-  const unsigned char* all = kvkern_emu::warp_exchange(&v, sizeof(V), tag);
-  const int src = src_of(lane, arg);
-  if (keep_own && (src < 0 || src > 31)) return v;
-  V out;
-  std::memcpy(&out, all + (src & 31) * sizeof(V), sizeof(V));
-  return out;
-}
-inline int src_idx(int, int arg) { return arg & 31; }
-inline int src_up(int lane, int arg) { return lane - arg; }
-inline int src_xor(int lane, int arg) { return lane ^ arg; }
-}  // namespace emu_builtins
-
-template <typename V>
-inline V __shfl_sync(unsigned mask, V v, int src, int width = 32) {
-  if (width != 32) kvkern_emu::violation("__shfl_sync with width %d", width);
-  return emu_builtins::shfl_generic(mask, v, emu_builtins::kShfl, emu_builtins::src_idx, src, false);
-}
-template <typename V>
-inline V __shfl_up_sync(unsigned mask, V v, unsigned delta, int width = 32) {
-  if (width != 32) kvkern_emu::violation("__shfl_up_sync with width %d", width);
-  return emu_builtins::shfl_generic(mask, v, emu_builtins::kShflUp, emu_builtins::src_up, static_cast<int>(delta), true);
-}
-template <typename V>
-inline V __shfl_xor_sync(unsigned mask, V v, int lane_mask, int width = 32) {
-  if (width != 32) kvkern_emu::violation("__shfl_xor_sync with width %d", width);
-  return emu_builtins::shfl_generic(mask, v, emu_builtins::kShflXor, emu_builtins::src_xor, lane_mask, false);
-}
-inline unsigned __ballot_sync(unsigned mask, int pred) {
-  if (mask != 0xffffffffu) kvkern_emu::violation("__ballot_sync with mask %#x", mask);
-  const int p = pred ? 1 : 0;
-  const unsigned char* all = kvkern_emu::warp_exchange(&p, sizeof(p), emu_builtins::kBallot);
-  unsigned r = 0;
-  for (int l = 0; l < 32; ++l) {
-    int x;
-    std::memcpy(&x, all + l * sizeof(int), sizeof(int));
-    if (x) r |= 1u << l;
-  }
-  return r;
-}
-inline int __ffs(int x) { return x == 0 ? 0 : __builtin_ctz(static_cast<unsigned>(x)) + 1; }
-inline int __popc(unsigned x) { return __builtin_popcount(x); }
-inline void __syncthreads() { kvkern_emu::syncthreads(); }
-// Fibers switch only at barriers and collectives, so a read-modify-write is atomic.
-inline unsigned atomicAdd(unsigned* p, unsigned v) {
-  const unsigned old = *p;
-  *p = old + v;
-  return old;
-}
-inline float __uint_as_float(unsigned u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline unsigned __float_as_uint(float f) {
-  unsigned u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-inline float __int_as_float(int u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-template <typename V>
-inline V __ldg(const V* p) {
-  V v;
-  if (reinterpret_cast<uintptr_t>(p) % sizeof(V) != 0)
-    kvkern_emu::violation("misaligned %zu-byte __ldg at %p", sizeof(V), static_cast<const void*>(p));
-  if (kvkern_emu::check_read(p, sizeof(V), "__ldg")) std::memcpy(&v, p, sizeof(V));
-  else std::memset(&v, 0xff, sizeof(V));
-  return v;
-}
-inline size_t __cvta_generic_to_shared(const void* p) { return reinterpret_cast<size_t>(p); }
 #include <kvkern/select_compact.cuh>
 #include <kvkern/window_scores.cuh>
 
-namespace kvkern::eviction_detail {
-// The kernels' `extern __shared__ unsigned char smem[]`: page aligned, so the
-// pages past a launch's size can be made inaccessible.
-constexpr size_t kSmemCapacity = 1u << 20;
-alignas(4096) unsigned char smem[kSmemCapacity + 4096];
-}  // namespace kvkern::eviction_detail
+#include "emu_capi.h"
 
-namespace kvkern_emu {
-using kvkern::eviction_detail::kSmemCapacity;
-using kvkern::eviction_detail::smem;
-
-// ---------------------------------------------------------------------------
-// Violations and readable memory.
-// ---------------------------------------------------------------------------
-std::vector<std::string> g_problems;
-long g_problem_count = 0;
-void park_for_good();
-
-void violation(const char* fmt, ...) {
-  ++g_problem_count;
-  if (g_problems.size() < 6) {
-    char buf[600];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(buf, sizeof(buf), fmt, ap);
-    va_end(ap);
-    g_problems.emplace_back(buf);
-  }
-  if (g_problem_count >= 64) park_for_good();
-}
-
-struct Range {
-  const unsigned char* base;
-  size_t bytes;
-};
-std::vector<Range> g_readable;
-bool g_check_reads = false;
-
-bool check_read(const void* p, size_t n, const char* what) {
-  if (!g_check_reads) return true;
-  const auto* a = static_cast<const unsigned char*>(p);
-  for (const Range& r : g_readable)
-    if (a >= r.base && a + n <= r.base + r.bytes) return true;
-  violation("%s of %zu bytes at %p: outside every registered buffer", what, n, p);
-  return false;
-}
-
-// ---------------------------------------------------------------------------
-// Fibers (x86-64: a hand-written stack switch).
-// ---------------------------------------------------------------------------
-extern "C" void kvkern_evict_emu_switch(void** save_sp, void* to_sp);
-asm(R"(
-  .text
-  .globl kvkern_evict_emu_switch
-  .hidden kvkern_evict_emu_switch
-  .type kvkern_evict_emu_switch, @function
-kvkern_evict_emu_switch:
-  pushq %rbp
-  pushq %rbx
-  pushq %r12
-  pushq %r13
-  pushq %r14
-  pushq %r15
-  movq %rsp, (%rdi)
-  movq %rsi, %rsp
-  popq %r15
-  popq %r14
-  popq %r13
-  popq %r12
-  popq %rbx
-  popq %rbp
-  ret
-  .size kvkern_evict_emu_switch, .-kvkern_evict_emu_switch
-)");
-
-enum FiberState { kRunnable, kAtBarrier, kAtWarp, kDone, kAbandoned };
-
-struct Copy {
-  void* dst;
-  const void* src;
-  int n;
-};
-
-struct Fiber {
-  void* sp = nullptr;
-  unsigned char* stack = nullptr;
-  FiberState state = kRunnable;
-  int tag = 0;
-  std::vector<Copy> open;
-  std::vector<std::vector<Copy>> groups;
-};
-
-constexpr int kMaxThreads = 1024;
-constexpr size_t kStackBytes = 256 * 1024;
-constexpr size_t kSlotBytes = 64;
-
-struct Block {
-  int n = 0, cur = -1, done = 0;
-  std::vector<Fiber> fibers;
-  std::vector<int> runnable, barrier;
-  std::vector<int> warp_wait[kMaxThreads / 32];
-  unsigned warp_gen[kMaxThreads / 32] = {};
-  int warp_tag[kMaxThreads / 32] = {};
-  size_t warp_bytes[kMaxThreads / 32] = {};
-  unsigned char warp_slot[kMaxThreads / 32][2][32 * kSlotBytes];
-  void* sched_sp = nullptr;
-  std::function<void()> body;
-  bool deferred = true, abandoned = false;
-  std::mt19937_64 rng;
-};
-Block g_block;
-
-void to_scheduler() { kvkern_evict_emu_switch(&g_block.fibers[g_block.cur].sp, g_block.sched_sp); }
-
-void park_for_good() {
-  if (g_block.cur < 0) return;
-  g_block.abandoned = true;
-  g_block.fibers[g_block.cur].state = kAbandoned;
-  to_scheduler();
-  std::abort();
-}
-
-[[noreturn]] void fiber_main() {
-  g_block.body();
-  g_block.fibers[g_block.cur].state = kDone;
-  ++g_block.done;
-  to_scheduler();
-  std::abort();
-}
-
-void init_stacks() {
-  static bool done = false;
-  if (done) return;
-  done = true;
-  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
-  const size_t each = kStackBytes + page;
-  auto* base = static_cast<unsigned char*>(
-      mmap(nullptr, each * kMaxThreads, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
-  if (base == MAP_FAILED) {
-    perror("eviction_emu: mmap of the fiber stacks");
-    std::abort();
-  }
-  g_block.fibers.resize(kMaxThreads);
-  for (int i = 0; i < kMaxThreads; ++i) {
-    unsigned char* s = base + i * each;
-    mprotect(s, page, PROT_NONE);
-    g_block.fibers[i].stack = s + page;
-  }
-}
-
-void start_fiber(Fiber& f) {
-  auto* top = reinterpret_cast<uint64_t*>(f.stack + kStackBytes);
-  top[-1] = 0;
-  top[-2] = reinterpret_cast<uint64_t>(&fiber_main);
-  for (int i = 3; i <= 8; ++i) top[-i] = 0;
-  f.sp = &top[-8];
-}
-
-char g_running[300] = "(nothing)";
-
-// Runs one block; false when it deadlocked or was abandoned.
-bool run_block(int n, const std::function<void()>& body, bool deferred, uint64_t seed) {
-  init_stacks();
-  if (n < 1 || n > kMaxThreads || n % 32 != 0) {
-    violation("block of %d threads (the emulator needs whole warps, <= 1024)", n);
-    return false;
-  }
-  Block& b = g_block;
-  b.n = n;
-  b.done = 0;
-  b.body = body;
-  b.deferred = deferred;
-  b.abandoned = false;
-  b.rng.seed(seed);
-  b.runnable.clear();
-  b.barrier.clear();
-  for (int w = 0; w < n / 32; ++w) {
-    b.warp_wait[w].clear();
-    b.warp_gen[w] = 0;
-  }
-  for (int i = 0; i < n; ++i) {
-    Fiber& f = b.fibers[i];
-    f.state = kRunnable;
-    f.open.clear();
-    f.groups.clear();
-    start_fiber(f);
-    b.runnable.push_back(i);
-  }
-  blockDim = dim3(static_cast<unsigned>(n), 1, 1);
-  while (b.done < n) {
-    if (b.abandoned) {
-      b.cur = -1;
-      g_problems.push_back(std::string("block abandoned after too many violations in ") + g_running);
-      return false;
-    }
-    if (b.runnable.empty()) {
-      int counts[5] = {}, first[5] = {-1, -1, -1, -1, -1};
-      for (int i = 0; i < n; ++i) {
-        const int s = b.fibers[i].state;
-        if (counts[s]++ == 0) first[s] = i;
-      }
-      static const char* names[5] = {"runnable", "at __syncthreads", "at a warp collective", "exited", "abandoned"};
-      std::string msg;
-      for (int s = 0; s < 5; ++s)
-        if (counts[s]) msg += std::to_string(counts[s]) + " " + names[s] + " (first " + std::to_string(first[s]) + "); ";
-      violation("deadlock in %s, block %u: %s", g_running, blockIdx.x, msg.c_str());
-      return false;
-    }
-    const size_t k = b.rng() % b.runnable.size();
-    const int id = b.runnable[k];
-    b.runnable[k] = b.runnable.back();
-    b.runnable.pop_back();
-    b.cur = id;
-    threadIdx = dim3(static_cast<unsigned>(id), 0, 0);
-    kvkern_evict_emu_switch(&b.sched_sp, b.fibers[id].sp);
-    b.cur = -1;
-  }
-  for (int i = 0; i < n; ++i)
-    if (!b.fibers[i].open.empty() || !b.fibers[i].groups.empty()) {
-      violation("%s: thread %d of block %u exited with cp.async copies pending", g_running, i, blockIdx.x);
-      break;
-    }
-  return true;
-}
-
-void syncthreads() {
-  Block& b = g_block;
-  b.fibers[b.cur].state = kAtBarrier;
-  b.barrier.push_back(b.cur);
-  if (static_cast<int>(b.barrier.size()) == b.n) {
-    for (int i : b.barrier) {
-      b.fibers[i].state = kRunnable;
-      b.runnable.push_back(i);
-    }
-    b.barrier.clear();
-  }
-  to_scheduler();
-}
-
-const unsigned char* warp_exchange(const void* mine, size_t bytes, int tag) {
-  Block& b = g_block;
-  const int w = b.cur / 32, lane = b.cur % 32;
-  if (bytes > kSlotBytes) violation("warp exchange of %zu bytes", bytes);
-  const unsigned parity = b.warp_gen[w] & 1u;
-  if (b.warp_wait[w].empty()) {
-    b.warp_tag[w] = tag;
-    b.warp_bytes[w] = bytes;
-  } else if (b.warp_tag[w] != tag || b.warp_bytes[w] != bytes) {
-    violation("%s: lanes of warp %d meet at different collectives (tags %d and %d)", g_running, w, b.warp_tag[w], tag);
-  }
-  std::memcpy(&b.warp_slot[w][parity][lane * kSlotBytes], mine, std::min(bytes, kSlotBytes));
-  b.fibers[b.cur].state = kAtWarp;
-  b.warp_wait[w].push_back(b.cur);
-  if (b.warp_wait[w].size() == 32) {
-    ++b.warp_gen[w];
-    for (int i : b.warp_wait[w]) {
-      b.fibers[i].state = kRunnable;
-      b.runnable.push_back(i);
-    }
-    b.warp_wait[w].clear();
-  }
-  to_scheduler();
-  // Compact the 32 deposits into a per-lane scratch copy for the caller.
-  thread_local unsigned char out[32 * kSlotBytes];
-  for (int l = 0; l < 32; ++l) std::memcpy(out + l * bytes, &b.warp_slot[w][parity][l * kSlotBytes], bytes);
-  return out;
-}
-
-float bf16_lo(uint32_t w, bool bf16) {
-  const uint16_t h = static_cast<uint16_t>(w & 0xffffu);
-  if (bf16) return __uint_as_float(static_cast<uint32_t>(h) << 16);
-  __half x;
-  std::memcpy(&x, &h, 2);
-  return __half2float(x);
-}
-float bf16_hi(uint32_t w, bool bf16) { return bf16_lo(w >> 16, bf16); }
-
-void mma_16816(bool bf16, float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
-               uint32_t b1) {
-  const uint32_t mine[6] = {a0, a1, a2, a3, b0, b1};
-  const unsigned char* all = warp_exchange(mine, sizeof(mine), emu_builtins::kMma);
-  float A[16][16], B[16][8];
-  for (int l = 0; l < 32; ++l) {
-    uint32_t r[6];
-    std::memcpy(r, all + l * sizeof(mine), sizeof(mine));
-    const int g = l >> 2, q = l & 3;
-    const int rows[4] = {g, g + 8, g, g + 8}, cols[4] = {2 * q, 2 * q, 2 * q + 8, 2 * q + 8};
-    for (int k = 0; k < 4; ++k) {
-      A[rows[k]][cols[k]] = bf16_lo(r[k], bf16);
-      A[rows[k]][cols[k] + 1] = bf16_hi(r[k], bf16);
-    }
-    B[2 * q][g] = bf16_lo(r[4], bf16);
-    B[2 * q + 1][g] = bf16_hi(r[4], bf16);
-    B[2 * q + 8][g] = bf16_lo(r[5], bf16);
-    B[2 * q + 9][g] = bf16_hi(r[5], bf16);
-  }
-  const int lane = static_cast<int>(threadIdx.x) & 31;
-  const int g = lane >> 2, q = lane & 3;
-  const int rr[4] = {g, g, g + 8, g + 8}, cc[4] = {2 * q, 2 * q + 1, 2 * q, 2 * q + 1};
-  for (int e = 0; e < 4; ++e) {
-    double s = 0;
-    for (int k = 0; k < 16; ++k) s += static_cast<double>(A[rr[e]][k]) * B[k][cc[e]];
-    c[e] = static_cast<float>(static_cast<double>(c[e]) + s);
-  }
-}
-
-void cp_async(void* dst, const void* src, int n) {
-  Block& b = g_block;
-  auto* d = static_cast<unsigned char*>(dst);
-  if (d < smem || d + n > smem + kSmemCapacity) {
-    violation("%s: cp.async destination %p outside shared memory", g_running, dst);
-    return;
-  }
-  if (reinterpret_cast<uintptr_t>(dst) % n || reinterpret_cast<uintptr_t>(src) % n)
-    violation("%s: misaligned %d-byte cp.async (dst byte %zu, src %p)", g_running, n, static_cast<size_t>(d - smem), src);
-  if (!check_read(src, n, "cp.async")) {
-    std::memset(dst, 0xff, n);
-    return;
-  }
-  if (b.deferred) {
-    std::memset(dst, 0xff, n);
-    b.fibers[b.cur].open.push_back({dst, src, n});
-  } else {
-    std::memcpy(dst, src, n);
-  }
-}
-
-void commit() {
-  Fiber& f = g_block.fibers[g_block.cur];
-  f.groups.push_back(std::move(f.open));
-  f.open.clear();
-}
-
-void wait(int n) {
-  Fiber& f = g_block.fibers[g_block.cur];
-  const size_t keep = static_cast<size_t>(std::max(n, 0));
-  if (f.groups.size() <= keep) return;
-  const size_t retire = f.groups.size() - keep;
-  for (size_t g = 0; g < retire; ++g)
-    for (const Copy& c : f.groups[g]) std::memcpy(c.dst, c.src, c.n);
-  f.groups.erase(f.groups.begin(), f.groups.begin() + static_cast<std::ptrdiff_t>(retire));
-}
-
-void crash_handler(int sig) {
-  char buf[500];
-  const int len = snprintf(buf, sizeof(buf),
-                           "\neviction_emu CRASH: signal %d in %s (a wild access: shared memory past the launch's "
-                           "size, a bad global pointer, or a fiber stack overflow)\n",
-                           sig, g_running);
-  if (len > 0) {
-    ssize_t ignored = write(2, buf, static_cast<size_t>(std::min<int>(len, sizeof(buf) - 1)));
-    (void)ignored;
-  }
-  _exit(3);
-}
-
-void install_crash_handler() {
-  static bool done = false;
-  if (done) return;
-  done = true;
-  static std::vector<char> alt(1 << 16);
-  stack_t ss{};
-  ss.ss_sp = alt.data();
-  ss.ss_size = alt.size();
-  sigaltstack(&ss, nullptr);
-  struct sigaction sa{};
-  sa.sa_handler = crash_handler;
-  sa.sa_flags = SA_ONSTACK;
-  sigaction(SIGSEGV, &sa, nullptr);
-  sigaction(SIGBUS, &sa, nullptr);
-}
-
-// ---------------------------------------------------------------------------
-// The launcher the run_* sequences call.
-// ---------------------------------------------------------------------------
-struct Options {
-  int64_t seed = 1;
-  bool deferred = true;
-  bool check_reads = true;
-  // Blocks run one after the other: 0 in blockIdx order, 1 reversed, 2 in a
-  // random (seeded) order, which exposes a block reading what another block
-  // of the same launch writes.
-  int block_order = 2;
-};
-
-struct LaunchRecord {
-  std::string kernel;
-  int64_t blocks;
-  int threads;
-  size_t smem;
-};
-std::vector<LaunchRecord> g_launches;
-
-// The kernel's (demangled) name, for messages.
-std::string kernel_name(const void* fn) {
-  Dl_info info;
-  if (dladdr(fn, &info) != 0 && info.dli_sname != nullptr) {
-    int status = 0;
-    char* d = abi::__cxa_demangle(info.dli_sname, nullptr, nullptr, &status);
-    std::string s = status == 0 && d != nullptr ? d : info.dli_sname;
-    std::free(d);
-    const size_t paren = s.find('(');
-    return paren == std::string::npos ? s : s.substr(0, paren);
-  }
-  char buf[40];
-  snprintf(buf, sizeof(buf), "kernel@%p", fn);
-  return buf;
-}
-
-struct EmuLauncher {
-  size_t smem_limit;
-  Options opt;
-
-  size_t max_smem() const { return smem_limit; }
-
-  template <typename P>
-  cudaError_t operator()(void (*kernel)(P), int64_t blocks, int threads, size_t smem_bytes, const P& params) {
-    if (blocks <= 0) return cudaSuccess;
-    if (blocks > INT32_MAX) return cudaErrorInvalidConfiguration;
-    if (smem_bytes > smem_limit || smem_bytes > kSmemCapacity) return cudaErrorInvalidValue;
-    const std::string name = kernel_name(reinterpret_cast<const void*>(kernel));
-    g_launches.push_back({name, blocks, threads, smem_bytes});
-    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
-    const size_t used = (smem_bytes + page - 1) / page * page;
-    const size_t tail = used - smem_bytes;
-    gridDim = dim3(static_cast<unsigned>(blocks), 1, 1);
-    std::vector<int64_t> order(static_cast<size_t>(blocks));
-    for (int64_t b = 0; b < blocks; ++b) order[static_cast<size_t>(b)] = opt.block_order == 1 ? blocks - 1 - b : b;
-    if (opt.block_order == 2) {
-      std::mt19937_64 rng(static_cast<uint64_t>(opt.seed) * 0xD1B54A32D192ED03ull + g_launches.size());
-      std::shuffle(order.begin(), order.end(), rng);
-    }
-    bool alive = true;
-    for (size_t n = 0; n < order.size() && alive; ++n) {
-      const int64_t bid = order[n];
-      snprintf(g_running, sizeof(g_running), "kernel(%s) block %lld of %lld", name.c_str(),
-               static_cast<long long>(bid), static_cast<long long>(blocks));
-      std::memset(smem, 0xff, used);
-      std::memset(smem + smem_bytes, 0xa5, tail);
-      if (used < kSmemCapacity) mprotect(smem + used, kSmemCapacity - used, PROT_NONE);
-      blockIdx = dim3(static_cast<unsigned>(bid), 0, 0);
-      P local = params;
-      alive = run_block(threads, [&] { kernel(local); }, opt.deferred,
-                        static_cast<uint64_t>(opt.seed) * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(bid));
-      if (used < kSmemCapacity) mprotect(smem + used, kSmemCapacity - used, PROT_READ | PROT_WRITE);
-      for (size_t i = 0; i < tail; ++i)
-        if (smem[smem_bytes + i] != 0xa5) {
-          violation("%s wrote shared memory past the launch's %zu bytes", g_running, smem_bytes);
-          break;
-        }
-    }
-    return alive ? cudaSuccess : cudaErrorLaunchFailure;
-  }
-};
-
-}  // namespace kvkern_emu
-
-// ===========================================================================
-// C API: parameter structs filled by field name, then one run.
-// ===========================================================================
 namespace {
 using namespace kvkern;
 using kvkern::eviction_detail::EvictionTuning;
+using kvkern_emu::Field;
 
-enum Kind { kPtr, kI64, kI32, kF32, kBool };
-struct Field {
-  const char* name;
-  size_t off;
-  Kind kind;
-};
-template <typename T>
-constexpr Kind kind_of() {
-  if constexpr (std::is_pointer_v<T>) return kPtr;
-  else if constexpr (std::is_same_v<T, int64_t>) return kI64;
-  else if constexpr (std::is_same_v<T, float>) return kF32;
-  else if constexpr (std::is_same_v<T, bool>) return kBool;
-  else if constexpr (std::is_same_v<T, size_t>) return kI64;
-  else return kI32;  // int and the int-based enums
-}
-#define FLD(S, n) Field{#n, offsetof(S, n), kind_of<std::remove_cv_t<decltype(S::n)>>()}
+const std::vector<Field> kWindowFields = {KVKERN_EMU_FIELDS(
+    WindowScoresParams, q_win, k, lengths, out, batch, num_q_heads, num_kv_heads, window, capacity, head_dim,
+    q_stride_b, q_stride_h, q_stride_t, k_stride_b, k_stride_h, k_stride_c, lengths_stride_b, lengths_stride_h,
+    sm_scale, query_reduce, group_reduce, normalize, pool, pool_kernel)};
 
-const std::vector<Field> kWindowFields = {
-    FLD(WindowScoresParams, q_win), FLD(WindowScoresParams, k), FLD(WindowScoresParams, lengths),
-    FLD(WindowScoresParams, out), FLD(WindowScoresParams, batch), FLD(WindowScoresParams, num_q_heads),
-    FLD(WindowScoresParams, num_kv_heads), FLD(WindowScoresParams, window), FLD(WindowScoresParams, capacity),
-    FLD(WindowScoresParams, head_dim), FLD(WindowScoresParams, q_stride_b), FLD(WindowScoresParams, q_stride_h),
-    FLD(WindowScoresParams, q_stride_t), FLD(WindowScoresParams, k_stride_b), FLD(WindowScoresParams, k_stride_h),
-    FLD(WindowScoresParams, k_stride_c), FLD(WindowScoresParams, lengths_stride_b),
-    FLD(WindowScoresParams, lengths_stride_h), FLD(WindowScoresParams, sm_scale),
-    FLD(WindowScoresParams, query_reduce), FLD(WindowScoresParams, group_reduce), FLD(WindowScoresParams, normalize),
-    FLD(WindowScoresParams, pool), FLD(WindowScoresParams, pool_kernel)};
+const std::vector<Field> kSelectFields = {KVKERN_EMU_FIELDS(
+    SelectParams, scores, lengths, positions, budgets, protect_ranges, keep_mask, segment_cuts, segment_min, keep,
+    new_lengths, batch, num_kv_heads, capacity, scores_stride_b, scores_stride_h, lengths_stride_b,
+    lengths_stride_h, positions_stride_b, positions_stride_h, budgets_stride_b, budgets_stride_h,
+    keep_mask_stride_b, keep_mask_stride_h, num_ranges, ranges_stride_b, num_segments, budget, n_sink, n_recent)};
 
-const std::vector<Field> kSelectFields = {
-    FLD(SelectParams, scores), FLD(SelectParams, lengths), FLD(SelectParams, positions), FLD(SelectParams, budgets),
-    FLD(SelectParams, protect_ranges), FLD(SelectParams, keep_mask), FLD(SelectParams, segment_cuts),
-    FLD(SelectParams, segment_min), FLD(SelectParams, keep), FLD(SelectParams, new_lengths), FLD(SelectParams, batch),
-    FLD(SelectParams, num_kv_heads), FLD(SelectParams, capacity), FLD(SelectParams, scores_stride_b),
-    FLD(SelectParams, scores_stride_h), FLD(SelectParams, lengths_stride_b), FLD(SelectParams, lengths_stride_h),
-    FLD(SelectParams, positions_stride_b), FLD(SelectParams, positions_stride_h),
-    FLD(SelectParams, budgets_stride_b), FLD(SelectParams, budgets_stride_h), FLD(SelectParams, keep_mask_stride_b),
-    FLD(SelectParams, keep_mask_stride_h), FLD(SelectParams, num_ranges), FLD(SelectParams, ranges_stride_b),
-    FLD(SelectParams, num_segments), FLD(SelectParams, budget), FLD(SelectParams, n_sink),
-    FLD(SelectParams, n_recent)};
+const std::vector<Field> kCompactFields = {KVKERN_EMU_FIELDS(
+    CompactParams, k, v, lengths, keep, positions, hist, log_w, batch, num_kv_heads, capacity, head_dim, k_stride_b,
+    k_stride_h, k_stride_c, v_stride_b, v_stride_h, v_stride_c, lengths_stride_b, lengths_stride_h, keep_stride_b,
+    keep_stride_h, positions_stride_b, positions_stride_h, hist_stride_b, hist_stride_h, log_w_stride_b,
+    log_w_stride_h)};
 
-const std::vector<Field> kCompactFields = {
-    FLD(CompactParams, k), FLD(CompactParams, v), FLD(CompactParams, lengths), FLD(CompactParams, keep),
-    FLD(CompactParams, positions), FLD(CompactParams, hist), FLD(CompactParams, log_w), FLD(CompactParams, batch),
-    FLD(CompactParams, num_kv_heads), FLD(CompactParams, capacity), FLD(CompactParams, head_dim),
-    FLD(CompactParams, k_stride_b), FLD(CompactParams, k_stride_h), FLD(CompactParams, k_stride_c),
-    FLD(CompactParams, v_stride_b), FLD(CompactParams, v_stride_h), FLD(CompactParams, v_stride_c),
-    FLD(CompactParams, lengths_stride_b), FLD(CompactParams, lengths_stride_h), FLD(CompactParams, keep_stride_b),
-    FLD(CompactParams, keep_stride_h), FLD(CompactParams, positions_stride_b),
-    FLD(CompactParams, positions_stride_h), FLD(CompactParams, hist_stride_b), FLD(CompactParams, hist_stride_h),
-    FLD(CompactParams, log_w_stride_b), FLD(CompactParams, log_w_stride_h)};
+const std::vector<Field> kScoreEvictFields = {KVKERN_EMU_FIELDS(
+    ScoreEvictParams, q_win, k, v, lengths, positions, budgets, protect_ranges, keep_mask, hist, hist_lengths,
+    log_w, redundancy, keep, batch, num_q_heads, num_kv_heads, window, capacity, head_dim, q_stride_b, q_stride_h,
+    q_stride_t, k_stride_b, k_stride_h, k_stride_c, v_stride_b, v_stride_h, v_stride_c, lengths_stride_b,
+    lengths_stride_h, positions_stride_b, positions_stride_h, budgets_stride_b, budgets_stride_h,
+    keep_mask_stride_b, keep_mask_stride_h, hist_stride_b, hist_stride_h, hist_lengths_stride_b,
+    hist_lengths_stride_h, log_w_stride_b, log_w_stride_h, redundancy_stride_b, redundancy_stride_h, num_ranges,
+    ranges_stride_b, sm_scale, query_reduce, group_reduce, normalize, pool, pool_kernel, budget, n_sink, n_recent,
+    decay, hist_mode, mix_lambda)};
 
-const std::vector<Field> kScoreEvictFields = {
-    FLD(ScoreEvictParams, q_win), FLD(ScoreEvictParams, k), FLD(ScoreEvictParams, v),
-    FLD(ScoreEvictParams, lengths), FLD(ScoreEvictParams, positions), FLD(ScoreEvictParams, budgets),
-    FLD(ScoreEvictParams, protect_ranges), FLD(ScoreEvictParams, keep_mask), FLD(ScoreEvictParams, hist),
-    FLD(ScoreEvictParams, hist_lengths), FLD(ScoreEvictParams, log_w), FLD(ScoreEvictParams, redundancy),
-    FLD(ScoreEvictParams, keep), FLD(ScoreEvictParams, batch), FLD(ScoreEvictParams, num_q_heads),
-    FLD(ScoreEvictParams, num_kv_heads), FLD(ScoreEvictParams, window), FLD(ScoreEvictParams, capacity),
-    FLD(ScoreEvictParams, head_dim), FLD(ScoreEvictParams, q_stride_b), FLD(ScoreEvictParams, q_stride_h),
-    FLD(ScoreEvictParams, q_stride_t), FLD(ScoreEvictParams, k_stride_b), FLD(ScoreEvictParams, k_stride_h),
-    FLD(ScoreEvictParams, k_stride_c), FLD(ScoreEvictParams, v_stride_b), FLD(ScoreEvictParams, v_stride_h),
-    FLD(ScoreEvictParams, v_stride_c), FLD(ScoreEvictParams, lengths_stride_b),
-    FLD(ScoreEvictParams, lengths_stride_h), FLD(ScoreEvictParams, positions_stride_b),
-    FLD(ScoreEvictParams, positions_stride_h), FLD(ScoreEvictParams, budgets_stride_b),
-    FLD(ScoreEvictParams, budgets_stride_h), FLD(ScoreEvictParams, keep_mask_stride_b),
-    FLD(ScoreEvictParams, keep_mask_stride_h), FLD(ScoreEvictParams, hist_stride_b),
-    FLD(ScoreEvictParams, hist_stride_h), FLD(ScoreEvictParams, hist_lengths_stride_b),
-    FLD(ScoreEvictParams, hist_lengths_stride_h), FLD(ScoreEvictParams, log_w_stride_b),
-    FLD(ScoreEvictParams, log_w_stride_h), FLD(ScoreEvictParams, redundancy_stride_b),
-    FLD(ScoreEvictParams, redundancy_stride_h), FLD(ScoreEvictParams, num_ranges),
-    FLD(ScoreEvictParams, ranges_stride_b), FLD(ScoreEvictParams, sm_scale), FLD(ScoreEvictParams, query_reduce),
-    FLD(ScoreEvictParams, group_reduce), FLD(ScoreEvictParams, normalize), FLD(ScoreEvictParams, pool),
-    FLD(ScoreEvictParams, pool_kernel), FLD(ScoreEvictParams, budget), FLD(ScoreEvictParams, n_sink),
-    FLD(ScoreEvictParams, n_recent), FLD(ScoreEvictParams, decay), FLD(ScoreEvictParams, hist_mode),
-    FLD(ScoreEvictParams, mix_lambda)};
-
-const std::vector<Field> kTuningFields = {FLD(EvictionTuning, force_simt), FLD(EvictionTuning, window_target_blocks), FLD(EvictionTuning, select_list_cap),
-                                          FLD(EvictionTuning, window_chunk_tiles), FLD(EvictionTuning, max_smem)};
-const std::vector<Field> kOptionFields = {FLD(kvkern_emu::Options, seed), FLD(kvkern_emu::Options, deferred),
-                                          FLD(kvkern_emu::Options, check_reads), FLD(kvkern_emu::Options, block_order)};
+const std::vector<Field> kTuningFields = {KVKERN_EMU_FIELDS(
+    EvictionTuning, force_simt, window_target_blocks, select_list_cap, window_chunk_tiles, max_smem)};
 
 struct Handle {
   std::string kind;
@@ -720,105 +66,20 @@ struct Handle {
   ScoreEvictParams score_evict;
   EvictionTuning tuning;
   kvkern_emu::Options options;
-  size_t smem_limit = 227 * 1024;  // an H100's opt-in limit
 
-  void* params(const std::vector<Field>** fields) {
-    if (kind == "window_scores") return *fields = &kWindowFields, &window;
-    if (kind == "select") return *fields = &kSelectFields, &select;
-    if (kind == "compact") return *fields = &kCompactFields, &compact;
-    return *fields = &kScoreEvictFields, &score_evict;
+  int set(const char* name, double value, void* ptr, bool is_ptr) {
+    const std::vector<Field>* fields = &kScoreEvictFields;
+    void* params = &score_evict;
+    if (kind == "window_scores") fields = &kWindowFields, params = &window;
+    else if (kind == "select") fields = &kSelectFields, params = &select;
+    else if (kind == "compact") fields = &kCompactFields, params = &compact;
+    return kvkern_emu::set_field({{fields, params}, {&kTuningFields, &tuning}, {&kvkern_emu::kOptionFields, &options}},
+                                 name, value, ptr, is_ptr, kind);
   }
 };
 
-std::string g_error;
-
-const Field* find(const std::vector<Field>& fs, const char* name) {
-  for (const Field& f : fs)
-    if (std::strcmp(f.name, name) == 0) return &f;
-  return nullptr;
-}
-
-bool set_field(void* base, const Field& f, double value, void* ptr) {
-  unsigned char* at = static_cast<unsigned char*>(base) + f.off;
-  switch (f.kind) {
-    case kPtr: std::memcpy(at, &ptr, sizeof(ptr)); return true;
-    case kI64: {
-      const int64_t v = static_cast<int64_t>(value);
-      std::memcpy(at, &v, 8);
-      return true;
-    }
-    case kI32: {
-      const int v = static_cast<int>(value);
-      std::memcpy(at, &v, 4);
-      return true;
-    }
-    case kF32: {
-      const float v = static_cast<float>(value);
-      std::memcpy(at, &v, 4);
-      return true;
-    }
-    case kBool: {
-      const bool v = value != 0;
-      std::memcpy(at, &v, 1);
-      return true;
-    }
-  }
-  return false;
-}
-
-int set(Handle* h, const char* name, double value, void* ptr, bool is_ptr) {
-  const std::vector<Field>* fs = nullptr;
-  void* base = h->params(&fs);
-  const Field* f = find(*fs, name);
-  if (f == nullptr) {
-    if ((f = find(kTuningFields, name)) != nullptr) base = &h->tuning;
-    else if ((f = find(kOptionFields, name)) != nullptr) base = &h->options;
-    else if (std::strcmp(name, "smem_limit") == 0) {
-      h->smem_limit = static_cast<size_t>(value);
-      return 0;
-    }
-  }
-  if (f == nullptr || (f->kind == kPtr) != is_ptr) {
-    g_error = std::string("no ") + (is_ptr ? "pointer" : "numeric") + " field '" + name + "' in " + h->kind;
-    return -1;
-  }
-  set_field(base, *f, value, ptr);
-  return 0;
-}
-
 KvDtype dtype_of(int d) { return static_cast<KvDtype>(d); }
-
-int finish(cudaError_t err) {
-  using kvkern_emu::g_problems;
-  std::string msg;
-  for (const std::string& p : g_problems) msg += p + "\n";
-  if (kvkern_emu::g_problem_count > static_cast<long>(g_problems.size()))
-    msg += "... and " + std::to_string(kvkern_emu::g_problem_count - static_cast<long>(g_problems.size())) + " more\n";
-  if (err != cudaSuccess) msg = std::string("launch sequence returned ") + cudaGetErrorName(err) + "\n" + msg;
-  g_error = msg;
-  if (err == cudaErrorInvalidValue && g_problems.empty()) return 2;  // refused before launching
-  return msg.empty() ? 0 : 1;
-}
-
-void begin(Handle* h) {
-  kvkern_emu::install_crash_handler();
-  kvkern_emu::g_problems.clear();
-  kvkern_emu::g_problem_count = 0;
-  kvkern_emu::g_launches.clear();
-  kvkern_emu::g_check_reads = h->options.check_reads;
-}
 }  // namespace
-
-// cudaGetErrorName is in the CUDA runtime library, which is not linked.
-extern "C" const char* cudaGetErrorName(cudaError_t e) {
-  switch (e) {
-    case cudaSuccess: return "cudaSuccess";
-    case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
-    case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
-    case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
-    default: return "cudaError(other)";
-  }
-}
 
 KVKERN_EXPORT void* emu_new(const char* kind) {
   const std::string k = kind;
@@ -829,25 +90,10 @@ KVKERN_EXPORT void* emu_new(const char* kind) {
 }
 KVKERN_EXPORT void emu_free(void* h) { delete static_cast<Handle*>(h); }
 KVKERN_EXPORT int emu_set(void* h, const char* name, double value) {
-  return set(static_cast<Handle*>(h), name, value, nullptr, false);
+  return static_cast<Handle*>(h)->set(name, value, nullptr, false);
 }
 KVKERN_EXPORT int emu_set_ptr(void* h, const char* name, void* ptr) {
-  return set(static_cast<Handle*>(h), name, 0, ptr, true);
-}
-// Registers a buffer the kernels may read through cp.async / __ldg.
-KVKERN_EXPORT void emu_allow(const void* ptr, size_t bytes) {
-  kvkern_emu::g_readable.push_back({static_cast<const unsigned char*>(ptr), bytes});
-}
-KVKERN_EXPORT void emu_clear_allowed() { kvkern_emu::g_readable.clear(); }
-KVKERN_EXPORT const char* emu_error() { return g_error.c_str(); }
-
-// A text line per launch of the last run: "name blocks threads smem".
-KVKERN_EXPORT const char* emu_launches() {
-  static std::string s;
-  s.clear();
-  for (const auto& l : kvkern_emu::g_launches)
-    s += l.kernel + " " + std::to_string(l.blocks) + " " + std::to_string(l.threads) + " " + std::to_string(l.smem) + "\n";
-  return s.c_str();
+  return static_cast<Handle*>(h)->set(name, 0, ptr, true);
 }
 
 KVKERN_EXPORT long long emu_workspace_bytes(void* hp, int dtype) {
@@ -869,8 +115,8 @@ KVKERN_EXPORT long long emu_workspace_bytes(void* hp, int dtype) {
 // launch; see emu_error), 2 (refused: cudaErrorInvalidValue before a launch).
 KVKERN_EXPORT int emu_run(void* hp, const char* op, int dtype, void* workspace, void* compact_handle) {
   auto* h = static_cast<Handle*>(hp);
-  begin(h);
-  kvkern_emu::EmuLauncher launch{h->smem_limit, h->options};
+  kvkern_emu::begin_run(h->options);
+  kvkern_emu::EmuLauncher launch{h->options};
   using namespace kvkern::eviction_detail;
   const std::string o = op;
   cudaError_t err = cudaErrorInvalidValue;
@@ -881,5 +127,5 @@ KVKERN_EXPORT int emu_run(void* hp, const char* op, int dtype, void* workspace, 
     err = run_evict(h->select, static_cast<Handle*>(compact_handle)->compact, dtype_of(dtype), workspace, launch,
                     h->tuning);
   else if (o == "score_evict") err = run_score_evict(h->score_evict, dtype_of(dtype), workspace, launch, h->tuning);
-  return finish(err);
+  return kvkern_emu::finish(err);
 }

@@ -1,10 +1,11 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Emulation copy of the CUDA kernel headers, for tools/cuda_emu/emu.cpp.
+"""Emulation copy of the CUDA kernel headers, for the emulators of tools/cuda_emu (emu_build.py).
 
 The kernels are compiled for the host by g++ as they are, except:
   * common.cuh: the pre-sm_80 fallback of each cp.async primitive (a plain
     copy; commit / wait do nothing) becomes a call into the emulator
-    (``kvkern_emu::cp_async / commit / wait``), which checks and defers the copy;
+    (``kvkern_emu::cp_async / commit / wait`` of emu_runtime.h), which checks and
+    defers the copy;
   * decode_attention.cuh: everything after the kernels (the host launchers,
     which use ``<<<>>>``) is cut off.
 
@@ -36,7 +37,7 @@ def substitute(text: str, old: str, new: str, where: str) -> str:
     if n != 1:
         raise PatchError(
             f"{where}: expected exactly one occurrence of\n    {old!r}\nfound {n}. The kernel source changed under the "
-            f"emulator: update the patterns in tools/cuda_emu/gen.py (and the hooks in emu.cpp) to match.")
+            f"emulator: update the patterns in tools/cuda_emu/gen.py (and the hooks in emu_runtime.h) to match.")
     return text.replace(old, new)
 
 
@@ -81,7 +82,7 @@ def emulation_headers(src_dir: Path | str = SOURCE_DIR) -> dict[str, str]:
     n_asm = common.count('asm volatile("cp.async')
     if n_asm != len(_CP_ASYNC_PATCHES):
         raise PatchError(f"common.cuh: {n_asm} cp.async asm statements, the emulator hooks {len(_CP_ASYNC_PATCHES)}: "
-                         f"update tools/cuda_emu/gen.py and emu.cpp")
+                         f"update tools/cuda_emu/gen.py and emu_runtime.h")
     _check_no_arch_code(common, "common.cuh", allowed=2 * len(_CP_ASYNC_PATCHES))  # `defined(...) && ... >= 800`
     for name, old, new in _CP_ASYNC_PATCHES:
         files[name] = substitute(files[name], old, new, name)

@@ -30,11 +30,8 @@ from __future__ import annotations
 
 import argparse
 import ast
-import concurrent.futures
-import hashlib
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,28 +40,16 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-BUILD_DIR = REPO / "build" / "cuda_emu"
 sys.path.insert(0, str(HERE))
+import emu_build  # noqa: E402
 import gen  # noqa: E402
+from emu_build import REQUIRED_CUDA_HEADERS, cuda_home, cuda_include_dir  # noqa: E402,F401
 
-REQUIRED_CUDA_HEADERS = ("cuda_runtime.h", "cuda_runtime_api.h", "cuda_fp16.h", "cuda_bf16.h", "math_constants.h")
-CXXFLAGS = ["-std=c++17", "-O2", "-Wall", "-Wextra", "-Wno-unknown-pragmas",  # #pragma unroll
-            "-Wno-class-memaccess"]  # __builtin_memcpy into __half2 (fine on the host)
 _TORCH_DTYPES = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}
 
 
 def log(msg: str) -> None:
     print(f"cuda_emu: {msg}", flush=True)
-
-
-def cuda_home() -> Path:
-    return Path(os.environ.get("CUDA_HOME") or "/usr/local/cuda")
-
-
-def cuda_include_dir() -> Path | None:
-    """The CUDA include directory, or None when the headers the kernels need are missing."""
-    inc = cuda_home() / "include"
-    return inc if all((inc / h).is_file() for h in REQUIRED_CUDA_HEADERS) else None
 
 
 def tolerances(utils: Path = REPO / "tests" / "utils.py") -> dict[str, dict[str, tuple[float, float]]]:
@@ -96,70 +81,12 @@ def _tol_args(tols) -> list[str]:
     return args
 
 
-def _compiler() -> str:
-    cxx = os.environ.get("CXX", "g++")
-    if shutil.which(cxx) is None:
-        raise SystemExit(f"cuda_emu: no C++ compiler {cxx!r} on PATH (set CXX)")
-    return cxx
-
-
-def build(src_dir: Path, cuda_inc: Path, jobs: int) -> tuple[Path, float, bool]:
-    """Generates the headers and compiles the emulator. Returns (binary, seconds, cached)."""
-    t0 = time.monotonic()
-    files = gen.emulation_headers(src_dir)
-    cxx = _compiler()
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    parts = max(1, 2 * jobs - 1)  # kernel objects; with part 0 (runtime, cases) 2 objects per job
-    flags = list(CXXFLAGS)
-    if os.uname().machine in ("x86_64", "AMD64"):
-        flags.append("-fcf-protection=none")  # the fibers switch stacks by hand (no shadow stack)
-    h = hashlib.sha256()
-    for item in [(HERE / "emu.cpp").read_text(), *sorted(files.items()), flags, version, parts, str(cuda_inc),
-                 [(cuda_inc / f).stat().st_mtime_ns for f in REQUIRED_CUDA_HEADERS]]:
-        h.update(repr(item).encode())
-    key = h.hexdigest()[:16]
-    out = BUILD_DIR / key
-    exe = out / "emu"
-    if exe.is_file():
-        return exe, time.monotonic() - t0, True
-
-    BUILD_DIR.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{key}.tmp", dir=BUILD_DIR))
-    try:
-        inc = gen.write_headers(files, tmp / "include")
-        base = [cxx, *flags, f"-I{inc}", f"-I{cuda_inc}", f"-DKVKERN_EMU_PARTS={parts}"]
-        cmds = [[*base, f"-DKVKERN_EMU_PART={p}", "-c", str(HERE / "emu.cpp"), "-o", str(tmp / f"part{p}.o")]
-                for p in range(parts + 1)]
-
-        def compile_one(cmd):
-            return subprocess.run(cmd, capture_output=True, text=True)
-
-        with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-            results = list(pool.map(compile_one, cmds))
-        for cmd, r in zip(cmds, results):
-            if r.returncode != 0 or r.stderr.strip():
-                sys.stderr.write(f"cuda_emu: {' '.join(cmd)}\n{r.stderr}")
-            if r.returncode != 0:
-                raise SystemExit(2)
-        link = [cxx, *[str(tmp / f"part{p}.o") for p in range(parts + 1)], "-o", str(tmp / "emu")]
-        r = subprocess.run(link, capture_output=True, text=True)
-        if r.returncode != 0:
-            sys.stderr.write(f"cuda_emu: {' '.join(link)}\n{r.stderr}")
-            raise SystemExit(2)
-        try:
-            tmp.rename(out)
-        except OSError:  # built meanwhile by another run
-            if not exe.is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    # Keep the cache small: the newest few builds.
-    old = sorted((d for d in BUILD_DIR.iterdir() if d.is_dir() and ".tmp" not in d.name and d != out),
-                 key=lambda d: d.stat().st_mtime, reverse=True)
-    for d in old[3:]:
-        shutil.rmtree(d, ignore_errors=True)
-    return exe, time.monotonic() - t0, False
+def build(src_dir: Path, jobs: int) -> tuple[Path, float, bool]:
+    """Generates the headers and compiles the emulator (every kernel, in parallel
+    parts: with part 0, the runtime and cases, 2 objects per job). Returns
+    (binary, seconds, cached)."""
+    return emu_build.build("emu", "emu.cpp", shared=False, src_dir=src_dir, parts=max(1, 2 * jobs - 1), jobs=jobs,
+                           keep=3)
 
 
 _SUMMARY = re.compile(r"^SUMMARY (.*)$", re.M)
@@ -238,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         src = args.src.resolve()
         rel = src.relative_to(REPO) if src.is_relative_to(REPO) else src
-        exe, secs, cached = build(src, cuda_inc, jobs)
-    except gen.PatchError as e:
+        exe, secs, cached = build(src, jobs)
+    except (gen.PatchError, emu_build.EmulatorError) as e:
         print(f"cuda_emu: ERROR: {e}", file=sys.stderr)
         return 2
     log(f"kernels from {rel}; build {'cached' if cached else 'done'} in {secs:.1f} s "
