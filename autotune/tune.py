@@ -417,11 +417,61 @@ def _quant_decode_attention_tuner() -> OpTuner:
     )
 
 
+# --- fp8_decode_attention: backend and split count over the FP8 (e4m3) cache ---
+
+def _fa_inputs(static: dict, dims: dict, device: torch.device, gen: torch.Generator) -> _QuantInputs:
+    import kvkern
+
+    B, Hkv = _da_layout(dims["batch_heads"])
+    C, D, G = dims["capacity"], static["head_dim"], static["group"]
+    dtype = _DTYPES[static["dtype"]]
+    cache = kvkern.FP8KVCache.empty(B, Hkv, C, D, device=device)
+    k = torch.randn(B, Hkv, C, D, generator=gen, device=device, dtype=dtype)
+    v = torch.randn(B, Hkv, C, D, generator=gen, device=device, dtype=dtype)
+    cache.fill_(k, v, torch.full((B, Hkv), C, dtype=torch.int32, device=device), calibrate=True)
+    return _QuantInputs(q=torch.randn(B, Hkv * G, D, generator=gen, device=device, dtype=dtype), cache=cache)
+
+
+def _fa_run(backend: str, x: _QuantInputs, cfg: dict) -> tuple:
+    import kvkern
+
+    return kvkern.fp8_decode_attention(x.q, x.cache, return_lse=True, backend=backend, num_splits=cfg["num_splits"])
+
+
+def _fa_reference(x: _QuantInputs) -> tuple:
+    k, v = x.cache.dequantize()
+    return _da_reference(_DecodeInputs(q=x.q, k=k.to(x.q.dtype), v=v.to(x.q.dtype), lengths=x.cache.lengths))
+
+
+def _fp8_decode_attention_tuner() -> OpTuner:
+    from kvkern.quant_ops import FP8_DECODE_ATTENTION_TUNING
+
+    return OpTuner(
+        spec=FP8_DECODE_ATTENTION_TUNING,
+        static_args=(
+            StaticArg("head_dim", int, (64, 128, 256), (128,)),
+            StaticArg("dtype", str, tuple(_DTYPES), ("bf16",)),
+            StaticArg("group", int, None, (4,)),
+        ),
+        grids=_quant_decode_attention_tuner().grids,
+        backends=_eviction_backends("fp8_decode_attention"),
+        candidates=lambda backend, static, dims: [{"num_splits": s} for s in (0, 1, 2, 4, 8, 16, 32)
+                                                  if s == 0 or dims["capacity"] >= 64 * s],
+        make_inputs=_fa_inputs,
+        # one byte per code for k and v, the per-head scales are noise
+        input_bytes=lambda static, dims: 2 * dims["batch_heads"] * dims["capacity"] * static["head_dim"],
+        run=_fa_run,
+        reference=_fa_reference,
+        tolerance=lambda static: _TOLERANCES[static["dtype"]],
+    )
+
+
 OPS: dict[str, OpTuner] = {
     "decode_attention": _decode_attention_tuner(),
     "window_scores": _window_scores_tuner(),
     "select_keep": _select_keep_tuner(),
     "quant_decode_attention": _quant_decode_attention_tuner(),
+    "fp8_decode_attention": _fp8_decode_attention_tuner(),
 }
 
 

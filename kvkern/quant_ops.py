@@ -232,7 +232,32 @@ def quant_decode_attention(q, cache: QuantizedKVCache, sm_scale: float | None = 
 
 # ---- FP8 KV (kvkern/reference.py "FP8 KV") ----------------------------------------------------
 
-__all__ += ["FP8KVCache", "fp8_scales", "quantize_fp8_kv_", "append_fp8_kv_", "fp8_decode_attention"]
+__all__ += ["FP8KVCache", "fp8_scales", "quantize_fp8_kv_", "append_fp8_kv_", "fp8_decode_attention",
+            "FP8_DECODE_ATTENTION_TUNING"]
+
+# The tuner picks the backend and the split count per bucket (python -m autotune --op
+# fp8_decode_attention); "dtype" is the query's (the codes are always e4m3).
+FP8_DECODE_ATTENTION_TUNING = tuning.OpSpec(
+    op="fp8_decode_attention", static=("head_dim", "dtype", "group"), dims=("batch_heads", "capacity"),
+    config=("num_splits",))
+tuning.register_spec(FP8_DECODE_ATTENTION_TUNING)
+
+
+@torch.compiler.assume_constant_result
+def _tuned_fp8_attention(*key) -> tuple:
+    return _tuned_fp8_attention_cached(*key)
+
+
+@functools.lru_cache(maxsize=4096)
+def _tuned_fp8_attention_cached(device_index: int, head_dim: int, dtype_key: str, group: int, batch_heads: int,
+                                capacity: int, tuned_dir: str | None) -> tuple:
+    # (backend or "", num_splits) from the database; ("", 0) when nothing is tuned.
+    entry = tuning.lookup(FP8_DECODE_ATTENTION_TUNING, tuning.device_name(torch.device("cuda", device_index)),
+                          {"head_dim": head_dim, "dtype": dtype_key, "group": group},
+                          {"batch_heads": batch_heads, "capacity": capacity})
+    if entry is None:
+        return ("", 0)
+    return (entry.get("backend", ""), int(entry.get("num_splits", 0)))
 
 
 def fp8_scales(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -374,6 +399,14 @@ def fp8_decode_attention(q, cache: FP8KVCache, sm_scale: float | None = None, *,
     ``lse [B, Hq]`` float32 with ``return_lse``. Mutates nothing."""
     public = "kvkern.fp8_decode_attention"
     _check_fp8_cache(public, cache)
+    B, Hkv, C = cache.k_fp8.shape[0], cache.k_fp8.shape[1], cache.k_fp8.shape[2]
+    if (q.device.type == "cuda" and backend == "auto" and num_splits == 0 and q.dtype in _DTYPE_KEYS
+            and all(isinstance(x, int) for x in (B, Hkv, C, q.shape[1], q.shape[2]))):
+        tuned_backend, tuned_splits = _tuned_fp8_attention(
+            q.device.index or 0, int(q.shape[2]), _DTYPE_KEYS[q.dtype], int(q.shape[1] // Hkv), int(B * Hkv), int(C),
+            os.environ.get(tuning.ENV_DIR))
+        backend = tuned_backend or backend
+        num_splits = tuned_splits
     out, lse = _op("fp8_decode_attention", q.device, backend, public)(
         q, cache.k_fp8, cache.v_fp8, cache.k_scale, cache.v_scale, cache.lengths,
         None if sm_scale is None else float(sm_scale), int(num_splits))

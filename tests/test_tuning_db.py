@@ -689,6 +689,8 @@ def test_build_py_ships_the_configs(tmp_path):
     ("quant_decode_attention", ["--dtype", "fp32", "--head-dim", "64", "--group", "2", "--bits", "4",
                                 "--quant-group", "32", "--capacity", "256", "512"],
      "device=cpu,head_dim=64,dtype=fp32,group=2,bits=4,quant_group=32.json"),
+    ("fp8_decode_attention", ["--dtype", "fp32", "--head-dim", "64", "--group", "2", "--capacity", "256", "512"],
+     "device=cpu,head_dim=64,dtype=fp32,group=2.json"),
     ("window_scores", ["--dtype", "fp32", "--head-dim", "64", "--group", "2", "--window", "4", "--capacity", "64",
                        "256"], "device=cpu,head_dim=64,dtype=fp32,group=2,window=4.json"),
     ("select_keep", ["--capacity", "64", "256"], "device=cpu.json"),

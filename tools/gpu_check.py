@@ -147,7 +147,8 @@ def step_tune(out: Path) -> dict:
     for op, extra in (("window_scores", ["--dtype", "bf16", "--head-dim", "128", "--group", "4", "--window", "32"]),
                       ("select_keep", []),
                       ("quant_decode_attention", ["--dtype", "bf16", "--head-dim", "128", "--group", "4", "--bits",
-                                                  "4", "2", "--quant-group", "128"])):
+                                                  "4", "2", "--quant-group", "128"]),
+                      ("fp8_decode_attention", ["--dtype", "bf16", "--head-dim", "128", "--group", "4"])):
         more = sh([sys.executable, "-m", "autotune", "--op", op, "--batch-heads", "8", "--capacity", "4096", "32768",
                    *extra, "--out-dir", str(cfg_dir)], timeout=300, log=out / f"tune_{op}.log")
         res[op] = {k: more[k] for k in ("rc", "seconds") if k in more}
