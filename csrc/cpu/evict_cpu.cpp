@@ -18,10 +18,18 @@
 #include <vector>
 
 #include "cpu/evict_kernel.h"
+#include "cpu/parallel.h"
 #include "torch/evict_args.h"
 
 namespace kvkern::torch_glue {
 namespace {
+
+// Work per head, for the thread-pool grain: the selection reads a head's scores a few times
+// (radix passes), the compaction moves its kept rows of k and v (and the per-slot arrays).
+int64_t select_work(const SelectParams& p) { return 4 * p.capacity; }
+int64_t compact_work(const CompactParams& p) { return p.capacity * (2 * p.head_dim + 4); }
+int64_t select_grain(const SelectParams& p) { return cpu::grain_for(select_work(p)); }
+int64_t compact_grain(const CompactParams& p) { return cpu::grain_for(compact_work(p)); }
 
 // The value checks of select_keep's arguments that are free on CPU.
 void check_select_values(const char* op, const SelectParams& p) {
@@ -57,7 +65,7 @@ void check_select_values(const char* op, const SelectParams& p) {
 void check_select_feasible(const char* op, const SelectParams& p) {
   const int64_t heads = p.batch * p.num_kv_heads;
   std::vector<cpu::HeadStatus> status(heads);
-  torch::stable::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, heads, select_grain(p), [&](int64_t begin, int64_t end) {
     cpu::SelectScratch s;
     for (int64_t h = begin; h < end; ++h)
       status[h] = cpu::check_select_head(p, h / p.num_kv_heads, h % p.num_kv_heads, s);
@@ -108,7 +116,8 @@ std::tuple<Tensor, Tensor> select_keep_cpu(
                                                 ScalarType::Int);
   p.keep = static_cast<bool*>(keep.mutable_data_ptr());
   p.new_lengths = static_cast<int32_t*>(new_lengths.mutable_data_ptr());
-  torch::stable::parallel_for(0, p.batch * p.num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+  const int64_t heads = p.batch * p.num_kv_heads;
+  torch::stable::parallel_for(0, heads, select_grain(p), [&](int64_t begin, int64_t end) {
     cpu::SelectScratch s;
     for (int64_t h = begin; h < end; ++h)
       p.new_lengths[h] =
@@ -125,7 +134,8 @@ void compact_cpu(const Tensor& k_cache, const Tensor& v_cache, const Tensor& len
   STD_TORCH_CHECK(k_cache.is_cpu(), op, ": expected CPU tensors here");
   check_host_lengths(op, p);
   const int64_t es = element_size(k_cache.scalar_type());
-  torch::stable::parallel_for(0, p.batch * p.num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+  const int64_t heads = p.batch * p.num_kv_heads;
+  torch::stable::parallel_for(0, heads, compact_grain(p), [&](int64_t begin, int64_t end) {
     for (int64_t h = begin; h < end; ++h)
       cpu::compact_head(p, es, h / p.num_kv_heads, h % p.num_kv_heads);
   });
@@ -156,7 +166,8 @@ Tensor evict_cpu(const Tensor& k_cache, const Tensor& v_cache, const Tensor& len
   const int64_t es = element_size(k_cache.scalar_type());
   // Per head: select (reads lengths, positions, scores), then compact (rewrites
   // them); heads are independent.
-  torch::stable::parallel_for(0, sp.batch * sp.num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = cpu::grain_for(select_work(sp) + compact_work(cp));
+  torch::stable::parallel_for(0, sp.batch * sp.num_kv_heads, grain, [&](int64_t begin, int64_t end) {
     cpu::SelectScratch s;
     for (int64_t h = begin; h < end; ++h) {
       const int64_t b = h / sp.num_kv_heads, j = h % sp.num_kv_heads;
@@ -176,7 +187,9 @@ Tensor allocate_head_budgets_cpu(const Tensor& scores, const Tensor& lengths, in
   check_host_lengths(op, p);
   Tensor out = torch::stable::new_empty(lengths, {p.batch, p.num_kv_heads}, ScalarType::Int);
   p.out = static_cast<int32_t*>(out.mutable_data_ptr());
-  torch::stable::parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) {
+  // one item = one batch element: a global top-k over its heads' scores
+  const int64_t grain = cpu::grain_for(p.num_kv_heads * p.capacity * 4);
+  torch::stable::parallel_for(0, p.batch, grain, [&](int64_t begin, int64_t end) {
     cpu::BudgetScratch s;
     for (int64_t b = begin; b < end; ++b) cpu::allocate_batch(p, b, s);
   });

@@ -13,6 +13,7 @@
 #include <string>
 
 #include "cpu/dtype_dispatch.h"
+#include "cpu/parallel.h"
 #include "cpu/scorers_kernel.h"
 #include "torch/scorer_args.h"
 
@@ -35,7 +36,8 @@ Tensor score_slots(const char* op, const Tensor& k_cache, P& p, const Items& ite
   p.out = static_cast<float*>(out.mutable_data_ptr());
   if (p.capacity == 0) return out;
   dispatch_cache_dtype(op, k_cache.scalar_type(), [&](auto tag) {
-    for_each_head(p.batch * p.num_kv_heads, 1, [&](int64_t begin, int64_t end) { items(tag, begin, end); });
+    for_each_head(p.batch * p.num_kv_heads, cpu::grain_for(p.capacity * p.head_dim),
+                  [&](int64_t begin, int64_t end) { items(tag, begin, end); });
   });
   return out;
 }
@@ -74,8 +76,7 @@ void update_scores_cpu(Tensor hist, const Tensor& fresh, const Tensor& lengths,
   check_host_lengths(op, "hist_lengths", p.hist_lengths, p.hist_lengths_stride_b,
                      p.hist_lengths_stride_h, p.batch, p.num_kv_heads, p.capacity);
   if (p.capacity == 0) return;
-  // Rows are short and cheap: several heads per task.
-  for_each_head(p.batch * p.num_kv_heads, 16, [&](int64_t begin, int64_t end) {
+  for_each_head(p.batch * p.num_kv_heads, cpu::grain_for(p.capacity), [&](int64_t begin, int64_t end) {
     cpu::scorer::update_scores_items(p, begin, end);
   });
 }
