@@ -5,9 +5,9 @@ default launch configuration, and the search space the tuner sweeps.
 Kernels are in ``kvkern/triton/kernels/decode_attention.py``: a split-K kernel
 over (batch, kv head, head tile, split) and a combine kernel that merges the
 per-split partial states (``merge_states_triton``). The split-K plumbing around them
-(``split_count``, ``split_buffers``, ``merge_split_buffers``) serves the other
-attention twins too (the quantized and fp8 caches), so every op splits and merges
-by the same rules.
+(``attention_outputs``, ``split_count``, ``split_buffers``, ``merge_split_buffers``)
+serves the other attention twins too (the quantized and fp8 caches), so every op
+splits and merges by the same rules.
 
 Nothing here reads tensor values or synchronizes with the device, and every
 allocation depends on shapes and the configuration only, so the op runs inside
@@ -27,7 +27,7 @@ from .. import _validate
 from .kernels.decode_attention import decode_attention_split_kernel, merge_states_kernel
 
 __all__ = ["decode_attention_triton", "default_config", "search_space", "merge_states_triton", "head_block",
-           "split_count", "split_buffers", "merge_split_buffers"]
+           "attention_outputs", "split_count", "split_buffers", "merge_split_buffers"]
 
 OP = "kvkern::decode_attention_triton"
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -242,6 +242,13 @@ def merge_states_triton(partial_out: torch.Tensor, partial_lse: torch.Tensor, ou
         )
 
 
+def attention_outputs(q: torch.Tensor):
+    """Empty ``out [B, Hq, D]`` (q's dtype) and ``lse [B, Hq]`` fp32 on q's device, for ``q [B, Hq, D]``."""
+    B, Hq, D = q.shape
+    return (torch.empty((B, Hq, D), dtype=q.dtype, device=q.device),
+            torch.empty((B, Hq), dtype=torch.float32, device=q.device))
+
+
 def split_buffers(out: torch.Tensor, lse: torch.Tensor, num_splits: int):
     """Where the split kernels write: ``out`` / ``lse`` themselves with one split,
     else fresh fp32 partials ``[B * Hq, S, D]`` / ``[B * Hq, S]`` for
@@ -278,8 +285,7 @@ def _launch(q, k_cache, v_cache, lengths, log_w, sm_scale, num_splits, block_n, 
         num_warps = num_warps or cfg["num_warps"]
         num_stages = num_stages or cfg["num_stages"]
 
-    out = torch.empty((B, Hq, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, Hq), dtype=torch.float32, device=q.device)
+    out, lse = attention_outputs(q)
     if out.numel() == 0:
         return out, lse
 

@@ -15,7 +15,7 @@ import torch
 import triton
 
 from .. import _validate
-from .decode_attention import merge_split_buffers, split_buffers, split_count
+from .decode_attention import attention_outputs, merge_split_buffers, split_buffers, split_count
 from .kernels.fp8 import append_fp8_kernel, fp8_attention_split_kernel, quantize_fp8_kernel
 from .quant import _EXACT, INTERPRET, _check_query, _check_sm_scale, _guard
 
@@ -163,8 +163,7 @@ def fp8_decode_attention_triton(q, k_fp8, v_fp8, k_scale, v_scale, lengths, sm_s
     if _validate.should_check_values(lengths):
         _validate.require_lengths_in_range(op, lengths, C)
     scale = D ** -0.5 if sm_scale is None else sm_scale
-    out = torch.empty((B, Hq, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, Hq), dtype=torch.float32, device=q.device)
+    out, lse = attention_outputs(q)
     if out.numel() == 0:
         return out, lse
     G = Hq // H

@@ -21,7 +21,7 @@ import torch
 import triton
 
 from .. import _validate
-from .decode_attention import merge_split_buffers, split_buffers, split_count
+from .decode_attention import attention_outputs, merge_split_buffers, split_buffers, split_count
 from .kernels.quant import (append_kernel, dequantize_kernel, quant_attention_split_kernel, quantize_keys_kernel,
                             quantize_values_kernel)
 
@@ -274,8 +274,7 @@ def quant_decode_attention_triton(q, k_codes, k_scale, k_min, v_codes, v_scale, 
     if _validate.should_check_values(lengths):
         _validate.require_lengths_in_range(op, lengths, C)
     scale = D ** -0.5 if sm_scale is None else sm_scale
-    out = torch.empty((B, Hq, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, Hq), dtype=torch.float32, device=q.device)
+    out, lse = attention_outputs(q)
     if out.numel() == 0:
         return out, lse
     G = Hq // H

@@ -31,14 +31,28 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 # kernels/fp8.py): every attention twin splits, accumulates and writes alike, so
 # one merge kernel serves them all.
 @triton.jit
-def split_bounds(length, split, num_splits, TILE: tl.constexpr):
-    """Slots [lo, hi) of split ``split``: each head divides its *own* valid length
-    into ``num_splits`` chunks of whole TILE tiles (the CPU kernel's split_range)."""
+def head_split(lengths_ptr, b, j, stride_lb, stride_lh, capacity, split, num_splits, TILE: tl.constexpr):
+    """Head (b, j)'s length, whether it is bad (outside [0, capacity]: then the length
+    counts as 0, nothing is read and NaN is written), and split ``split``'s slots
+    [lo, hi): each head divides its *own* valid length into ``num_splits`` chunks of
+    whole TILE tiles (the CPU kernel's split_range)."""
+    length = tl.load(lengths_ptr + b * stride_lb + j * stride_lh)
+    bad_length = (length < 0) | (length > capacity)
+    length = tl.where(bad_length, 0, length)
     chunk = tl.cdiv(length, num_splits)
     chunk = tl.cdiv(chunk, TILE) * TILE
     lo = tl.minimum(split * chunk, length)
     hi = tl.minimum(lo + chunk, length)
-    return lo, hi
+    return length, bad_length, lo, hi
+
+
+@triton.jit
+def initial_state(BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The empty online-softmax state: running max -inf, sum 0, accumulator 0."""
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
+    return m_i, l_i, acc
 
 
 @triton.jit
@@ -119,10 +133,7 @@ def decode_attention_split_kernel(
     j = (bj % num_kv_heads).to(tl.int64)
     b = (bj // num_kv_heads).to(tl.int64)
 
-    length = tl.load(lengths_ptr + b * stride_lb + j * stride_lh)
-    bad_length = (length < 0) | (length > capacity)
-    length = tl.where(bad_length, 0, length)
-    lo, hi = split_bounds(length, split, num_splits, BLOCK_N)
+    _, bad_length, lo, hi = head_split(lengths_ptr, b, j, stride_lb, stride_lh, capacity, split, num_splits, BLOCK_N)
 
     offs_g = gblock * BLOCK_H + tl.arange(0, BLOCK_H)
     mask_g = offs_g < group
@@ -144,9 +155,7 @@ def decode_attention_split_kernel(
     k_tile_offs = offs_n[:, None] * stride_kc + offs_d[None, :]
     v_tile_offs = offs_n[:, None] * stride_vc + offs_d[None, :]
 
-    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)  # running max of the logits
-    l_i = tl.zeros([BLOCK_H], tl.float32)                 # running sum of exp(s - m_i)
-    acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
+    m_i, l_i, acc = initial_state(BLOCK_H, HEAD_DIM)  # running max, sum of exp(s - m_i), sum of p * v
 
     for start in range(lo, hi, BLOCK_N):
         mask_n = (start + offs_n) < hi

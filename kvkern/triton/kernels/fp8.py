@@ -12,7 +12,7 @@ to nearest even into e4m3fn, saturating at +-448, NaN kept. Decode: exact.
 import triton
 import triton.language as tl
 
-from .decode_attention import online_softmax_step, split_bounds, store_split_state
+from .decode_attention import head_split, initial_state, online_softmax_step, store_split_state
 
 
 
@@ -137,10 +137,7 @@ def fp8_attention_split_kernel(
     split = tl.program_id(1)
     b = (bj // H).to(tl.int64)
     j = (bj % H).to(tl.int64)
-    length = tl.load(lengths_ptr + b * stride_lb + j * stride_lh)
-    bad_length = (length < 0) | (length > C)
-    length = tl.where(bad_length, 0, length)
-    lo, hi = split_bounds(length, split, num_splits, TILE)
+    _, bad_length, lo, hi = head_split(lengths_ptr, b, j, stride_lb, stride_lh, C, split, num_splits, TILE)
 
     offs_h = tl.arange(0, BLOCK_H)
     mask_h = offs_h < group_q
@@ -153,9 +150,7 @@ def fp8_attention_split_kernel(
     k_base = kq_ptr + b * stride_kb + j * stride_kh
     v_base = vq_ptr + b * stride_vb + j * stride_vh
 
-    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
+    m_i, l_i, acc = initial_state(BLOCK_H, HEAD_DIM)
     for t0 in range(lo, hi, TILE):
         offs_t = t0 + tl.arange(0, TILE)
         live = offs_t < hi

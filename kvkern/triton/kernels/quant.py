@@ -17,7 +17,7 @@ DT (constexpr) names the storage dtype: 0 fp32, 1 fp16, 2 bf16.
 import triton
 import triton.language as tl
 
-from .decode_attention import online_softmax_step, split_bounds, store_split_state
+from .decode_attention import head_split, initial_state, online_softmax_step, store_split_state
 
 
 @triton.jit
@@ -384,12 +384,9 @@ def quant_attention_split_kernel(
     b = (bj // H).to(tl.int64)
     head = bj.to(tl.int64)
     j = head % H
-    length = tl.load(lengths_ptr + b * stride_lb + j * stride_lh)
-    bad_length = (length < 0) | (length > C)
-    length = tl.where(bad_length, 0, length)
+    length, bad_length, lo, hi = head_split(lengths_ptr, b, j, stride_lb, stride_lh, C, split, num_splits, TILE)
     nk = length - length % R
     nv = tl.maximum(length - R, 0)
-    lo, hi = split_bounds(length, split, num_splits, TILE)
 
     offs_h = tl.arange(0, BLOCK_H)
     mask_h = offs_h < group_q
@@ -399,9 +396,7 @@ def quant_attention_split_kernel(
     q = tl.load(q_ptr + b * stride_qb + qheads[:, None] * stride_qh + offs_d[None, :], mask=mask_h[:, None],
                 other=0.0).to(tl.float32) * sm_scale
 
-    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
+    m_i, l_i, acc = initial_state(BLOCK_H, HEAD_DIM)
     for t0 in range(lo, hi, TILE):
         offs_t = t0 + tl.arange(0, TILE)
         live = offs_t < hi
