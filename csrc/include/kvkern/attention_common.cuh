@@ -23,34 +23,40 @@ namespace split_attn {
 
 constexpr float kNegInf = -__builtin_huge_valf();  // -inf, usable in constexpr
 
-// The work of one block: batch b, kv head j, split s, chunk c of the query
-// heads. The head chunk is fastest, so blocks reading the same K / V rows are
-// adjacent and the second read of a large GQA group hits L2.
-struct SplitBlock {
-  int64_t b, j, s, c;
+// The work of this block (blockIdx.x) of a grid of B * Hkv * S * chunks blocks.
+struct SplitWork {
+  int64_t b, j, s, c;  // batch, kv head, split, chunk of heads_tile query heads
+  int64_t lo, hi;      // the split's slots
+  bool bad_len;        // length outside [0, C]: no slots, NaN written
 };
 
-__device__ __forceinline__ SplitBlock split_block(int64_t id, int64_t head_chunks, int64_t num_splits,
-                                                  int64_t num_kv_heads) {
-  SplitBlock w;
-  w.c = id % head_chunks;
-  id /= head_chunks;
-  w.s = id % num_splits;
-  id /= num_splits;
-  w.j = id % num_kv_heads;
-  w.b = id / num_kv_heads;
+// The head chunk is fastest, so blocks reading the same K / V rows are
+// adjacent and the second read of a large GQA group hits L2. Split s of S
+// covers [lo, hi): chunk = ceil(len / S) rounded up to a multiple of `tile`
+// (the CPU kernel's split_range), so splits follow the head's own length.
+// Params: DecodeAttentionParams or Fp8KVParams (the same field names).
+template <class Params>
+__device__ __forceinline__ SplitWork split_work(const Params& p, int heads_tile, int64_t tile) {
+  const int64_t chunks = ceil_div<int64_t>(p.num_q_heads / p.num_kv_heads, heads_tile);
+  const int64_t S = p.num_splits;
+  int64_t id = blockIdx.x;
+  SplitWork w;
+  w.c = id % chunks;
+  id /= chunks;
+  w.s = id % S;
+  id /= S;
+  w.j = id % p.num_kv_heads;
+  w.b = id / p.num_kv_heads;
+  const int64_t len = p.lengths[w.b * p.lengths_stride_b + w.j * p.lengths_stride_h];
+  w.bad_len = len < 0 || len > p.capacity;
+  w.lo = w.hi = 0;
+  if (!w.bad_len) {
+    int64_t chunk = ceil_div<int64_t>(len, S);
+    chunk = ceil_div<int64_t>(chunk, tile) * tile;
+    w.lo = w.s * chunk < len ? w.s * chunk : len;
+    w.hi = (w.s + 1) * chunk < len ? (w.s + 1) * chunk : len;
+  }
   return w;
-}
-
-// Split s of S covers slots [lo, hi) of a head of length len: chunk =
-// ceil(len / S) rounded up to a multiple of `tile` (the CPU kernel's
-// split_range), so splits depend on the head's own length, never on C.
-__device__ __forceinline__ void split_bounds(int64_t len, int64_t s, int64_t S, int64_t tile, int64_t& lo,
-                                             int64_t& hi) {
-  int64_t chunk = ceil_div<int64_t>(len, S);
-  chunk = ceil_div<int64_t>(chunk, tile) * tile;
-  lo = s * chunk < len ? s * chunk : len;
-  hi = (s + 1) * chunk < len ? (s + 1) * chunk : len;
 }
 
 template <int HT, int N>

@@ -119,15 +119,11 @@ __global__ void __launch_bounds__(NUM_WARPS * 32,
   // the same mapping is used for q, K, V and the accumulators.
   auto vec_elem = [r](int cc) { return (cc * kRT + r) * Cfg::kVec; };
 
+  const split_attn::SplitWork work = split_attn::split_work(p, HT, BLOCK_N);
+  const int64_t b = work.b, j = work.j, s = work.s, c = work.c, lo = work.lo, hi = work.hi;
+  const bool bad_len = work.bad_len;
   const int64_t G = p.num_q_heads / p.num_kv_heads;
   const int64_t S = p.num_splits;
-  const split_attn::SplitBlock blk = split_attn::split_block(blockIdx.x, ceil_div<int64_t>(G, HT), S, p.num_kv_heads);
-  const int64_t b = blk.b, j = blk.j, s = blk.s, c = blk.c;
-
-  const int64_t len = p.lengths[b * p.lengths_stride_b + j * p.lengths_stride_h];
-  const bool bad_len = len < 0 || len > p.capacity;
-  int64_t lo = 0, hi = 0;  // this split's slots
-  if (!bad_len) split_attn::split_bounds(len, s, S, BLOCK_N, lo, hi);
   const int64_t num_tiles = ceil_div<int64_t>(hi - lo, BLOCK_N);
 
   const int64_t hq0 = j * G + c * HT;  // first query head of this block
