@@ -15,9 +15,9 @@ import torch
 import triton
 
 from .. import _validate
-from .decode_attention import attention_outputs, merge_split_buffers, split_buffers, split_count
+from .decode_attention import merge_split_buffers, split_buffers, split_count
 from .kernels.fp8 import append_fp8_kernel, fp8_attention_split_kernel, quantize_fp8_kernel
-from .quant import _EXACT, INTERPRET, _check_query, _check_sm_scale, _guard
+from .quant import _EXACT, INTERPRET, _attention_start, _check_query, _check_sm_scale, _guard
 
 __all__ = ["KERNELS", "quantize_fp8_kv_triton_", "append_fp8_kv_triton_", "fp8_decode_attention_triton"]
 
@@ -160,10 +160,7 @@ def fp8_decode_attention_triton(q, k_fp8, v_fp8, k_scale, v_scale, lengths, sm_s
             raise ValueError(f"{op}: {name}: expected an int in [0, 65535] (0 = heuristic), got {x}")
     if block_n and (block_n < 16 or block_n & (block_n - 1)):
         raise ValueError(f"{op}: block_n: expected 0 or a power of two >= 16, got {block_n}")
-    if _validate.should_check_values(lengths):
-        _validate.require_lengths_in_range(op, lengths, C)
-    scale = D ** -0.5 if sm_scale is None else sm_scale
-    out, lse = attention_outputs(q)
+    scale, out, lse = _attention_start(op, q, lengths, C, D, sm_scale)
     if out.numel() == 0:
         return out, lse
     G = Hq // H

@@ -60,6 +60,15 @@ def _check_query(op, q, B, H, D, dtypes, like, like_name, head_dim_error):
     return Hq
 
 
+def _attention_start(op, q, lengths, C, D, sm_scale):
+    """The last check of an attention twin (lengths in [0, C], CPU only: free there)
+    and its start: the resolved scale and the empty outputs."""
+    if _validate.should_check_values(lengths):
+        _validate.require_lengths_in_range(op, lengths, C)
+    out, lse = attention_outputs(q)
+    return (D ** -0.5 if sm_scale is None else sm_scale), out, lse
+
+
 def _check_sm_scale(op, sm_scale):
     """None (the default D ** -0.5) or a finite float."""
     if sm_scale is not None:
@@ -271,10 +280,7 @@ def quant_decode_attention_triton(q, k_codes, k_scale, k_min, v_codes, v_scale, 
     sm_scale = _check_sm_scale(op, sm_scale)
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 0 <= num_splits <= 65535:
         raise ValueError(f"{op}: num_splits: expected an int in [0, 65535] (0 = heuristic), got {num_splits}")
-    if _validate.should_check_values(lengths):
-        _validate.require_lengths_in_range(op, lengths, C)
-    scale = D ** -0.5 if sm_scale is None else sm_scale
-    out, lse = attention_outputs(q)
+    scale, out, lse = _attention_start(op, q, lengths, C, D, sm_scale)
     if out.numel() == 0:
         return out, lse
     G = Hq // H
