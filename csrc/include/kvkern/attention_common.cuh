@@ -70,6 +70,22 @@ __device__ __forceinline__ void init_states(float (&m)[HT], float (&l)[HT], floa
   }
 }
 
+// The logits of one row for the HT query heads: each lane's partial dot over
+// its N elements, then the sum over the ROW_THREADS lanes holding the row. All
+// dots come first so that every lane reaches the shuffles (full mask).
+template <int ROW_THREADS, int HT, int N>
+__device__ __forceinline__ void row_logits(const float (&q)[HT][N], const float (&k)[N], float (&dot)[HT]) {
+#pragma unroll
+  for (int t = 0; t < HT; ++t) {
+    float d = 0.f;
+#pragma unroll
+    for (int e = 0; e < N; ++e) d = fmaf(q[t][e], k[e], d);
+    dot[t] = d;
+  }
+#pragma unroll
+  for (int t = 0; t < HT; ++t) dot[t] = group_sum<ROW_THREADS>(dot[t]);
+}
+
 // One row (logit sc, this thread's value elements v) into one head's state.
 template <int N>
 __device__ __forceinline__ void online_update(float sc, float& m, float& l, float (&acc)[N], const float (&v)[N]) {

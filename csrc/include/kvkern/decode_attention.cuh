@@ -223,16 +223,7 @@ __global__ void __launch_bounds__(NUM_WARPS * 32,
         Tr::unpack16(*reinterpret_cast<const uint4*>(vs + row * HEAD_DIM + e), &vf[cc * Cfg::kVec]);
       }
       float dot[HT];
-#pragma unroll
-      for (int t = 0; t < HT; ++t) {
-        float d = 0.f;
-#pragma unroll
-        for (int e = 0; e < kE; ++e) d = fmaf(qf[t][e], kf[e], d);
-        dot[t] = d;
-      }
-      // All lanes take part (no divergence before the shuffles).
-#pragma unroll
-      for (int t = 0; t < HT; ++t) dot[t] = group_sum<kRT>(dot[t]);
+      split_attn::row_logits<kRT>(qf, kf, dot);  // all lanes take part (no divergence before the shuffles)
       const float bias = (w_head != nullptr && valid) ? ws[row] * kLog2e : 0.f;
 #pragma unroll
       for (int t = 0; t < HT; ++t) split_attn::online_update(valid ? dot[t] + bias : kNegInf, m[t], l[t], acc[t], vf);

@@ -190,13 +190,7 @@ __global__ void __launch_bounds__(kFp8Threads) fp8_decode_kernel(const Fp8KVPara
       decode8(kraw[u], kf);
       decode8(vraw[u], vf);
       float dot[HT];
-#pragma unroll
-      for (int t = 0; t < HT; ++t) {
-        float d = 0.f;
-#pragma unroll
-        for (int e = 0; e < kE; ++e) d = fmaf(qf[t][e], kf[e], d);
-        dot[t] = group_sum<kRT>(d);
-      }
+      split_attn::row_logits<kRT>(qf, kf, dot);
 #pragma unroll
       for (int t = 0; t < HT; ++t) split_attn::online_update(valid[u] ? dot[t] : kNegInf, m[t], l[t], acc[t], vf);
     }
