@@ -104,6 +104,20 @@ for _op, _fake in EVICTION_FAKES.items():
         torch.library.register_fake(f"kvkern::{_name}")(_fake)
 
 
+# ---- compressed caches (quantized KV, FP8 KV): each op and its Triton twin ------
+
+def _register_with_twins(fakes):
+    for op, fake in fakes.items():
+        for name in (op, triton_twin(op)):
+            torch.library.register_fake(f"kvkern::{name}")(fake)
+
+
+def _attention_outputs(q):
+    """out [B, Hq, D] in q's dtype and lse [B, Hq] fp32, as every decode-attention op returns."""
+    B, Hq, D = q.shape
+    return q.new_empty((B, Hq, D)), q.new_empty((B, Hq), dtype=torch.float32)
+
+
 # ---- quantized KV ---------------------------------------------------------------
 
 def _quantize_kv_fake(k, v, lengths, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_res, v_res, k_mean,
@@ -125,8 +139,7 @@ def _append_quantized_kv_fake(k_new, v_new, lengths, k_codes, k_scale, k_min, v_
 
 def _quant_decode_attention_fake(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_res, v_res, k_mean, v_mean,
                                  lengths, bits, group, sm_scale=None, num_splits=0):
-    B, Hq, D = q.shape
-    return q.new_empty((B, Hq, D)), q.new_empty((B, Hq), dtype=torch.float32)
+    return _attention_outputs(q)
 
 
 QUANT_FAKES = {
@@ -136,9 +149,7 @@ QUANT_FAKES = {
     "quant_decode_attention": _quant_decode_attention_fake,
 }
 
-for _op, _fake in QUANT_FAKES.items():
-    for _name in (_op, triton_twin(_op)):
-        torch.library.register_fake(f"kvkern::{_name}")(_fake)
+_register_with_twins(QUANT_FAKES)
 
 
 # ---- FP8 KV ----------------------------------------------------------------------
@@ -154,8 +165,7 @@ def _append_fp8_kv_fake(k_new, v_new, lengths, k_scale, v_scale, k_fp8, v_fp8):
 def _fp8_decode_attention_fake(q, k_fp8, v_fp8, k_scale, v_scale, lengths, sm_scale=None, num_splits=0, block_n=0,
                                num_warps=0, num_stages=0):
     torch._check(q.dim() == 3, lambda: "fp8_decode_attention: q must be [B, Hq, D]")
-    B, Hq, D = q.shape
-    return q.new_empty((B, Hq, D)), q.new_empty((B, Hq), dtype=torch.float32)
+    return _attention_outputs(q)
 
 
 FP8_FAKES = {
@@ -164,6 +174,4 @@ FP8_FAKES = {
     "fp8_decode_attention": _fp8_decode_attention_fake,
 }
 
-for _op, _fake in FP8_FAKES.items():
-    for _name in (_op, triton_twin(_op)):
-        torch.library.register_fake(f"kvkern::{_name}")(_fake)
+_register_with_twins(FP8_FAKES)

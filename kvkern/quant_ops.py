@@ -174,9 +174,11 @@ class QuantizedKVCache:
         return dequantize_kv(self, backend=backend)
 
 
-def _check_cache(public: str, cache) -> None:
-    if not isinstance(cache, QuantizedKVCache):
-        raise TypeError(f"{public}: cache: expected a kvkern.QuantizedKVCache, got {type(cache).__name__}")
+def _check_cache(public: str, cache, cls: type | None = None) -> None:
+    """``cache`` is a ``cls`` (default :class:`QuantizedKVCache`), else one TypeError naming the op."""
+    cls = cls or QuantizedKVCache
+    if not isinstance(cache, cls):
+        raise TypeError(f"{public}: cache: expected a kvkern.{cls.__name__}, got {type(cache).__name__}")
 
 
 def quantize_kv_(k, v, lengths, cache: QuantizedKVCache, *, backend: str = "auto") -> QuantizedKVCache:
@@ -365,16 +367,11 @@ class FP8KVCache:
         return torch.where(live, k, 0.0).to(dtype), torch.where(live, v, 0.0).to(dtype)
 
 
-def _check_fp8_cache(public: str, cache) -> None:
-    if not isinstance(cache, FP8KVCache):
-        raise TypeError(f"{public}: cache: expected a kvkern.FP8KVCache, got {type(cache).__name__}")
-
-
 def quantize_fp8_kv_(k, v, lengths, cache: FP8KVCache, *, backend: str = "auto") -> FP8KVCache:
     """Codes of a prefill ``k, v [B, Hkv, T, D]`` (fp32 / fp16 / bf16, T <= C) into ``cache``'s
     slots ``t < lengths[b, h]`` (mutated; ``cache.lengths`` is not), with the cache's scales."""
     public = "kvkern.quantize_fp8_kv_"
-    _check_fp8_cache(public, cache)
+    _check_cache(public, cache, FP8KVCache)
     _op("quantize_fp8_kv_", k.device, backend, public)(k, v, lengths, cache.k_scale, cache.v_scale, cache.k_fp8,
                                                         cache.v_fp8)
     return cache
@@ -385,7 +382,7 @@ def append_fp8_kv_(k_new, v_new, cache: FP8KVCache, *, backend: str = "auto") ->
     ``cache.lengths[b, h]``, which is incremented. A full head raises on CPU; on CUDA it is left
     untouched (lengths included)."""
     public = "kvkern.append_fp8_kv_"
-    _check_fp8_cache(public, cache)
+    _check_cache(public, cache, FP8KVCache)
     _op("append_fp8_kv_", k_new.device, backend, public)(k_new, v_new, cache.lengths, cache.k_scale, cache.v_scale,
                                                           cache.k_fp8, cache.v_fp8)
     return cache
@@ -398,7 +395,7 @@ def fp8_decode_attention(q, cache: FP8KVCache, sm_scale: float | None = None, *,
     :meth:`FP8KVCache.dequantize` (fp32 accumulation). Returns ``out [B, Hq, D]`` (q's dtype), and
     ``lse [B, Hq]`` float32 with ``return_lse``. Mutates nothing."""
     public = "kvkern.fp8_decode_attention"
-    _check_fp8_cache(public, cache)
+    _check_cache(public, cache, FP8KVCache)
     B, Hkv, C = cache.k_fp8.shape[0], cache.k_fp8.shape[1], cache.k_fp8.shape[2]
     if (q.device.type == "cuda" and backend == "auto" and num_splits == 0 and q.dtype in _DTYPE_KEYS
             and all(isinstance(x, int) for x in (B, Hkv, C, q.shape[1], q.shape[2]))):

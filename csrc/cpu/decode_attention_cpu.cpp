@@ -9,8 +9,10 @@
 #include <optional>
 #include <tuple>
 
+#include "cpu/decode_attention_glue.h"
 #include "cpu/decode_attention_kernel.h"
 #include "cpu/dtype_dispatch.h"
+#include "torch/attention_outputs.h"
 #include "torch/decode_attention_args.h"
 
 namespace kvkern::torch_glue {
@@ -18,29 +20,13 @@ namespace {
 
 constexpr int kCpuDefaultBlockN = 64;
 
-// Enough (batch, head, split) items for every thread to get two, without
-// splitting a head into pieces shorter than four tiles.
-int64_t cpu_default_num_splits(int64_t items, int64_t capacity, int64_t block_n) {
-  const int64_t threads = static_cast<int64_t>(torch::stable::get_num_threads());
-  if (items == 0 || items >= 2 * threads) return 1;
-  int64_t want = (2 * threads + items - 1) / items;
-  int64_t most = capacity / (4 * block_n);
-  if (most < 1) most = 1;
-  return want < most ? want : most;
-}
-
 template <typename T>
 void run(const DecodeAttentionParams& p) {
   const int64_t items = p.batch * p.num_kv_heads * p.num_splits;
   torch::stable::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
     cpu::decode_attention_items<T>(p, begin, end);
   });
-  if (p.num_splits > 1) {
-    torch::stable::parallel_for(0, p.batch * p.num_q_heads, 16, [&](int64_t begin, int64_t end) {
-      cpu::merge_states_rows<T>(p.partial_out, p.partial_lse, static_cast<T*>(p.out), p.lse,
-                                p.num_splits, p.head_dim, begin, end);
-    });
-  }
+  merge_split_partials<T>(p);
 }
 
 std::tuple<Tensor, Tensor> decode_attention_cpu(const Tensor& q, const Tensor& k_cache,
@@ -62,21 +48,9 @@ std::tuple<Tensor, Tensor> decode_attention_cpu(const Tensor& q, const Tensor& k
                                 : static_cast<int>(cpu_default_num_splits(
                                       p.batch * p.num_kv_heads, p.capacity, p.block_n));
 
-  Tensor out = torch::stable::new_empty(q, {p.batch, p.num_q_heads, p.head_dim});
-  Tensor lse = torch::stable::new_empty(q, {p.batch, p.num_q_heads}, ScalarType::Float);
-  p.out = out.mutable_data_ptr();
-  p.lse = static_cast<float*>(lse.mutable_data_ptr());
+  auto [out, lse] = new_attention_outputs(q, p);
   if (out.numel() == 0) return {out, lse};
-
-  Tensor partial_out = out, partial_lse = lse;  // placeholders when there is one split
-  if (p.num_splits > 1) {
-    partial_out = torch::stable::new_empty(q, {p.batch, p.num_q_heads, p.num_splits, p.head_dim},
-                                           ScalarType::Float);
-    partial_lse = torch::stable::new_empty(q, {p.batch, p.num_q_heads, p.num_splits},
-                                           ScalarType::Float);
-    p.partial_out = static_cast<float*>(partial_out.mutable_data_ptr());
-    p.partial_lse = static_cast<float*>(partial_lse.mutable_data_ptr());
-  }
+  const auto partials = new_split_partials(q, p, out, lse);  // alive until the kernels are done
 
   dispatch_cache_dtype(op, q.scalar_type(), [&](auto tag) { run<decltype(tag)>(p); });
   return {out, lse};

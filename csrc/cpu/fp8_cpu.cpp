@@ -10,7 +10,9 @@
 #include <optional>
 #include <tuple>
 
+#include "cpu/decode_attention_glue.h"
 #include "cpu/fp8_kernel.h"
+#include "torch/attention_outputs.h"
 #include "torch/fp8_args.h"
 
 namespace kvkern::torch_glue {
@@ -58,17 +60,6 @@ void append_fp8_kv_cpu(const Tensor& k_new, const Tensor& v_new, const Tensor& l
   });
 }
 
-// Enough (batch, head, split) items for every thread to get two, without
-// splitting a head into pieces shorter than four tiles.
-int64_t fp8_default_num_splits(int64_t items, int64_t capacity, int64_t block_n) {
-  const int64_t threads = static_cast<int64_t>(torch::stable::get_num_threads());
-  if (items == 0 || items >= 2 * threads) return 1;
-  const int64_t want = (2 * threads + items - 1) / items;
-  int64_t most = capacity / (4 * block_n);
-  if (most < 1) most = 1;
-  return want < most ? want : most;
-}
-
 std::tuple<Tensor, Tensor> fp8_decode_attention_cpu(const Tensor& q, const Tensor& k_fp8, const Tensor& v_fp8,
                                                     const Tensor& k_scale, const Tensor& v_scale,
                                                     const Tensor& lengths, std::optional<double> sm_scale,
@@ -83,30 +74,17 @@ std::tuple<Tensor, Tensor> fp8_decode_attention_cpu(const Tensor& q, const Tenso
   check_fp8_values(op, p, p.capacity, "C");
   p.block_n = block_n > 0 ? static_cast<int>(block_n) : kCpuFp8BlockN;
   p.num_splits = num_splits > 0 ? static_cast<int>(num_splits)
-                                : static_cast<int>(fp8_default_num_splits(p.batch * p.num_kv_heads, p.capacity,
+                                : static_cast<int>(cpu_default_num_splits(p.batch * p.num_kv_heads, p.capacity,
                                                                           p.block_n));
-  Tensor out = torch::stable::new_empty(q, {p.batch, p.num_q_heads, p.head_dim});
-  Tensor lse = torch::stable::new_empty(q, {p.batch, p.num_q_heads}, ScalarType::Float);
-  p.out = out.mutable_data_ptr();
-  p.lse = static_cast<float*>(lse.mutable_data_ptr());
+  auto [out, lse] = new_attention_outputs(q, p);
   if (out.numel() == 0) return {out, lse};
-  Tensor partial_out = out, partial_lse = lse;  // placeholders when there is one split
-  if (p.num_splits > 1) {
-    partial_out = torch::stable::new_empty(q, {p.batch, p.num_q_heads, p.num_splits, p.head_dim}, ScalarType::Float);
-    partial_lse = torch::stable::new_empty(q, {p.batch, p.num_q_heads, p.num_splits}, ScalarType::Float);
-    p.partial_out = static_cast<float*>(partial_out.mutable_data_ptr());
-    p.partial_lse = static_cast<float*>(partial_lse.mutable_data_ptr());
-  }
+  const auto partials = new_split_partials(q, p, out, lse);  // alive until the kernels are done
   dispatch_fp8_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     torch::stable::parallel_for(0, p.batch * p.num_kv_heads * p.num_splits, 1, [&](int64_t i0, int64_t i1) {
       cpu::fp8_decode_attention_items<T>(p, i0, i1);
     });
-    if (p.num_splits > 1)
-      torch::stable::parallel_for(0, p.batch * p.num_q_heads, 16, [&](int64_t r0, int64_t r1) {
-        cpu::merge_states_rows<T>(p.partial_out, p.partial_lse, static_cast<T*>(p.out), p.lse, p.num_splits,
-                                  p.head_dim, r0, r1);
-      });
+    merge_split_partials<T>(p);
   });
   return {out, lse};
 }

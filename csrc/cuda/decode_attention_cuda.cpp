@@ -27,6 +27,7 @@
 #include <string>
 #include <tuple>
 
+#include "torch/attention_outputs.h"
 #include "torch/decode_attention_args.h"
 
 namespace kvkern::torch_glue {
@@ -239,25 +240,15 @@ std::tuple<Tensor, Tensor> decode_attention_cuda(const Tensor& q, const Tensor& 
     STD_TORCH_CHECK(reinterpret_cast<std::uintptr_t>(log_w->const_data_ptr()) % 4 == 0, kOp,
                     ": log_w: expected a 4-byte aligned data pointer");
 
-  Tensor out = torch::stable::new_empty(q, {p.batch, p.num_q_heads, p.head_dim});
-  Tensor lse = torch::stable::new_empty(q, {p.batch, p.num_q_heads}, ScalarType::Float);
+  auto [out, lse] = new_attention_outputs(q, p);
   if (out.numel() == 0) return {out, lse};  // never launch an empty grid
-  p.out = out.mutable_data_ptr();
-  p.lse = static_cast<float*>(lse.mutable_data_ptr());
 
   p.num_splits = static_cast<int>(num_splits > 0 ? num_splits : default_num_splits(device, p, dt));
   const int64_t blocks = decode_attention_num_blocks(p);
   STD_TORCH_CHECK(blocks <= INT_MAX, kOp, ": num_splits: ", p.num_splits, " splits need ", blocks,
                   " blocks, more than a 1-D grid holds (", INT_MAX, "); use fewer splits");
 
-  Tensor partial_out = out, partial_lse = lse;  // placeholders when there is one split
-  if (p.num_splits > 1) {
-    const int64_t S = p.num_splits;
-    partial_out = torch::stable::new_empty(q, {p.batch, p.num_q_heads, S, p.head_dim}, ScalarType::Float);
-    partial_lse = torch::stable::new_empty(q, {p.batch, p.num_q_heads, S}, ScalarType::Float);
-    p.partial_out = static_cast<float*>(partial_out.mutable_data_ptr());
-    p.partial_lse = static_cast<float*>(partial_lse.mutable_data_ptr());
-  }
+  const auto partials = new_split_partials(q, p, out, lse);  // alive until the kernels are done
 
   void* stream = nullptr;
   STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(device, &stream));

@@ -21,49 +21,36 @@
 #include <optional>
 #include <tuple>
 
+#include "cuda/compressed_cache_glue.h"
+#include "torch/attention_outputs.h"
 #include "torch/fp8_args.h"
 
 namespace kvkern::torch_glue {
 namespace {
 
-KvDtype fp8_kv_dtype_of(QuantDType d) {
-  return d == QuantDType::kFloat16 ? KvDtype::kFloat16 : d == QuantDType::kBFloat16 ? KvDtype::kBFloat16
-                                                                                      : KvDtype::kFloat32;
-}
-
-void fp8_check_launch(const char* op, cudaError_t err, const char* what) {
-  STD_TORCH_CHECK(err == cudaSuccess, op, ": ", what, " failed: ", cudaGetErrorName(err), ": ",
-                  cudaGetErrorString(err));
-}
-
-cudaStream_t fp8_current_stream(int32_t device) {
-  void* stream = nullptr;
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(device, &stream));
-  return static_cast<cudaStream_t>(stream);
+// quantize_fp8_kv_ (prefill: k, v [B, Hkv, T, D]) and append_fp8_kv_ (k, v
+// [B, Hkv, D]): the same checks and one launch of `launcher`.
+void write_fp8_cache_cuda(const char* op, bool prefill, const Tensor& k, const Tensor& v, const Tensor& lengths,
+                          const Tensor& k_scale, const Tensor& v_scale, const Tensor& k_fp8, const Tensor& v_fp8,
+                          cudaError_t (*launcher)(const Fp8KVParams&, KvDtype, cudaStream_t), const char* what) {
+  Fp8KVParams p = make_fp8_cache_params(op, k_fp8, v_fp8, k_scale, v_scale, lengths);
+  add_fp8_inputs(op, p, k, v, prefill, k_fp8);
+  STD_TORCH_CHECK(k_fp8.is_cuda(), op, ": k_fp8: expected a CUDA tensor here, got a tensor on cpu");
+  const int32_t device = k_fp8.get_device_index();
+  torch::stable::accelerator::DeviceGuard guard(device);
+  check_launch(op, launcher(p, kv_dtype_of(p.dtype), current_stream(device)), what);
 }
 
 void quantize_fp8_kv_cuda(const Tensor& k, const Tensor& v, const Tensor& lengths, const Tensor& k_scale,
                           const Tensor& v_scale, const Tensor& k_fp8, const Tensor& v_fp8) {
-  const char* op = "kvkern::quantize_fp8_kv_";
-  Fp8KVParams p = make_fp8_cache_params(op, k_fp8, v_fp8, k_scale, v_scale, lengths);
-  add_fp8_inputs(op, p, k, v, /*prefill=*/true, k_fp8);
-  STD_TORCH_CHECK(k_fp8.is_cuda(), op, ": k_fp8: expected a CUDA tensor here, got a tensor on cpu");
-  const int32_t device = k_fp8.get_device_index();
-  torch::stable::accelerator::DeviceGuard guard(device);
-  fp8_check_launch(op, launch_quantize_fp8_kv(p, fp8_kv_dtype_of(p.dtype), fp8_current_stream(device)),
-                   "launching the fp8 quantize kernel");
+  write_fp8_cache_cuda("kvkern::quantize_fp8_kv_", /*prefill=*/true, k, v, lengths, k_scale, v_scale, k_fp8, v_fp8,
+                       launch_quantize_fp8_kv, "launching the fp8 quantize kernel");
 }
 
 void append_fp8_kv_cuda(const Tensor& k_new, const Tensor& v_new, const Tensor& lengths, const Tensor& k_scale,
                         const Tensor& v_scale, const Tensor& k_fp8, const Tensor& v_fp8) {
-  const char* op = "kvkern::append_fp8_kv_";
-  Fp8KVParams p = make_fp8_cache_params(op, k_fp8, v_fp8, k_scale, v_scale, lengths);
-  add_fp8_inputs(op, p, k_new, v_new, /*prefill=*/false, k_fp8);
-  STD_TORCH_CHECK(k_fp8.is_cuda(), op, ": k_fp8: expected a CUDA tensor here, got a tensor on cpu");
-  const int32_t device = k_fp8.get_device_index();
-  torch::stable::accelerator::DeviceGuard guard(device);
-  fp8_check_launch(op, launch_append_fp8_kv(p, fp8_kv_dtype_of(p.dtype), fp8_current_stream(device)),
-                   "launching the fp8 append kernel");
+  write_fp8_cache_cuda("kvkern::append_fp8_kv_", /*prefill=*/false, k_new, v_new, lengths, k_scale, v_scale, k_fp8,
+                       v_fp8, launch_append_fp8_kv, "launching the fp8 append kernel");
 }
 
 std::tuple<Tensor, Tensor> fp8_decode_attention_cuda(const Tensor& q, const Tensor& k_fp8, const Tensor& v_fp8,
@@ -86,26 +73,12 @@ std::tuple<Tensor, Tensor> fp8_decode_attention_cuda(const Tensor& q, const Tens
   STD_TORCH_CHECK(fp8_decode_attention_supported(p), op,
                   ": k_fp8 / v_fp8: the CUDA kernel needs 8-byte aligned rows (strides multiples of 8); "
                   "use backend=\"triton\" or a contiguous cache");
-  Tensor out = torch::stable::new_empty(q, {p.batch, p.num_q_heads, p.head_dim});
-  Tensor lse = torch::stable::new_empty(q, {p.batch, p.num_q_heads}, ScalarType::Float);
-  p.out = out.mutable_data_ptr();
-  p.lse = static_cast<float*>(lse.mutable_data_ptr());
+  auto [out, lse] = new_attention_outputs(q, p);
   if (out.numel() == 0) return {out, lse};
-  if (p.num_splits == 0) {
-    int sms = 0;
-    fp8_check_launch(op, cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
-                     "querying the SM count");
-    p.num_splits = fp8_decode_default_splits(p, sms);
-  }
-  Tensor partial_out = out, partial_lse = lse;
-  if (p.num_splits > 1) {
-    partial_out = torch::stable::new_empty(q, {p.batch, p.num_q_heads, p.num_splits, p.head_dim}, ScalarType::Float);
-    partial_lse = torch::stable::new_empty(q, {p.batch, p.num_q_heads, p.num_splits}, ScalarType::Float);
-    p.partial_out = static_cast<float*>(partial_out.mutable_data_ptr());
-    p.partial_lse = static_cast<float*>(partial_lse.mutable_data_ptr());
-  }
-  fp8_check_launch(op, launch_fp8_decode_attention(p, fp8_kv_dtype_of(p.dtype), fp8_current_stream(device)),
-                   "launching the fp8 attention kernels");
+  if (p.num_splits == 0) p.num_splits = fp8_decode_default_splits(p, sm_count(op, device));
+  const auto partials = new_split_partials(q, p, out, lse);  // alive until the kernels are done
+  check_launch(op, launch_fp8_decode_attention(p, kv_dtype_of(p.dtype), current_stream(device)),
+               "launching the fp8 attention kernels");
   return {out, lse};
 }
 

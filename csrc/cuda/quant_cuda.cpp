@@ -22,33 +22,11 @@
 #include <optional>
 #include <tuple>
 
+#include "cuda/compressed_cache_glue.h"
 #include "torch/quant_args.h"
 
 namespace kvkern::torch_glue {
 namespace {
-
-KvDtype kv_dtype_of(QuantDType d) {
-  return d == QuantDType::kFloat16 ? KvDtype::kFloat16 : d == QuantDType::kBFloat16 ? KvDtype::kBFloat16
-                                                                                      : KvDtype::kFloat32;
-}
-
-void check_launch(const char* op, cudaError_t err, const char* what) {
-  STD_TORCH_CHECK(err == cudaSuccess, op, ": ", what, " failed: ", cudaGetErrorName(err), ": ",
-                  cudaGetErrorString(err));
-}
-
-cudaStream_t current_stream(int32_t device) {
-  void* stream = nullptr;
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(device, &stream));
-  return static_cast<cudaStream_t>(stream);
-}
-
-int sm_count(int32_t device) {
-  int n = 0;
-  check_launch("kvkern", cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device),
-               "querying the SM count");
-  return n;
-}
 
 void quantize_kv_cuda(const Tensor& k, const Tensor& v, const Tensor& lengths, const Tensor& k_codes,
                       const Tensor& k_scale, const Tensor& k_min, const Tensor& v_codes, const Tensor& v_scale,
@@ -109,7 +87,7 @@ std::tuple<Tensor, Tensor> quant_decode_attention_cuda(
   c.out = out.mutable_data_ptr();
   c.lse = static_cast<float*>(lse.mutable_data_ptr());
   if (out.numel() == 0) return {out, lse};
-  const int splits = num_splits > 0 ? static_cast<int>(num_splits) : quant_decode_default_splits(c, sm_count(device));
+  const int splits = num_splits > 0 ? static_cast<int>(num_splits) : quant_decode_default_splits(c, sm_count("kvkern", device));
   c.num_splits = splits;
   const size_t bytes = quant_decode_attention_workspace_bytes(c, splits);
   Tensor ws = torch::stable::new_empty(q, {static_cast<int64_t>(bytes > 0 ? bytes : 1)}, ScalarType::Byte);

@@ -110,6 +110,19 @@ inline double resolve_sm_scale(const char* op, std::optional<double> sm_scale, i
   return scale;
 }
 
+// "[2, 4]": sizes for a message.
+inline std::string dims_str(std::initializer_list<int64_t> dims) {
+  std::ostringstream os;
+  os << "[";
+  bool first = true;
+  for (int64_t d : dims) {
+    os << (first ? "" : ", ") << d;
+    first = false;
+  }
+  os << "]";
+  return os.str();
+}
+
 // `t` (of the right rank) has exactly the sizes `want`; `layout` names them,
 // e.g. "[B, Hkv]" for "lengths: expected shape [B, Hkv] = [2, 4], got [2, 3]".
 inline void check_shape(const char* op, const char* name, const Tensor& t, const char* layout,

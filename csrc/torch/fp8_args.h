@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <optional>
+#include <utility>
 
 #include "quant_args.h"
 
@@ -40,14 +41,7 @@ inline Fp8KVParams make_fp8_cache_params(const char* op, const Tensor& k_fp8, co
   p.v_scale = static_cast<const float*>(v_scale.const_data_ptr());
   p.k_scale_stride = k_scale.stride(0);
   p.v_scale_stride = v_scale.stride(0);
-  check_quant_tensor(op, "lengths", lengths, {B, H}, "[B, Hkv]", ScalarType::Int, k_fp8, "k_fp8");
-  p.lengths = static_cast<int32_t*>(const_cast<void*>(lengths.const_data_ptr()));
-  p.lengths_stride_b = lengths.stride(0);
-  p.lengths_stride_h = lengths.stride(1);
-  p.batch = B;
-  p.num_kv_heads = H;
-  p.capacity = C;
-  p.head_dim = D;
+  set_cache_sizes(op, p, lengths, B, H, C, D, k_fp8, "k_fp8");
   return p;
 }
 
@@ -58,9 +52,8 @@ inline void add_fp8_inputs(const char* op, Fp8KVParams& p, const Tensor& k, cons
   const char* kn = prefill ? "k" : "k_new";
   const char* vn = prefill ? "v" : "v_new";
   check_rank(op, kn, k, prefill ? 4 : 3, prefill ? "[B, Hkv, T, D]" : "[B, Hkv, D]");
+  check_cache_dtype(op, kn, k);
   const ScalarType dt = k.scalar_type();
-  STD_TORCH_CHECK(is_cache_dtype(dt), op, ": ", kn, ": expected dtype float16, bfloat16 or float32, got ",
-                  dtype_name(dt));
   const int64_t B = p.batch, H = p.num_kv_heads, D = p.head_dim;
   if (prefill) {
     const int64_t T = k.size(2);
@@ -80,25 +73,11 @@ inline void add_fp8_inputs(const char* op, Fp8KVParams& p, const Tensor& k, cons
 inline void add_fp8_attention_inputs(const char* op, Fp8KVParams& p, const Tensor& q, const Tensor& k_fp8,
                                      std::optional<double> sm_scale, int64_t num_splits) {
   check_rank(op, "q", q, 3, "[B, Hq, D]");
-  const ScalarType dt = q.scalar_type();
-  STD_TORCH_CHECK(is_cache_dtype(dt), op, ": q: expected dtype float16, bfloat16 or float32, got ",
-                  dtype_name(dt));
+  check_cache_dtype(op, "q", q);
   STD_TORCH_CHECK(p.head_dim == 64 || p.head_dim == 128 || p.head_dim == 256, op,
                   ": k_fp8: expected head dim D in {64, 128, 256} (as decode_attention), got ", p.head_dim);
-  const int64_t Hq = q.size(1), H = p.num_kv_heads;
-  STD_TORCH_CHECK(Hq > 0 && Hq % H == 0, op, ": q: expected the number of query heads (", Hq,
-                  ") to be a positive multiple of the number of kv heads (", H, ")");
-  check_quant_tensor(op, "q", q, {p.batch, Hq, p.head_dim}, "[B, Hq, D]", dt, k_fp8, "k_fp8");
-  const double scale = sm_scale.has_value() ? *sm_scale : 1.0 / std::sqrt(static_cast<double>(p.head_dim));
-  STD_TORCH_CHECK(std::isfinite(scale), op, ": sm_scale: expected a finite number, got ", scale);
-  STD_TORCH_CHECK(num_splits >= 0, op, ": num_splits: expected >= 0 (0 = heuristic), got ", num_splits);
-  p.q = q.const_data_ptr();
-  p.q_stride_b = q.stride(0);
-  p.q_stride_h = q.stride(1);
-  p.num_q_heads = Hq;
-  p.sm_scale = static_cast<float>(scale);
-  p.num_splits = static_cast<int>(num_splits);
-  p.dtype = to_quant_dtype(dt);
+  add_compressed_query(op, p, q, q.scalar_type(), k_fp8, "k_fp8", sm_scale, num_splits);
+  p.dtype = to_quant_dtype(q.scalar_type());
 }
 
 // Value checks (host memory only): lengths in [0, max_len], scales positive and finite.

@@ -8,36 +8,17 @@
 
 #include <kvkern/quant_params.h>
 
-#include <cmath>
 #include <initializer_list>
 #include <optional>
-#include <sstream>
-#include <string>
 
 #include "checks.h"
 
 namespace kvkern::torch_glue {
 
-inline bool is_cache_dtype(ScalarType s) {
-  return s == ScalarType::Float || s == ScalarType::Half || s == ScalarType::BFloat16;
-}
-
 inline QuantDType to_quant_dtype(ScalarType s) {
   return s == ScalarType::Half ? QuantDType::kFloat16
          : s == ScalarType::BFloat16 ? QuantDType::kBFloat16
                                      : QuantDType::kFloat32;
-}
-
-inline std::string dims_str(std::initializer_list<int64_t> dims) {
-  std::ostringstream os;
-  os << "[";
-  bool first = true;
-  for (int64_t d : dims) {
-    os << (first ? "" : ", ") << d;
-    first = false;
-  }
-  os << "]";
-  return os.str();
 }
 
 // One argument: exact shape, dtype, device of `ref`, last dim contiguous.
@@ -47,12 +28,7 @@ inline QuantTensorRef check_quant_tensor(const char* op, const char* name, const
   STD_TORCH_CHECK(t.dim() == static_cast<int64_t>(shape.size()), op, ": ", name, ": expected a ",
                   shape.size(), "-D tensor ", layout, " = ", dims_str(shape), ", got shape ",
                   shape_str(t));
-  int64_t i = 0;
-  for (int64_t want : shape) {
-    STD_TORCH_CHECK(t.size(i) == want, op, ": ", name, ": expected shape ", layout, " = ",
-                    dims_str(shape), ", got ", shape_str(t));
-    ++i;
-  }
+  check_shape(op, name, t, layout, shape);
   check_dtype(op, name, t, dtype);
   check_same_device(op, name, t, ref, ref_name);
   check_last_dim_contiguous(op, name, t);
@@ -60,6 +36,21 @@ inline QuantTensorRef check_quant_tensor(const char* op, const char* name, const
   r.data = const_cast<void*>(t.const_data_ptr());
   for (int64_t d = 0; d < t.dim() && d < 4; ++d) r.stride[d] = t.stride(d);
   return r;
+}
+
+// lengths [B, Hkv] int32 on the device of `ref` (the tensor that fixed the
+// sizes) and the cache sizes, into p (QuantKVParams, Fp8KVParams).
+template <class Params>
+void set_cache_sizes(const char* op, Params& p, const Tensor& lengths, int64_t B, int64_t H, int64_t C, int64_t D,
+                     const Tensor& ref, const char* ref_name) {
+  check_quant_tensor(op, "lengths", lengths, {B, H}, "[B, Hkv]", ScalarType::Int, ref, ref_name);
+  p.lengths = static_cast<int32_t*>(const_cast<void*>(lengths.const_data_ptr()));
+  p.lengths_stride_b = lengths.stride(0);
+  p.lengths_stride_h = lengths.stride(1);
+  p.batch = B;
+  p.num_kv_heads = H;
+  p.capacity = C;
+  p.head_dim = D;
 }
 
 // The ten cache tensors and lengths, common to all four ops. k_res fixes B,
@@ -74,9 +65,8 @@ inline QuantKVParams make_quant_cache_params(
                   ": group: expected 32, 64 or 128, got ", group);
   check_rank(op, "k_res", k_res, 4, "[B, Hkv, R, D]");
   check_rank(op, "k_scale", k_scale, 4, "[B, Hkv, C / group, D]");
+  check_cache_dtype(op, "k_res", k_res);
   const ScalarType dt = k_res.scalar_type();
-  STD_TORCH_CHECK(is_cache_dtype(dt), op, ": k_res: expected dtype float16, bfloat16 or float32, got ",
-                  dtype_name(dt));
   const int64_t B = k_res.size(0), H = k_res.size(1), R = k_res.size(2), D = k_res.size(3);
   const int64_t G = group, P = 32 / bits, C = k_scale.size(2) * G;
   STD_TORCH_CHECK(H > 0, op, ": k_res: expected at least one kv head, got shape ", shape_str(k_res));
@@ -109,14 +99,7 @@ inline QuantKVParams make_quant_cache_params(
     p.k_mean = check_quant_tensor(op, "k_mean", *k_mean, {B, C, D}, "[B, C, D]", dt, k_res, "k_res");
     p.v_mean = check_quant_tensor(op, "v_mean", *v_mean, {B, C, D}, "[B, C, D]", dt, k_res, "k_res");
   }
-  check_quant_tensor(op, "lengths", lengths, {B, H}, "[B, Hkv]", ScalarType::Int, k_res, "k_res");
-  p.lengths = static_cast<int32_t*>(const_cast<void*>(lengths.const_data_ptr()));
-  p.lengths_stride_b = lengths.stride(0);
-  p.lengths_stride_h = lengths.stride(1);
-  p.batch = B;
-  p.num_kv_heads = H;
-  p.capacity = C;
-  p.head_dim = D;
+  set_cache_sizes(op, p, lengths, B, H, C, D, k_res, "k_res");
   p.residual = R;
   p.bits = static_cast<int>(bits);
   p.group = static_cast<int>(group);
@@ -146,17 +129,17 @@ inline void add_append_inputs(const char* op, QuantKVParams& p, const Tensor& k_
   p.v_in = check_quant_tensor(op, "v_new", v_new, {B, H, D}, "[B, Hkv, D]", dt, k_res, "k_res");
 }
 
-// The query of quant_decode_attention: q [B, Hq, D], Hq a multiple of Hkv.
-inline void add_attention_inputs(const char* op, QuantKVParams& p, const Tensor& q, const Tensor& k_res,
-                                 std::optional<double> sm_scale, int64_t num_splits) {
-  check_rank(op, "q", q, 3, "[B, Hq, D]");
-  const int64_t Hq = q.size(1), H = p.num_kv_heads;
-  STD_TORCH_CHECK(Hq > 0 && Hq % H == 0, op, ": q: expected the number of query heads (", Hq,
-                  ") to be a positive multiple of the number of kv heads (", H, ")");
-  check_quant_tensor(op, "q", q, {p.batch, Hq, p.head_dim}, "[B, Hq, D]", k_res.scalar_type(), k_res,
-                     "k_res");
-  const double scale = sm_scale.has_value() ? *sm_scale : 1.0 / std::sqrt(static_cast<double>(p.head_dim));
-  STD_TORCH_CHECK(std::isfinite(scale), op, ": sm_scale: expected a finite number, got ", scale);
+// The query (rank already checked) of an attention op over a compressed cache
+// (QuantKVParams, Fp8KVParams): q [B, Hq, D] of dtype `dt` on the device of
+// `cache` (the cache tensor that fixed Hkv), Hq a multiple of Hkv; then the
+// softmax scale and the split count. Fills the query fields of p.
+template <class Params>
+void add_compressed_query(const char* op, Params& p, const Tensor& q, ScalarType dt, const Tensor& cache,
+                          const char* cache_name, std::optional<double> sm_scale, int64_t num_splits) {
+  const int64_t Hq = q.size(1);
+  check_head_groups(op, "q", Hq, cache_name, cache);
+  check_quant_tensor(op, "q", q, {p.batch, Hq, p.head_dim}, "[B, Hq, D]", dt, cache, cache_name);
+  const double scale = resolve_sm_scale(op, sm_scale, p.head_dim);
   STD_TORCH_CHECK(num_splits >= 0, op, ": num_splits: expected >= 0 (0 = heuristic), got ", num_splits);
   p.q = q.const_data_ptr();
   p.q_stride_b = q.stride(0);
@@ -164,6 +147,13 @@ inline void add_attention_inputs(const char* op, QuantKVParams& p, const Tensor&
   p.num_q_heads = Hq;
   p.sm_scale = static_cast<float>(scale);
   p.num_splits = static_cast<int>(num_splits);
+}
+
+// The query of quant_decode_attention: q [B, Hq, D] in the cache's dtype.
+inline void add_attention_inputs(const char* op, QuantKVParams& p, const Tensor& q, const Tensor& k_res,
+                                 std::optional<double> sm_scale, int64_t num_splits) {
+  check_rank(op, "q", q, 3, "[B, Hq, D]");
+  add_compressed_query(op, p, q, k_res.scalar_type(), k_res, "k_res", sm_scale, num_splits);
 }
 
 // Value checks of lengths (host-readable memory only): every length in

@@ -4,7 +4,10 @@ default launch configuration, and the search space the tuner sweeps.
 
 Kernels are in ``kvkern/triton/kernels/decode_attention.py``: a split-K kernel
 over (batch, kv head, head tile, split) and a combine kernel that merges the
-per-split partial states (``merge_states_triton``, reusable by other ops).
+per-split partial states (``merge_states_triton``). The split-K plumbing around them
+(``attention_outputs``, ``split_count``, ``split_buffers``, ``merge_split_buffers``)
+serves the other attention twins too (the quantized and fp8 caches), so every op
+splits and merges by the same rules.
 
 Nothing here reads tensor values or synchronizes with the device, and every
 allocation depends on shapes and the configuration only, so the op runs inside
@@ -23,7 +26,8 @@ import triton
 from .. import _validate
 from .kernels.decode_attention import decode_attention_split_kernel, merge_states_kernel
 
-__all__ = ["decode_attention_triton", "default_config", "search_space", "merge_states_triton", "head_block"]
+__all__ = ["decode_attention_triton", "default_config", "search_space", "merge_states_triton", "head_block",
+           "attention_outputs", "split_count", "split_buffers", "merge_split_buffers"]
 
 OP = "kvkern::decode_attention_triton"
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -97,6 +101,15 @@ def _default_num_splits(programs: int, capacity: int, block_n: int, target: int)
     want = -(-target // programs)
     most = max(1, capacity // (_MIN_TILES_PER_SPLIT * block_n))
     return max(1, min(want, most, _MAX_DEFAULT_SPLITS))
+
+
+def split_count(device: torch.device, programs: int, capacity: int, tile: int) -> int:
+    """The default split count of a twin with ``programs`` programs per split and
+    ``tile``-slot tiles: ``_default_num_splits`` on a GPU, 1 under the interpreter
+    (where programs run one after another)."""
+    if device.type != "cuda":
+        return 1
+    return _default_num_splits(programs, capacity, tile, 2 * _sm_count(device.index))
 
 
 def default_config(head_dim: int, dtype: torch.dtype, group: int, batch_heads: int, capacity: int,
@@ -229,6 +242,32 @@ def merge_states_triton(partial_out: torch.Tensor, partial_lse: torch.Tensor, ou
         )
 
 
+def attention_outputs(q: torch.Tensor):
+    """Empty ``out [B, Hq, D]`` (q's dtype) and ``lse [B, Hq]`` fp32 on q's device, for ``q [B, Hq, D]``."""
+    B, Hq, D = q.shape
+    return (torch.empty((B, Hq, D), dtype=q.dtype, device=q.device),
+            torch.empty((B, Hq), dtype=torch.float32, device=q.device))
+
+
+def split_buffers(out: torch.Tensor, lse: torch.Tensor, num_splits: int):
+    """Where the split kernels write: ``out`` / ``lse`` themselves with one split,
+    else fresh fp32 partials ``[B * Hq, S, D]`` / ``[B * Hq, S]`` for
+    ``merge_split_buffers``. ``out``: ``[B, Hq, D]``, ``lse``: ``[B, Hq]``."""
+    if num_splits <= 1:
+        return out, lse
+    B, Hq, D = out.shape
+    return (torch.empty((B * Hq, num_splits, D), dtype=torch.float32, device=out.device),
+            torch.empty((B * Hq, num_splits), dtype=torch.float32, device=out.device))
+
+
+def merge_split_buffers(dst_out: torch.Tensor, dst_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Merges the partials of ``split_buffers`` into ``out`` / ``lse`` (nothing to do with one split)."""
+    if dst_out is out:
+        return
+    B, Hq, D = out.shape
+    merge_states_triton(dst_out, dst_lse, out.view(B * Hq, D), lse.view(B * Hq))
+
+
 def _launch(q, k_cache, v_cache, lengths, log_w, sm_scale, num_splits, block_n, num_warps, num_stages):
     """Runs the kernels on checked arguments; a config value of 0 takes the default.
 
@@ -246,8 +285,7 @@ def _launch(q, k_cache, v_cache, lengths, log_w, sm_scale, num_splits, block_n, 
         num_warps = num_warps or cfg["num_warps"]
         num_stages = num_stages or cfg["num_stages"]
 
-    out = torch.empty((B, Hq, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, Hq), dtype=torch.float32, device=q.device)
+    out, lse = attention_outputs(q)
     if out.numel() == 0:
         return out, lse
 
@@ -255,12 +293,7 @@ def _launch(q, k_cache, v_cache, lengths, log_w, sm_scale, num_splits, block_n, 
     grid = (B * Hkv * triton.cdiv(G, block_h), num_splits)
     has_log_w = log_w is not None
     split = num_splits > 1
-    if split:
-        partial_out = torch.empty((B * Hq, num_splits, D), dtype=torch.float32, device=q.device)
-        partial_lse = torch.empty((B * Hq, num_splits), dtype=torch.float32, device=q.device)
-        dst_out, dst_lse = partial_out, partial_lse
-    else:
-        dst_out, dst_lse = out, lse
+    dst_out, dst_lse = split_buffers(out, lse, num_splits)
     # NOTE: the interpreter cannot do bf16 arithmetic (E6), so there bf16 tiles are
     # widened to fp32 before the dots (in one chunk: 16-bit inputs need no more).
     # fp32 inputs always use exact ("ieee") dots, summed over chunks of 16 of D.
@@ -281,8 +314,7 @@ def _launch(q, k_cache, v_cache, lengths, log_w, sm_scale, num_splits, block_n, 
             DOT_FP32=dot_fp32, DOT_CHUNK=16 if q.dtype == torch.float32 else D,
             num_warps=num_warps, num_stages=num_stages,
         )
-    if split:
-        merge_states_triton(partial_out, partial_lse, out.view(B * Hq, D), lse.view(B * Hq))
+    merge_split_buffers(dst_out, dst_lse, out, lse)
     return out, lse
 
 

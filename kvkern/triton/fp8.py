@@ -11,27 +11,17 @@ tensors are handed to the kernels as uint8 views (same bytes).
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import torch
 import triton
 
 from .. import _validate
-from .decode_attention import merge_states_triton
+from .decode_attention import merge_split_buffers, split_buffers, split_count
 from .kernels.fp8 import append_fp8_kernel, fp8_attention_split_kernel, quantize_fp8_kernel
+from .quant import _EXACT, INTERPRET, _attention_start, _check_query, _check_sm_scale, _guard
 
 __all__ = ["KERNELS", "quantize_fp8_kv_triton_", "append_fp8_kv_triton_", "fp8_decode_attention_triton"]
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_MAX_SPLITS = 64
-# The encode divides with div_rn and rounds on the bits; no FMA may sneak in.
-_EXACT = {} if INTERPRET else {"enable_fp_fusion": False}
-
-
-def _guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
+# _EXACT (quant.py): the encode divides with div_rn and rounds on the bits; no FMA may sneak in.
 
 def _check_cache(op, k_fp8, v_fp8, k_scale, v_scale, lengths):
     """Returns (B, H, C, D)."""
@@ -146,16 +136,6 @@ def append_fp8_kv_triton_(k_new, v_new, lengths, k_scale, v_scale, k_fp8, v_fp8)
             BLOCK_D=_block(D, 256), **_EXACT)
 
 
-def _default_splits(device, programs, capacity, tile):
-    if device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    target = 2 * sms
-    if programs >= target:
-        return 1
-    return max(1, min(-(-target // programs), capacity // (2 * tile), _MAX_SPLITS))
-
-
 def fp8_decode_attention_triton(q, k_fp8, v_fp8, k_scale, v_scale, lengths, sm_scale=None, num_splits=0, block_n=0,
                                 num_warps=0, num_stages=0):
     """Triton kernel of ``kvkern::fp8_decode_attention_triton``.
@@ -171,44 +151,23 @@ def fp8_decode_attention_triton(q, k_fp8, v_fp8, k_scale, v_scale, lengths, sm_s
     """
     op = "kvkern::fp8_decode_attention_triton"
     B, H, C, D = _check_cache(op, k_fp8, v_fp8, k_scale, v_scale, lengths)
-    _validate.require_tensor(op, "q", q, 3, "[B, Hq, D]")
-    _validate.require_dtype(op, "q", q, _validate.FLOAT_DTYPES)
-    _validate.require_same_device(op, "q", q, k_fp8, "k_fp8")
-    if q.shape[0] != B or q.shape[2] != D:
-        raise ValueError(f"{op}: q: expected shape [B, Hq, D] with B = {B}, D = {D}, got {list(q.shape)}")
-    if D not in _validate.HEAD_DIMS:
-        raise ValueError(f"{op}: k_fp8: expected head dim D in {{64, 128, 256}} (as decode_attention), got {D}")
-    Hq = q.shape[1]
-    if Hq < 1 or Hq % H != 0:
-        raise ValueError(f"{op}: q: expected the number of query heads ({Hq}) to be a positive multiple of the "
-                         f"number of kv heads ({H})")
-    _validate.require_last_dim_contiguous(op, "q", q)
-    if sm_scale is not None:
-        sm_scale = float(sm_scale)
-        if sm_scale != sm_scale or sm_scale in (float("inf"), float("-inf")):
-            raise ValueError(f"{op}: sm_scale: expected a finite number, got {sm_scale}")
+    Hq = _check_query(op, q, B, H, D, _validate.FLOAT_DTYPES, k_fp8, "k_fp8",
+                      f"k_fp8: expected head dim D in {{64, 128, 256}} (as decode_attention), got {D}")
+    sm_scale = _check_sm_scale(op, sm_scale)
     for name, x in (("num_splits", num_splits), ("block_n", block_n), ("num_warps", num_warps),
                     ("num_stages", num_stages)):
         if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x <= 65535:
             raise ValueError(f"{op}: {name}: expected an int in [0, 65535] (0 = heuristic), got {x}")
     if block_n and (block_n < 16 or block_n & (block_n - 1)):
         raise ValueError(f"{op}: block_n: expected 0 or a power of two >= 16, got {block_n}")
-    if _validate.should_check_values(lengths):
-        _validate.require_lengths_in_range(op, lengths, C)
-    scale = D ** -0.5 if sm_scale is None else sm_scale
-    out = torch.empty((B, Hq, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, Hq), dtype=torch.float32, device=q.device)
+    scale, out, lse = _attention_start(op, q, lengths, C, D, sm_scale)
     if out.numel() == 0:
         return out, lse
     G = Hq // H
     tile = block_n or (32 if INTERPRET else 64)
-    splits = num_splits or _default_splits(q.device, B * H, C, tile)
+    splits = num_splits or split_count(q.device, B * H, C, tile)
     block_h = max(16, triton.next_power_of_2(G))
-    if splits > 1:
-        dst_out = torch.empty((B * Hq, splits, D), dtype=torch.float32, device=q.device)
-        dst_lse = torch.empty((B * Hq, splits), dtype=torch.float32, device=q.device)
-    else:
-        dst_out, dst_lse = out, lse
+    dst_out, dst_lse = split_buffers(out, lse, splits)
     kq, vq = _u8(k_fp8), _u8(v_fp8)
     extra = {"num_warps": num_warps or (4 if D <= 128 else 8)}
     if num_stages:
@@ -220,8 +179,7 @@ def fp8_decode_attention_triton(q, k_fp8, v_fp8, k_scale, v_scale, lengths, sm_s
             kq.stride(0), kq.stride(1), kq.stride(2), vq.stride(0), vq.stride(1), vq.stride(2),
             lengths.stride(0), lengths.stride(1), k_scale.stride(0), v_scale.stride(0),
             HEAD_DIM=D, BLOCK_H=block_h, TILE=tile, WRITE_PARTIAL=splits > 1, **extra)
-    if splits > 1:
-        merge_states_triton(dst_out, dst_lse, out.view(B * Hq, D), lse.view(B * Hq))
+    merge_split_buffers(dst_out, dst_lse, out, lse)
     return out, lse
 
 

@@ -21,7 +21,7 @@ import torch
 import triton
 
 from .. import _validate
-from .decode_attention import merge_states_triton
+from .decode_attention import attention_outputs, merge_split_buffers, split_buffers, split_count
 from .kernels.quant import (append_kernel, dequantize_kernel, quant_attention_split_kernel, quantize_keys_kernel,
                             quantize_values_kernel)
 
@@ -32,7 +32,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BITS = (2, 4, 8)
 GROUPS = (32, 64, 128)
 _DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_MAX_SPLITS = 64
 # The exact kernels must multiply and add as the reference does (no FMA contraction);
 # the interpreter has no such option.
 _EXACT = {} if INTERPRET else {"enable_fp_fusion": False}
@@ -40,6 +39,43 @@ _EXACT = {} if INTERPRET else {"enable_fp_fusion": False}
 
 def _guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _check_query(op, q, B, H, D, dtypes, like, like_name, head_dim_error):
+    """Checks the query of an attention twin over a compressed cache (B, H, D from
+    the cache, ``like`` the tensor q must share a device with); returns Hq.
+    ``head_dim_error``: the message (after the op) for D outside {64, 128, 256}."""
+    _validate.require_tensor(op, "q", q, 3, "[B, Hq, D]")
+    _validate.require_dtype(op, "q", q, dtypes)
+    _validate.require_same_device(op, "q", q, like, like_name)
+    if q.shape[0] != B or q.shape[2] != D:
+        raise ValueError(f"{op}: q: expected shape [B, Hq, D] with B = {B}, D = {D}, got {list(q.shape)}")
+    if D not in _validate.HEAD_DIMS:
+        raise ValueError(f"{op}: {head_dim_error}")
+    Hq = q.shape[1]
+    if Hq < 1 or Hq % H != 0:
+        raise ValueError(f"{op}: q: expected the number of query heads ({Hq}) to be a positive multiple of the "
+                         f"number of kv heads ({H})")
+    _validate.require_last_dim_contiguous(op, "q", q)
+    return Hq
+
+
+def _attention_start(op, q, lengths, C, D, sm_scale):
+    """The last check of an attention twin (lengths in [0, C], CPU only: free there)
+    and its start: the resolved scale and the empty outputs."""
+    if _validate.should_check_values(lengths):
+        _validate.require_lengths_in_range(op, lengths, C)
+    out, lse = attention_outputs(q)
+    return (D ** -0.5 if sm_scale is None else sm_scale), out, lse
+
+
+def _check_sm_scale(op, sm_scale):
+    """None (the default D ** -0.5) or a finite float."""
+    if sm_scale is not None:
+        sm_scale = float(sm_scale)
+        if sm_scale != sm_scale or sm_scale in (float("inf"), float("-inf")):
+            raise ValueError(f"{op}: sm_scale: expected a finite number, got {sm_scale}")
+    return sm_scale
 
 
 def _check_layout(op, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_res, v_res, k_mean, v_mean, lengths,
@@ -223,16 +259,6 @@ def append_quantized_kv_triton_(k_new, v_new, lengths, k_codes, k_scale, k_min, 
             HEADS=heads, GROUP=group, BLOCK_D=_block_d(D), BITS=bits, DT=_DT[dt], CENTRED=centred, **_EXACT)
 
 
-def _default_splits(device, programs, capacity, tile):
-    if device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    target = 2 * sms
-    if programs >= target:
-        return 1
-    return max(1, min(-(-target // programs), capacity // (2 * tile), _MAX_SPLITS))
-
-
 def quant_decode_attention_triton(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_res, v_res, k_mean, v_mean,
                                   lengths, bits, group, sm_scale=None, num_splits=0):
     """Triton kernel of ``kvkern::quant_decode_attention_triton``.
@@ -250,41 +276,19 @@ def quant_decode_attention_triton(q, k_codes, k_scale, k_min, v_codes, v_scale, 
     op = "kvkern::quant_decode_attention_triton"
     B, H, C, R, D, dt = _check_layout(op, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_res, v_res, k_mean,
                                       v_mean, lengths, bits, group)
-    _validate.require_tensor(op, "q", q, 3, "[B, Hq, D]")
-    _validate.require_dtype(op, "q", q, (dt,))
-    _validate.require_same_device(op, "q", q, k_res, "k_res")
-    if q.shape[0] != B or q.shape[2] != D:
-        raise ValueError(f"{op}: q: expected shape [B, Hq, D] with B = {B}, D = {D}, got {list(q.shape)}")
-    if D not in _validate.HEAD_DIMS:
-        raise ValueError(f"{op}: q: expected head dim D in {{64, 128, 256}}, got {D}")
-    Hq = q.shape[1]
-    if Hq < 1 or Hq % H != 0:
-        raise ValueError(f"{op}: q: expected the number of query heads ({Hq}) to be a positive multiple of the "
-                         f"number of kv heads ({H})")
-    _validate.require_last_dim_contiguous(op, "q", q)
-    if sm_scale is not None:
-        sm_scale = float(sm_scale)
-        if sm_scale != sm_scale or sm_scale in (float("inf"), float("-inf")):
-            raise ValueError(f"{op}: sm_scale: expected a finite number, got {sm_scale}")
+    Hq = _check_query(op, q, B, H, D, (dt,), k_res, "k_res", f"q: expected head dim D in {{64, 128, 256}}, got {D}")
+    sm_scale = _check_sm_scale(op, sm_scale)
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 0 <= num_splits <= 65535:
         raise ValueError(f"{op}: num_splits: expected an int in [0, 65535] (0 = heuristic), got {num_splits}")
-    if _validate.should_check_values(lengths):
-        _validate.require_lengths_in_range(op, lengths, C)
-    scale = D ** -0.5 if sm_scale is None else sm_scale
-    out = torch.empty((B, Hq, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, Hq), dtype=torch.float32, device=q.device)
+    scale, out, lse = _attention_start(op, q, lengths, C, D, sm_scale)
     if out.numel() == 0:
         return out, lse
     G = Hq // H
     tile = max(group, 32)
-    splits = num_splits or _default_splits(q.device, B * H, C, tile)
+    splits = num_splits or split_count(q.device, B * H, C, tile)
     block_h = max(16, triton.next_power_of_2(G))
     centred = k_mean is not None
-    if splits > 1:
-        dst_out = torch.empty((B * Hq, splits, D), dtype=torch.float32, device=q.device)
-        dst_lse = torch.empty((B * Hq, splits), dtype=torch.float32, device=q.device)
-    else:
-        dst_out, dst_lse = out, lse
+    dst_out, dst_lse = split_buffers(out, lse, splits)
     with _guard(q):
         quant_attention_split_kernel[(B * H, splits)](
             q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_res, v_res,
@@ -292,8 +296,7 @@ def quant_decode_attention_triton(q, k_codes, k_scale, k_min, v_codes, v_scale, 
             scale, H, G, C, R, splits, q.stride(0), q.stride(1), lengths.stride(0), lengths.stride(1),
             HEAD_DIM=D, BLOCK_H=block_h, TILE=tile, GROUP=group, BITS=bits, CENTRED=centred,
             WRITE_PARTIAL=splits > 1, num_warps=4 if D <= 128 else 8)
-    if splits > 1:
-        merge_states_triton(dst_out, dst_lse, out.view(B * Hq, D), lse.view(B * Hq))
+    merge_split_buffers(dst_out, dst_lse, out, lse)
     return out, lse
 
 

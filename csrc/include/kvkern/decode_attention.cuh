@@ -39,6 +39,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "attention_common.cuh"
 #include "common.cuh"
 #include "decode_attention_launch.h"
 #include "decode_attention_params.h"
@@ -62,7 +63,7 @@ struct KvDtypeOf<__nv_bfloat16> {
 
 namespace decode_attention_detail {
 
-constexpr float kNegInf = -__builtin_huge_valf();  // -inf, usable in constexpr
+using split_attn::kNegInf;
 
 // Compile-time shape of one split-kernel variant.
 template <typename T, int HEAD_DIM, int HEADS_TILE, int BLOCK_N, int NUM_WARPS>
@@ -95,23 +96,7 @@ struct SplitConfig {
   static_assert(kStageBytes % 16 == 0, "stages keep 16-byte alignment");
 };
 
-// Online-softmax state of one row group for one query head (base-2 logits):
-// m = max logit so far (-inf before any finite one), l = sum exp2(s - m),
-// acc = sum exp2(s - m) * v over this thread's 8 elements.
-//
-// Merges state (mb, lb, accb) into (m, l, acc). A -inf max contributes
-// nothing (also when both are -inf: then everything stays 0).
-template <int N>
-__device__ __forceinline__ void merge_state(float& m, float& l, float (&acc)[N], float mb, float lb,
-                                            const float (&accb)[N]) {
-  const float mn = fmaxf(m, mb);
-  const float fa = m == kNegInf ? 0.f : exp2f(m - mn);
-  const float fb = mb == kNegInf ? 0.f : exp2f(mb - mn);
-  l = l * fa + lb * fb;
-#pragma unroll
-  for (int e = 0; e < N; ++e) acc[e] = acc[e] * fa + accb[e] * fb;
-  m = mn;
-}
+// The online-softmax state, its update and the merges: attention_common.cuh.
 
 template <typename T, int HEAD_DIM, int HEADS_TILE, int BLOCK_N, int NUM_WARPS>
 __global__ void __launch_bounds__(NUM_WARPS * 32,
@@ -134,28 +119,11 @@ __global__ void __launch_bounds__(NUM_WARPS * 32,
   // the same mapping is used for q, K, V and the accumulators.
   auto vec_elem = [r](int cc) { return (cc * kRT + r) * Cfg::kVec; };
 
-  // blockIdx.x -> (b, j, s, c), the head chunk c fastest (blocks that read the
-  // same K/V are adjacent, so the second read of a GQA group > 8 hits L2).
+  const split_attn::SplitWork work = split_attn::split_work(p, HT, BLOCK_N);
+  const int64_t b = work.b, j = work.j, s = work.s, c = work.c, lo = work.lo, hi = work.hi;
+  const bool bad_len = work.bad_len;
   const int64_t G = p.num_q_heads / p.num_kv_heads;
-  const int64_t chunks = ceil_div<int64_t>(G, HT);
   const int64_t S = p.num_splits;
-  int64_t id = blockIdx.x;
-  const int64_t c = id % chunks;
-  id /= chunks;
-  const int64_t s = id % S;
-  id /= S;
-  const int64_t j = id % p.num_kv_heads;
-  const int64_t b = id / p.num_kv_heads;
-
-  const int64_t len = p.lengths[b * p.lengths_stride_b + j * p.lengths_stride_h];
-  const bool bad_len = len < 0 || len > p.capacity;
-  int64_t lo = 0, hi = 0;  // this split's slots (split_range in the CPU kernel)
-  if (!bad_len) {
-    int64_t chunk = ceil_div<int64_t>(len, S);
-    chunk = ceil_div<int64_t>(chunk, BLOCK_N) * BLOCK_N;
-    lo = s * chunk < len ? s * chunk : len;
-    hi = (s + 1) * chunk < len ? (s + 1) * chunk : len;
-  }
   const int64_t num_tiles = ceil_div<int64_t>(hi - lo, BLOCK_N);
 
   const int64_t hq0 = j * G + c * HT;  // first query head of this block
@@ -234,13 +202,7 @@ __global__ void __launch_bounds__(NUM_WARPS * 32,
   };
 
   float m[HT], l[HT], acc[HT][kE];
-#pragma unroll
-  for (int t = 0; t < HT; ++t) {
-    m[t] = kNegInf;
-    l[t] = 0.f;
-#pragma unroll
-    for (int e = 0; e < kE; ++e) acc[t][e] = 0.f;
-  }
+  split_attn::init_states(m, l, acc);
 
   // Consumes tile `tile` from stage `st`: per row, the HT logits (dot product
   // over the row's lanes), one online-softmax step per head, then p * v.
@@ -261,33 +223,10 @@ __global__ void __launch_bounds__(NUM_WARPS * 32,
         Tr::unpack16(*reinterpret_cast<const uint4*>(vs + row * HEAD_DIM + e), &vf[cc * Cfg::kVec]);
       }
       float dot[HT];
-#pragma unroll
-      for (int t = 0; t < HT; ++t) {
-        float d = 0.f;
-#pragma unroll
-        for (int e = 0; e < kE; ++e) d = fmaf(qf[t][e], kf[e], d);
-        dot[t] = d;
-      }
-      // All lanes take part (no divergence before the shuffles).
-#pragma unroll
-      for (int t = 0; t < HT; ++t) dot[t] = group_sum<kRT>(dot[t]);
+      split_attn::row_logits<kRT>(qf, kf, dot);  // all lanes take part (no divergence before the shuffles)
       const float bias = (w_head != nullptr && valid) ? ws[row] * kLog2e : 0.f;
 #pragma unroll
-      for (int t = 0; t < HT; ++t) {
-        const float sc = valid ? dot[t] + bias : kNegInf;
-        if (sc > m[t]) {  // new running max: rescale (rare once the max settles)
-          const float alpha = exp2f(m[t] - sc);  // 0 when m was -inf
-          l[t] *= alpha;
-#pragma unroll
-          for (int e = 0; e < kE; ++e) acc[t][e] *= alpha;
-          m[t] = sc;
-        }
-        // sc == -inf (masked row or log_w = -inf): weight 0, also when m is -inf.
-        const float pr = sc == kNegInf ? 0.f : exp2f(sc - m[t]);
-        l[t] += pr;
-#pragma unroll
-        for (int e = 0; e < kE; ++e) acc[t][e] = fmaf(pr, vf[e], acc[t][e]);
-      }
+      for (int t = 0; t < HT; ++t) split_attn::online_update(valid ? dot[t] + bias : kNegInf, m[t], l[t], acc[t], vf);
     }
   };
 
@@ -313,72 +252,14 @@ __global__ void __launch_bounds__(NUM_WARPS * 32,
   cp_async_wait<0>();
   __syncthreads();  // the pipeline buffers are reused below
 
-  // Merge the row groups of a warp: lanes lane and lane ^ off (off >= kRT)
-  // hold the same elements of different rows.
-#pragma unroll
-  for (int off = kRT; off < 32; off *= 2) {
-#pragma unroll
-    for (int t = 0; t < HT; ++t) {
-      const float mb = __shfl_xor_sync(0xffffffffu, m[t], off);
-      const float lb = __shfl_xor_sync(0xffffffffu, l[t], off);
-      float accb[kE];
-#pragma unroll
-      for (int e = 0; e < kE; ++e) accb[e] = __shfl_xor_sync(0xffffffffu, acc[t][e], off);
-      merge_state(m[t], l[t], acc[t], mb, lb, accb);
-    }
-  }
-
-  // Then the warps, through shared memory: [NUM_WARPS][HT][D] accumulators,
-  // [NUM_WARPS][HT] maxima and sums.
-  float* sm_acc = reinterpret_cast<float*>(smem);
-  float* sm_m = sm_acc + NUM_WARPS * HT * HEAD_DIM;
-  float* sm_l = sm_m + NUM_WARPS * HT;
-  if (lane < kRT) {
-#pragma unroll
-    for (int t = 0; t < HT; ++t) {
-#pragma unroll
-      for (int cc = 0; cc < Cfg::kChunks; ++cc) {
-#pragma unroll
-        for (int v = 0; v < Cfg::kVec; ++v)
-          sm_acc[(warp * HT + t) * HEAD_DIM + vec_elem(cc) + v] = acc[t][cc * Cfg::kVec + v];
-      }
-      if (lane == 0) {
-        sm_m[warp * HT + t] = m[t];
-        sm_l[warp * HT + t] = l[t];
-      }
-    }
-  }
-  __syncthreads();
-
-  const float nan = CUDART_NAN_F;
-  for (int idx = tid; idx < HT * HEAD_DIM; idx += Cfg::kThreads) {
-    const int t = idx / HEAD_DIM;
-    const int d = idx % HEAD_DIM;
-    if (t >= n_heads) continue;
-    float mx = kNegInf;
-#pragma unroll
-    for (int w = 0; w < NUM_WARPS; ++w) mx = fmaxf(mx, sm_m[w * HT + t]);
-    float sum = 0.f, a = 0.f;
-#pragma unroll
-    for (int w = 0; w < NUM_WARPS; ++w) {
-      const float mw = sm_m[w * HT + t];
-      const float f = mw == kNegInf ? 0.f : exp2f(mw - mx);
-      sum += sm_l[w * HT + t] * f;
-      a += sm_acc[(w * HT + t) * HEAD_DIM + d] * f;
-    }
-    // As in the CPU kernel: an empty head (sum == 0) gives 0 and -inf; a NaN
-    // sum propagates.
-    const float o = bad_len ? nan : (sum == 0.f ? 0.f : a / sum);
-    const float lse = bad_len ? nan : (sum == 0.f ? kNegInf : mx * kLn2 + logf(sum));
-    const int64_t row = b * p.num_q_heads + hq0 + t;  // (b, h) of [B, Hq]
-    if (S == 1) {
-      static_cast<T*>(p.out)[row * HEAD_DIM + d] = Tr::from_float(o);
-      if (d == 0) p.lse[row] = lse;
-    } else {
-      p.partial_out[(row * S + s) * HEAD_DIM + d] = o;
-      if (d == 0) p.partial_lse[row * S + s] = lse;
-    }
-  }
+  // The row groups of a warp, then the warps through shared memory
+  // ([NUM_WARPS][HT][D] accumulators, [NUM_WARPS][HT] maxima and sums).
+  split_attn::merge_row_groups<kRT>(m, l, acc);
+  const split_attn::SplitOut<T> dst{static_cast<T*>(p.out), p.lse, p.partial_out, p.partial_lse,
+                                    b * p.num_q_heads + hq0, s, S};
+  split_attn::merge_warps_and_store<T, HEAD_DIM, HT, kE, NUM_WARPS, kRT>(
+      reinterpret_cast<float*>(smem), m, l, acc,
+      [&](int e) { return vec_elem(e / Cfg::kVec) + e % Cfg::kVec; }, n_heads, bad_len, 1.f, dst);
 }
 
 // ---------------------------------------------------------------------------

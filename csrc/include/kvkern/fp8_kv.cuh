@@ -18,9 +18,10 @@
 //    it decodes any (kUnroll * 16 bytes in flight per thread).
 //  * q is pre-scaled by sm_scale * k_scale[j] * log2(e): the logit of a row is
 //    the dot with the decoded codes, in base 2, without a per-element scale.
-//  * Every row group runs its own online softmax over its rows (the same update
-//    as decode_attention.cuh); the groups merge by warp shuffles, the warps
-//    through shared memory; v_scale[j] multiplies the merged output once.
+//  * Every row group runs its own online softmax over its rows; the groups
+//    merge by warp shuffles, the warps through shared memory; v_scale[j]
+//    multiplies the merged output once. Block mapping, split bounds, update and
+//    merges are decode_attention.cuh's (attention_common.cuh).
 //  * One split writes out / lse; several write fp32 partials merged by the
 //    quantized cache's merge kernel (quant_kv.cuh quant_merge_kernel, the same
 //    combine as decode_attention's).
@@ -31,12 +32,12 @@
 #pragma once
 
 #include <cuda_fp8.h>
-#include <math_constants.h>
 
 #include <climits>
 #include <cstddef>
 #include <cstdint>
 
+#include "attention_common.cuh"
 #include "common.cuh"
 #include "decode_attention_launch.h"
 #include "fp8_launch.h"
@@ -45,7 +46,7 @@
 namespace kvkern {
 namespace fp8_detail {
 
-constexpr float kNegInf = -__builtin_huge_valf();
+using split_attn::kNegInf;
 constexpr int kFp8Warps = 4;
 constexpr int kFp8Threads = kFp8Warps * 32;
 constexpr int kFp8MaxHeadsTile = 8;
@@ -127,19 +128,6 @@ struct Fp8AttnConfig {
   static_assert(HEAD_DIM == 64 || HEAD_DIM == 128 || HEAD_DIM == 256, "HEAD_DIM: 64, 128 or 256");
 };
 
-// Merges state (mb, lb, accb) into (m, l, acc) (base-2 logits; -inf adds nothing).
-template <int N>
-__device__ __forceinline__ void merge_state(float& m, float& l, float (&acc)[N], float mb, float lb,
-                                            const float (&accb)[N]) {
-  const float mn = fmaxf(m, mb);
-  const float fa = m == kNegInf ? 0.f : exp2f(m - mn);
-  const float fb = mb == kNegInf ? 0.f : exp2f(mb - mn);
-  l = l * fa + lb * fb;
-#pragma unroll
-  for (int e = 0; e < N; ++e) acc[e] = acc[e] * fa + accb[e] * fb;
-  m = mn;
-}
-
 template <typename T, int HEAD_DIM, int HT>
 __global__ void __launch_bounds__(kFp8Threads) fp8_decode_kernel(const Fp8KVParams p) {
   using Cfg = Fp8AttnConfig<HEAD_DIM>;
@@ -149,9 +137,6 @@ __global__ void __launch_bounds__(kFp8Threads) fp8_decode_kernel(const Fp8KVPara
   constexpr int kU = Cfg::kUnroll;
   // Only the final cross-warp merge uses shared memory (fp8_smem_bytes).
   extern __shared__ __align__(16) unsigned char smem[];
-  float* sm_acc = reinterpret_cast<float*>(smem);
-  float* sm_m = sm_acc + kFp8Warps * HT * HEAD_DIM;
-  float* sm_l = sm_m + kFp8Warps * HT;
 
   const int tid = static_cast<int>(threadIdx.x);
   const int lane = tid & 31, warp = tid >> 5;
@@ -159,26 +144,11 @@ __global__ void __launch_bounds__(kFp8Threads) fp8_decode_kernel(const Fp8KVPara
   const int r = lane % kRT;
   const int e0 = r * kE;  // this thread's codes [e0, e0 + 8) of every row
 
+  const split_attn::SplitWork work = split_attn::split_work(p, HT, kFp8SplitTile);
+  const int64_t b = work.b, j = work.j, s = work.s, c = work.c, lo = work.lo, hi = work.hi;
+  const bool bad_len = work.bad_len;
   const int64_t G = p.num_q_heads / p.num_kv_heads;
-  const int64_t chunks = ceil_div<int64_t>(G, HT);
   const int64_t S = p.num_splits;
-  int64_t id = blockIdx.x;
-  const int64_t c = id % chunks;
-  id /= chunks;
-  const int64_t s = id % S;
-  id /= S;
-  const int64_t j = id % p.num_kv_heads;
-  const int64_t b = id / p.num_kv_heads;
-
-  const int64_t len = p.lengths[b * p.lengths_stride_b + j * p.lengths_stride_h];
-  const bool bad_len = len < 0 || len > p.capacity;
-  int64_t lo = 0, hi = 0;
-  if (!bad_len) {
-    int64_t chunk = ceil_div<int64_t>(len, S);
-    chunk = ceil_div<int64_t>(chunk, kFp8SplitTile) * kFp8SplitTile;
-    lo = s * chunk < len ? s * chunk : len;
-    hi = (s + 1) * chunk < len ? (s + 1) * chunk : len;
-  }
   const int64_t hq0 = j * G + c * HT;
   const int n_heads = static_cast<int>(G - c * HT < HT ? G - c * HT : HT);
 
@@ -199,13 +169,7 @@ __global__ void __launch_bounds__(kFp8Threads) fp8_decode_kernel(const Fp8KVPara
   const int64_t ksc = p.k_fp8.stride[2], vsc = p.v_fp8.stride[2];
 
   float m[HT], l[HT], acc[HT][kE];
-#pragma unroll
-  for (int t = 0; t < HT; ++t) {
-    m[t] = kNegInf;
-    l[t] = 0.f;
-#pragma unroll
-    for (int e = 0; e < kE; ++e) acc[t][e] = 0.f;
-  }
+  split_attn::init_states(m, l, acc);
 
   // Uniform trip count over the block (every lane reaches the shuffles).
   const int64_t step = static_cast<int64_t>(Cfg::kGroups) * kU;
@@ -226,83 +190,18 @@ __global__ void __launch_bounds__(kFp8Threads) fp8_decode_kernel(const Fp8KVPara
       decode8(kraw[u], kf);
       decode8(vraw[u], vf);
       float dot[HT];
+      split_attn::row_logits<kRT>(qf, kf, dot);
 #pragma unroll
-      for (int t = 0; t < HT; ++t) {
-        float d = 0.f;
-#pragma unroll
-        for (int e = 0; e < kE; ++e) d = fmaf(qf[t][e], kf[e], d);
-        dot[t] = group_sum<kRT>(d);
-      }
-#pragma unroll
-      for (int t = 0; t < HT; ++t) {
-        const float sc = valid[u] ? dot[t] : kNegInf;
-        if (sc > m[t]) {
-          const float alpha = exp2f(m[t] - sc);  // 0 when m was -inf
-          l[t] *= alpha;
-#pragma unroll
-          for (int e = 0; e < kE; ++e) acc[t][e] *= alpha;
-          m[t] = sc;
-        }
-        const float pr = sc == kNegInf ? 0.f : exp2f(sc - m[t]);
-        l[t] += pr;
-#pragma unroll
-        for (int e = 0; e < kE; ++e) acc[t][e] = fmaf(pr, vf[e], acc[t][e]);
-      }
+      for (int t = 0; t < HT; ++t) split_attn::online_update(valid[u] ? dot[t] : kNegInf, m[t], l[t], acc[t], vf);
     }
   }
 
-#pragma unroll
-  for (int off = kRT; off < 32; off *= 2) {
-#pragma unroll
-    for (int t = 0; t < HT; ++t) {
-      const float mb = __shfl_xor_sync(0xffffffffu, m[t], off);
-      const float lb = __shfl_xor_sync(0xffffffffu, l[t], off);
-      float accb[kE];
-#pragma unroll
-      for (int e = 0; e < kE; ++e) accb[e] = __shfl_xor_sync(0xffffffffu, acc[t][e], off);
-      merge_state(m[t], l[t], acc[t], mb, lb, accb);
-    }
-  }
-  if (lane < kRT) {
-#pragma unroll
-    for (int t = 0; t < HT; ++t) {
-#pragma unroll
-      for (int e = 0; e < kE; ++e) sm_acc[(warp * HT + t) * HEAD_DIM + e0 + e] = acc[t][e];
-      if (lane == 0) {
-        sm_m[warp * HT + t] = m[t];
-        sm_l[warp * HT + t] = l[t];
-      }
-    }
-  }
-  __syncthreads();
-
-  const float nan = CUDART_NAN_F;
-  const float vscale = p.v_scale[j * p.v_scale_stride];
-  for (int idx = tid; idx < HT * HEAD_DIM; idx += kFp8Threads) {
-    const int t = idx / HEAD_DIM, d = idx % HEAD_DIM;
-    if (t >= n_heads) continue;
-    float mx = kNegInf;
-#pragma unroll
-    for (int w = 0; w < kFp8Warps; ++w) mx = fmaxf(mx, sm_m[w * HT + t]);
-    float sum = 0.f, a = 0.f;
-#pragma unroll
-    for (int w = 0; w < kFp8Warps; ++w) {
-      const float mw = sm_m[w * HT + t];
-      const float f = mw == kNegInf ? 0.f : exp2f(mw - mx);
-      sum += sm_l[w * HT + t] * f;
-      a += sm_acc[(w * HT + t) * HEAD_DIM + d] * f;
-    }
-    const float o = bad_len ? nan : (sum == 0.f ? 0.f : a * vscale / sum);
-    const float lse = bad_len ? nan : (sum == 0.f ? kNegInf : mx * kLn2 + logf(sum));
-    const int64_t row = b * p.num_q_heads + hq0 + t;
-    if (S == 1) {
-      static_cast<T*>(p.out)[row * HEAD_DIM + d] = Tr::from_float(o);
-      if (d == 0) p.lse[row] = lse;
-    } else {
-      p.partial_out[(row * S + s) * HEAD_DIM + d] = o;
-      if (d == 0) p.partial_lse[row * S + s] = lse;
-    }
-  }
+  split_attn::merge_row_groups<kRT>(m, l, acc);
+  const split_attn::SplitOut<T> dst{static_cast<T*>(p.out), p.lse, p.partial_out, p.partial_lse,
+                                    b * p.num_q_heads + hq0, s, S};
+  split_attn::merge_warps_and_store<T, HEAD_DIM, HT, kE, kFp8Warps, kRT>(
+      reinterpret_cast<float*>(smem), m, l, acc, [&](int e) { return e0 + e; }, n_heads, bad_len,
+      p.v_scale[j * p.v_scale_stride], dst);
 }
 
 inline int heads_tile(int64_t G) { return G >= 8 ? 8 : G >= 4 ? 4 : G >= 2 ? 2 : 1; }

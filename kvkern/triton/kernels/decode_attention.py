@@ -26,6 +26,71 @@ LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 
+# The split rule, the online-softmax step and the split-state store below are
+# shared with the quantized and fp8 caches' split kernels (kernels/quant.py,
+# kernels/fp8.py): every attention twin splits, accumulates and writes alike, so
+# one merge kernel serves them all.
+@triton.jit
+def head_split(lengths_ptr, b, j, stride_lb, stride_lh, capacity, split, num_splits, TILE: tl.constexpr):
+    """Head (b, j)'s length, whether it is bad (outside [0, capacity]: then the length
+    counts as 0, nothing is read and NaN is written), and split ``split``'s slots
+    [lo, hi): each head divides its *own* valid length into ``num_splits`` chunks of
+    whole TILE tiles (the CPU kernel's split_range)."""
+    length = tl.load(lengths_ptr + b * stride_lb + j * stride_lh)
+    bad_length = (length < 0) | (length > capacity)
+    length = tl.where(bad_length, 0, length)
+    chunk = tl.cdiv(length, num_splits)
+    chunk = tl.cdiv(chunk, TILE) * TILE
+    lo = tl.minimum(split * chunk, length)
+    hi = tl.minimum(lo + chunk, length)
+    return length, bad_length, lo, hi
+
+
+@triton.jit
+def initial_state(BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The empty online-softmax state: running max -inf, sum 0, accumulator 0."""
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def online_softmax_step(s, m_i, l_i):
+    """One tile of logits s [BLOCK_H, N] (masked slots -inf) into the running max m_i
+    and sum l_i; returns (p, alpha, m_i, l_i): the tile's weights and the factor that
+    rescales the accumulator before p @ v is added."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # m_new is -inf only while every logit so far is -inf (log_w may hold -inf):
+    # subtract 0 then, so exp2 gives 0 rather than NaN.
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2((m_i - m_ref) * LOG2E)
+    p = tl.exp2((s - m_ref[:, None]) * LOG2E)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    return p, alpha, m_new, l_i
+
+
+@triton.jit
+def store_split_state(out_ptr, lse_ptr, acc, m_i, l_i, bad_length, rows, mask_h, offs_d, split, num_splits,
+                      HEAD_DIM: tl.constexpr, WRITE_PARTIAL: tl.constexpr):
+    """Normalizes one split's state and writes it: the final out (out_ptr's dtype)
+    and lse at ``rows`` of [B*Hq], or fp32 partials at (row, split) of [B*Hq, S].
+    An empty split gives out 0 and lse -inf; a bad length NaN."""
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)) * LN2)
+    out = tl.where(bad_length, float("nan"), out)
+    lse = tl.where(bad_length, float("nan"), lse)
+    if WRITE_PARTIAL:
+        prow = rows * num_splits + split
+        tl.store(out_ptr + prow[:, None] * HEAD_DIM + offs_d[None, :], out, mask=mask_h[:, None])
+        tl.store(lse_ptr + prow, lse, mask=mask_h)
+    else:
+        tl.store(out_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=mask_h[:, None])
+        tl.store(lse_ptr + rows, lse, mask=mask_h)
+
+
 @triton.jit
 def decode_attention_split_kernel(
     q_ptr, k_ptr, v_ptr, lengths_ptr, log_w_ptr,
@@ -68,13 +133,7 @@ def decode_attention_split_kernel(
     j = (bj % num_kv_heads).to(tl.int64)
     b = (bj // num_kv_heads).to(tl.int64)
 
-    length = tl.load(lengths_ptr + b * stride_lb + j * stride_lh)
-    bad_length = (length < 0) | (length > capacity)
-    length = tl.where(bad_length, 0, length)
-    chunk = tl.cdiv(length, num_splits)
-    chunk = tl.cdiv(chunk, BLOCK_N) * BLOCK_N
-    lo = tl.minimum(split * chunk, length)
-    hi = tl.minimum(lo + chunk, length)
+    _, bad_length, lo, hi = head_split(lengths_ptr, b, j, stride_lb, stride_lh, capacity, split, num_splits, BLOCK_N)
 
     offs_g = gblock * BLOCK_H + tl.arange(0, BLOCK_H)
     mask_g = offs_g < group
@@ -96,9 +155,7 @@ def decode_attention_split_kernel(
     k_tile_offs = offs_n[:, None] * stride_kc + offs_d[None, :]
     v_tile_offs = offs_n[:, None] * stride_vc + offs_d[None, :]
 
-    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)  # running max of the logits
-    l_i = tl.zeros([BLOCK_H], tl.float32)                 # running sum of exp(s - m_i)
-    acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
+    m_i, l_i, acc = initial_state(BLOCK_H, HEAD_DIM)  # running max, sum of exp(s - m_i), sum of p * v
 
     for start in range(lo, hi, BLOCK_N):
         mask_n = (start + offs_n) < hi
@@ -121,14 +178,7 @@ def decode_attention_split_kernel(
             s += w[None, :]
         s = tl.where(mask_n[None, :], s, float("-inf"))
 
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # m_new is -inf only while every logit so far is -inf (log_w may hold -inf):
-        # subtract 0 then, so exp2 gives 0 rather than NaN.
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2((m_i - m_ref) * LOG2E)
-        p = tl.exp2((s - m_ref[:, None]) * LOG2E)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
+        p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
 
         v = tl.load(v_tile + v_tile_offs, mask=mask_n[:, None], other=0.0)
         acc = acc * alpha[:, None]
@@ -140,21 +190,9 @@ def decode_attention_split_kernel(
         v_tile += BLOCK_N * stride_vc
         w_tile += BLOCK_N
 
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)) * LN2)
-    out = tl.where(bad_length, float("nan"), out)
-    lse = tl.where(bad_length, float("nan"), lse)
-
     rows = b * num_kv_heads * group + heads  # int64 [BLOCK_H]: flattened (b, h)
-    if WRITE_PARTIAL:
-        prow = rows * num_splits + split
-        tl.store(out_ptr + prow[:, None] * HEAD_DIM + offs_d[None, :], out, mask=mask_g[:, None])
-        tl.store(lse_ptr + prow, lse, mask=mask_g)
-    else:
-        tl.store(out_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=mask_g[:, None])
-        tl.store(lse_ptr + rows, lse, mask=mask_g)
+    store_split_state(out_ptr, lse_ptr, acc, m_i, l_i, bad_length, rows, mask_g, offs_d, split, num_splits,
+                      HEAD_DIM, WRITE_PARTIAL)
 
 
 @triton.jit

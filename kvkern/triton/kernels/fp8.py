@@ -12,8 +12,8 @@ to nearest even into e4m3fn, saturating at +-448, NaN kept. Decode: exact.
 import triton
 import triton.language as tl
 
-LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
-LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+from .decode_attention import head_split, initial_state, online_softmax_step, store_split_state
+
 
 
 @triton.jit
@@ -137,12 +137,7 @@ def fp8_attention_split_kernel(
     split = tl.program_id(1)
     b = (bj // H).to(tl.int64)
     j = (bj % H).to(tl.int64)
-    length = tl.load(lengths_ptr + b * stride_lb + j * stride_lh)
-    bad_length = (length < 0) | (length > C)
-    length = tl.where(bad_length, 0, length)
-    chunk = tl.cdiv(tl.cdiv(length, num_splits), TILE) * TILE
-    lo = tl.minimum(split * chunk, length)
-    hi = tl.minimum(lo + chunk, length)
+    _, bad_length, lo, hi = head_split(lengths_ptr, b, j, stride_lb, stride_lh, C, split, num_splits, TILE)
 
     offs_h = tl.arange(0, BLOCK_H)
     mask_h = offs_h < group_q
@@ -155,9 +150,7 @@ def fp8_attention_split_kernel(
     k_base = kq_ptr + b * stride_kb + j * stride_kh
     v_base = vq_ptr + b * stride_vb + j * stride_vh
 
-    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
+    m_i, l_i, acc = initial_state(BLOCK_H, HEAD_DIM)
     for t0 in range(lo, hi, TILE):
         offs_t = t0 + tl.arange(0, TILE)
         live = offs_t < hi
@@ -167,25 +160,9 @@ def fp8_attention_split_kernel(
                                mask=live[:, None], other=0))
         s = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=tl.float32)
         s = tl.where(live[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2((m_i - m_ref) * LOG2E)
-        p = tl.exp2((s - m_ref[:, None]) * LOG2E)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
+        p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
         acc = tl.dot(p, v, acc * alpha[:, None], input_precision="ieee", out_dtype=tl.float32)
 
-    empty = l_i == 0.0
-    out = acc * vs / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)) * LN2)
-    out = tl.where(bad_length, float("nan"), out)
-    lse = tl.where(bad_length, float("nan"), lse)
     rows = b * H * group_q + qheads
-    if WRITE_PARTIAL:
-        prow = rows * num_splits + split
-        tl.store(out_ptr + prow[:, None] * HEAD_DIM + offs_d[None, :], out, mask=mask_h[:, None])
-        tl.store(lse_ptr + prow, lse, mask=mask_h)
-    else:
-        tl.store(out_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=mask_h[:, None])
-        tl.store(lse_ptr + rows, lse, mask=mask_h)
+    store_split_state(out_ptr, lse_ptr, acc * vs, m_i, l_i, bad_length, rows, mask_h, offs_d, split, num_splits,
+                      HEAD_DIM, WRITE_PARTIAL)

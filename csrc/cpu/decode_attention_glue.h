@@ -1,0 +1,37 @@
+// SPDX-License-Identifier: Apache-2.0
+// CPU glue shared by the split-K attention ops (decode_attention,
+// quant_decode_attention, fp8_decode_attention): the default split count and
+// the merge of the splits. The ops differ in how a split reads the cache, not
+// in how work is split or merged.
+#pragma once
+
+#include <torch/csrc/stable/ops.h>
+
+#include <cstdint>
+
+#include "cpu/decode_attention_kernel.h"
+
+namespace kvkern::torch_glue {
+
+// Enough (batch, head, split) items for every thread to get two, without
+// splitting a head into pieces shorter than four tiles.
+inline int64_t cpu_default_num_splits(int64_t items, int64_t capacity, int64_t block_n) {
+  const int64_t threads = static_cast<int64_t>(torch::stable::get_num_threads());
+  if (items == 0 || items >= 2 * threads) return 1;
+  const int64_t want = (2 * threads + items - 1) / items;
+  int64_t most = capacity / (4 * block_n);
+  if (most < 1) most = 1;
+  return want < most ? want : most;
+}
+
+// Merges p's partials into out / lse (rows of [B, Hq]); nothing with one split.
+template <typename T, class Params>
+void merge_split_partials(const Params& p) {
+  if (p.num_splits <= 1) return;
+  torch::stable::parallel_for(0, p.batch * p.num_q_heads, 16, [&](int64_t r0, int64_t r1) {
+    cpu::merge_states_rows<T>(p.partial_out, p.partial_lse, static_cast<T*>(p.out), p.lse, p.num_splits,
+                              p.head_dim, r0, r1);
+  });
+}
+
+}  // namespace kvkern::torch_glue
