@@ -22,10 +22,7 @@ constexpr int kCpuDefaultBlockN = 64;
 
 template <typename T>
 void run(const DecodeAttentionParams& p) {
-  const int64_t items = p.batch * p.num_kv_heads * p.num_splits;
-  torch::stable::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    cpu::decode_attention_items<T>(p, begin, end);
-  });
+  for_each_split_item(p, [&](int64_t begin, int64_t end) { cpu::decode_attention_items<T>(p, begin, end); });
   merge_split_partials<T>(p);
 }
 

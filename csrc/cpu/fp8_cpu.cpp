@@ -81,9 +81,7 @@ std::tuple<Tensor, Tensor> fp8_decode_attention_cpu(const Tensor& q, const Tenso
   const auto partials = new_split_partials(q, p, out, lse);  // alive until the kernels are done
   dispatch_fp8_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    torch::stable::parallel_for(0, p.batch * p.num_kv_heads * p.num_splits, 1, [&](int64_t i0, int64_t i1) {
-      cpu::fp8_decode_attention_items<T>(p, i0, i1);
-    });
+    for_each_split_item(p, [&](int64_t i0, int64_t i1) { cpu::fp8_decode_attention_items<T>(p, i0, i1); });
     merge_split_partials<T>(p);
   });
   return {out, lse};

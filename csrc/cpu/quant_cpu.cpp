@@ -127,10 +127,7 @@ std::tuple<Tensor, Tensor> quant_decode_attention_cpu(
     using T = decltype(tag);
     dispatch_bits<T>(p.bits, [&](auto bits_tag) {
       constexpr int BITS = decltype(bits_tag)::value;
-      const int64_t items = p.batch * p.num_kv_heads * p.num_splits;
-      torch::stable::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
-        cpu::quant_decode_attention_items<T, BITS>(p, i0, i1);
-      });
+      for_each_split_item(p, [&](int64_t i0, int64_t i1) { cpu::quant_decode_attention_items<T, BITS>(p, i0, i1); });
     });
     merge_split_partials<T>(p);
   });
