@@ -389,6 +389,11 @@ def _qa_reference(x: _QuantInputs) -> tuple:
     return _da_reference(_DecodeInputs(q=x.q, k=k, v=v, lengths=x.cache.lengths))
 
 
+def _split_candidates(backend: str, static: dict, dims: dict) -> list[dict]:
+    # 0 = the kernel's own heuristic; a split shorter than 64 slots is never worth its merge
+    return [{"num_splits": s} for s in (0, 1, 2, 4, 8, 16, 32) if s == 0 or dims["capacity"] >= 64 * s]
+
+
 def _quant_decode_attention_tuner() -> OpTuner:
     from kvkern.quant_ops import QUANT_DECODE_ATTENTION_TUNING
 
@@ -407,8 +412,7 @@ def _quant_decode_attention_tuner() -> OpTuner:
             "full": {"batch_heads": (1, 8, 32, 64, 256), "capacity": (1024, 4096, 16384, 32768, 131072)},
         },
         backends=_eviction_backends("quant_decode_attention"),
-        candidates=lambda backend, static, dims: [{"num_splits": s} for s in (0, 1, 2, 4, 8, 16, 32)
-                                                  if s == 0 or dims["capacity"] >= 64 * s],
+        candidates=_split_candidates,
         make_inputs=_qa_inputs,
         input_bytes=_qa_bytes,
         run=_qa_run,
@@ -455,8 +459,7 @@ def _fp8_decode_attention_tuner() -> OpTuner:
         ),
         grids=_quant_decode_attention_tuner().grids,
         backends=_eviction_backends("fp8_decode_attention"),
-        candidates=lambda backend, static, dims: [{"num_splits": s} for s in (0, 1, 2, 4, 8, 16, 32)
-                                                  if s == 0 or dims["capacity"] >= 64 * s],
+        candidates=_split_candidates,
         make_inputs=_fa_inputs,
         # one byte per code for k and v, the per-head scales are noise
         input_bytes=lambda static, dims: 2 * dims["batch_heads"] * dims["capacity"] * static["head_dim"],
