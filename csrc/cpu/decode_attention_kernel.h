@@ -119,6 +119,20 @@ inline void store_split_state(float m, float l, const float* acc, int64_t D, boo
   }
 }
 
+// Starts one split of kv head j: its G query rows (q_group is the first, rows q_stride_h apart)
+// scaled by `scale` into w.q, and an empty online-softmax state. Shared by every CPU attention
+// kernel's scratch (w.q, w.m, w.l, w.acc).
+template <typename T, class Work>
+inline void start_split(Work& w, const T* q_group, int64_t q_stride_h, float scale, int64_t G, int64_t D) {
+  for (int64_t g = 0; g < G; ++g) {
+    const T* qrow = q_group + g * q_stride_h;
+    for (int64_t d = 0; d < D; ++d) w.q[g * D + d] = to_float(qrow[d]) * scale;
+    w.m[g] = -std::numeric_limits<float>::infinity();
+    w.l[g] = 0.f;
+  }
+  std::fill(w.acc.begin(), w.acc.end(), 0.f);
+}
+
 // Scratch owned by one thread, sized once per parallel chunk.
 struct Scratch {
   std::vector<float> q, acc, scores, m, l, row;
@@ -130,7 +144,6 @@ struct Scratch {
 template <typename T>
 KVKERN_CPU_MULTIVERSION void decode_attention_items(const DecodeAttentionParams& p, int64_t item_begin, int64_t item_end) {
   const int64_t G = p.group_size(), D = p.head_dim, S = p.num_splits, BN = p.block_n;
-  const float neg_inf = -std::numeric_limits<float>::infinity();
   Scratch w(G, D, BN);
   const T* q_base = static_cast<const T*>(p.q);
   const T* k_base = static_cast<const T*>(p.k);
@@ -143,13 +156,7 @@ KVKERN_CPU_MULTIVERSION void decode_attention_items(const DecodeAttentionParams&
     int64_t lo = 0, hi = 0;
     if (!bad_len) split_range(len, s, S, BN, &lo, &hi);
 
-    for (int64_t g = 0; g < G; ++g) {
-      const T* qrow = q_base + b * p.q_stride_b + (j * G + g) * p.q_stride_h;
-      for (int64_t d = 0; d < D; ++d) w.q[g * D + d] = to_float(qrow[d]) * p.sm_scale;
-      w.m[g] = neg_inf;
-      w.l[g] = 0.f;
-    }
-    std::fill(w.acc.begin(), w.acc.end(), 0.f);
+    start_split(w, q_base + b * p.q_stride_b + j * G * p.q_stride_h, p.q_stride_h, p.sm_scale, G, D);
 
     const T* k_head = k_base + b * p.k_stride_b + j * p.k_stride_h;
     const T* v_head = v_base + b * p.v_stride_b + j * p.v_stride_h;

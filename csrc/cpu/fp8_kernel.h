@@ -73,7 +73,6 @@ template <typename T>
 KVKERN_CPU_MULTIVERSION void fp8_decode_attention_items(const Fp8KVParams& p, int64_t item_begin,
                                                         int64_t item_end) {
   const int64_t G = p.group_size(), D = p.head_dim, S = p.num_splits, BN = p.block_n;
-  const float neg_inf = -std::numeric_limits<float>::infinity();
   const float* table = fp8_e4m3_table();
   Scratch w(G, D, BN);
   const T* q_base = static_cast<const T*>(p.q);
@@ -85,13 +84,7 @@ KVKERN_CPU_MULTIVERSION void fp8_decode_attention_items(const Fp8KVParams& p, in
     if (!bad_len) split_range(len, s, S, BN, &lo, &hi);
     const float qscale = p.sm_scale * p.k_scale[j * p.k_scale_stride];
     const float vscale = p.v_scale[j * p.v_scale_stride];
-    for (int64_t g = 0; g < G; ++g) {
-      const T* qrow = q_base + b * p.q_stride_b + (j * G + g) * p.q_stride_h;
-      for (int64_t d = 0; d < D; ++d) w.q[g * D + d] = to_float(qrow[d]) * qscale;
-      w.m[g] = neg_inf;
-      w.l[g] = 0.f;
-    }
-    std::fill(w.acc.begin(), w.acc.end(), 0.f);
+    start_split(w, q_base + b * p.q_stride_b + j * G * p.q_stride_h, p.q_stride_h, qscale, G, D);
     for (int64_t t0 = lo; t0 < hi; t0 += BN) {
       const int64_t n = hi - t0 < BN ? hi - t0 : BN;
       for (int64_t r = 0; r < n; ++r) {

@@ -395,7 +395,6 @@ KVKERN_CPU_MULTIVERSION void quant_decode_attention_items(const QuantKVParams& p
   constexpr int P = 32 / BITS;
   const int64_t G = p.group_size(), D = p.head_dim, S = p.num_splits, BN = p.block_n, R = p.residual;
   const int QG = p.group;
-  const float neg_inf = -std::numeric_limits<float>::infinity();
   const bool centred = p.mean_centred();
   QuantScratch w(G, D, BN, QG);
   const T* q_base = static_cast<const T*>(p.q);
@@ -410,13 +409,7 @@ KVKERN_CPU_MULTIVERSION void quant_decode_attention_items(const QuantKVParams& p
       quant_split_lengths(len, R, &nk, &nv);
     }
 
-    for (int64_t g = 0; g < G; ++g) {
-      const T* qrow = q_base + b * p.q_stride_b + (j * G + g) * p.q_stride_h;
-      for (int64_t d = 0; d < D; ++d) w.q[g * D + d] = to_float(qrow[d]) * p.sm_scale;
-      w.m[g] = neg_inf;
-      w.l[g] = 0.f;
-    }
-    std::fill(w.acc.begin(), w.acc.end(), 0.f);
+    start_split(w, q_base + b * p.q_stride_b + j * G * p.q_stride_h, p.q_stride_h, p.sm_scale, G, D);
     int64_t k_group = -1;  // the key group whose scale / min rows are loaded
 
     for (int64_t t0 = lo; t0 < hi; t0 += BN) {
