@@ -28,6 +28,19 @@
 namespace kvkern::torch_glue {
 namespace {
 
+// The tail quantize_kv_ and append_quantized_kv_ share once their inputs are checked: the CUDA
+// device of the cache, the layouts the kernels serve, and one launch on the current stream.
+template <class Launch>
+void launch_cache_write(const char* op, const QuantKVParams& p, const Tensor& k_res, Launch launch,
+                        const char* what) {
+  STD_TORCH_CHECK(k_res.is_cuda(), op, ": k_res: expected a CUDA tensor here, got a tensor on cpu");
+  const int32_t device = k_res.get_device_index();
+  torch::stable::accelerator::DeviceGuard guard(device);
+  STD_TORCH_CHECK(quant_layout_supported(p), op, ": the CUDA kernels do not serve this layout; use backend=\"triton\"");
+  if (p.batch * p.num_kv_heads == 0) return;
+  check_launch(op, launch(p, kv_dtype_of(p.dtype), current_stream(device)), what);
+}
+
 void quantize_kv_cuda(const Tensor& k, const Tensor& v, const Tensor& lengths, const Tensor& k_codes,
                       const Tensor& k_scale, const Tensor& k_min, const Tensor& v_codes, const Tensor& v_scale,
                       const Tensor& v_min, const Tensor& k_res, const Tensor& v_res,
@@ -37,14 +50,7 @@ void quantize_kv_cuda(const Tensor& k, const Tensor& v, const Tensor& lengths, c
   QuantKVParams p = make_quant_cache_params(op, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_res, v_res,
                                             k_mean, v_mean, lengths, bits, group);
   add_quantize_inputs(op, p, k, v, k_res);
-  STD_TORCH_CHECK(k_res.is_cuda(), op, ": k_res: expected a CUDA tensor here, got a tensor on cpu");
-  const int32_t device = k_res.get_device_index();
-  torch::stable::accelerator::DeviceGuard guard(device);
-  const QuantKVParams& c = p;
-  STD_TORCH_CHECK(quant_layout_supported(c), op, ": the CUDA kernels do not serve this layout; use backend=\"triton\"");
-  if (p.batch * p.num_kv_heads == 0) return;
-  check_launch(op, launch_quantize_kv(c, kv_dtype_of(p.dtype), current_stream(device)),
-               "launching the quantize kernels");
+  launch_cache_write(op, p, k_res, launch_quantize_kv, "launching the quantize kernels");
 }
 
 void append_quantized_kv_cuda(const Tensor& k_new, const Tensor& v_new, const Tensor& lengths,
@@ -56,14 +62,7 @@ void append_quantized_kv_cuda(const Tensor& k_new, const Tensor& v_new, const Te
   QuantKVParams p = make_quant_cache_params(op, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_res, v_res,
                                             k_mean, v_mean, lengths, bits, group);
   add_append_inputs(op, p, k_new, v_new, k_res);
-  STD_TORCH_CHECK(k_res.is_cuda(), op, ": k_res: expected a CUDA tensor here, got a tensor on cpu");
-  const int32_t device = k_res.get_device_index();
-  torch::stable::accelerator::DeviceGuard guard(device);
-  const QuantKVParams& c = p;
-  STD_TORCH_CHECK(quant_layout_supported(c), op, ": the CUDA kernels do not serve this layout; use backend=\"triton\"");
-  if (p.batch * p.num_kv_heads == 0) return;
-  check_launch(op, launch_append_quantized_kv(c, kv_dtype_of(p.dtype), current_stream(device)),
-               "launching the append kernel");
+  launch_cache_write(op, p, k_res, launch_append_quantized_kv, "launching the append kernel");
 }
 
 std::tuple<Tensor, Tensor> quant_decode_attention_cuda(
