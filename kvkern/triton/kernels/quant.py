@@ -419,6 +419,17 @@ def quant_attention_split_kernel(
 
 
 @triton.jit
+def _append_step(lengths_ptr, b, hh, stride_lb, stride_lh, t_all, CENTRED: tl.constexpr):
+    # The step t head hh appends at: a mean-centred cache moves every head of a token together
+    # (t_all = lengths[b, 0], read once before any head's length is bumped); otherwise each head
+    # has its own length.
+    if CENTRED:
+        return t_all
+    else:
+        return tl.load(lengths_ptr + b * stride_lb + hh * stride_lh)
+
+
+@triton.jit
 def append_kernel(
     knew_ptr, vnew_ptr, lengths_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, kres_ptr, vres_ptr,
     kmean_ptr, vmean_ptr,
@@ -442,8 +453,7 @@ def append_kernel(
     h0 = tl.program_id(1) * HEADS
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
-    if CENTRED:
-        t_all = tl.load(lengths_ptr + b * stride_lb)
+    t_all = tl.load(lengths_ptr + b * stride_lb)
     # --- the value leaving the ring ---
     if CENTRED:
         t = t_all
@@ -466,7 +476,7 @@ def append_kernel(
         for i in range(0, HEADS):
             hh = h0 + i
             head = b * H + hh
-            t = tl.load(lengths_ptr + b * stride_lb + hh * stride_lh)
+            t = _append_step(lengths_ptr, b, hh, stride_lb, stride_lh, t_all, CENTRED)
             if (t >= R) & (t < C):
                 s = t - R
                 x = tl.load(vres_ptr + (head * R + t % R) * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
@@ -478,10 +488,7 @@ def append_kernel(
     for i in range(0, HEADS):
         hh = h0 + i
         head = b * H + hh
-        if CENTRED:
-            t = t_all
-        else:
-            t = tl.load(lengths_ptr + b * stride_lb + hh * stride_lh)
+        t = _append_step(lengths_ptr, b, hh, stride_lb, stride_lh, t_all, CENTRED)
         if (t >= 0) & (t < C):
             kn = tl.load(knew_ptr + b * stride_kb + hh * stride_kh + offs_d, mask=mask_d)
             vn = tl.load(vnew_ptr + b * stride_vb + hh * stride_vh + offs_d, mask=mask_d)
@@ -492,10 +499,7 @@ def append_kernel(
     for i in range(0, HEADS):
         hh = h0 + i
         head = b * H + hh
-        if CENTRED:
-            t = t_all
-        else:
-            t = tl.load(lengths_ptr + b * stride_lb + hh * stride_lh)
+        t = _append_step(lengths_ptr, b, hh, stride_lb, stride_lh, t_all, CENTRED)
         # Centred: head 0's pass (i == 0) also computes and stores the means.
         if (t >= 0) & (t < C) & ((t + 1) % R == 0):
             s0 = t + 1 - R
@@ -527,9 +531,6 @@ def append_kernel(
     # --- lengths ---
     for i in range(0, HEADS):
         hh = h0 + i
-        if CENTRED:
-            t = t_all
-        else:
-            t = tl.load(lengths_ptr + b * stride_lb + hh * stride_lh)
+        t = _append_step(lengths_ptr, b, hh, stride_lb, stride_lh, t_all, CENTRED)
         if (t >= 0) & (t < C):
             tl.store(lengths_ptr + b * stride_lb + hh * stride_lh, t + 1)
