@@ -68,6 +68,9 @@ class OpTuner:
     input_bytes(static, dims) -> bytes one set of inputs occupies (for the size limit and L2 rotation).
     run(backend, inputs, config) -> tuple of tensors (what the reference is compared with).
     reference(inputs) -> tuple of tensors, same structure.
+    check_run(backend, inputs, config) -> what is compared instead of run's result, when the
+        op works in place: run is what is timed (it may only reset what it needs to repeat the
+        same work), check_run restores the whole input state, runs once and reads the result.
     tolerance(static) -> (atol, rtol) for comparing run with reference.
     """
 
@@ -82,6 +85,7 @@ class OpTuner:
     reference: Callable[[Any], tuple]
     tolerance: Callable[[dict], tuple[float, float]]
     default_grid: Mapping[str, str] = field(default_factory=lambda: {"cpu": "tiny", "cuda": "quick"})
+    check_run: Callable[[str, Any, dict], tuple] | None = None
 
 
 # --- decode_attention ------------------------------------------------------
@@ -228,7 +232,7 @@ def _decode_attention_tuner() -> OpTuner:
 
 # --- score-and-evict: the tuner picks the backend (CUDA C++ or Triton) per bucket ---
 
-def _eviction_backends(op: str):
+def _op_backends(op: str):
     def backends(device_type: str) -> tuple[list[str], list[str]]:
         from kvkern.ops import available_backends
 
@@ -293,7 +297,7 @@ def _window_scores_tuner() -> OpTuner:
             "quick": {"batch_heads": (8, 64), "capacity": (4096, 32768)},
             "full": {"batch_heads": (1, 8, 32, 64, 256), "capacity": (1024, 4096, 16384, 32768, 131072)},
         },
-        backends=_eviction_backends("window_scores"),
+        backends=_op_backends("window_scores"),
         candidates=lambda backend, static, dims: [{}],
         make_inputs=_ws_inputs,
         input_bytes=lambda static, dims: dims["batch_heads"] * dims["capacity"] * static["head_dim"]
@@ -336,7 +340,7 @@ def _select_keep_tuner() -> OpTuner:
             "quick": {"batch_heads": (8, 64), "capacity": (4096, 32768)},
             "full": {"batch_heads": (1, 8, 32, 64, 256), "capacity": (1024, 4096, 16384, 32768, 131072)},
         },
-        backends=_eviction_backends("select_keep"),
+        backends=_op_backends("select_keep"),
         candidates=lambda backend, static, dims: [{}],
         make_inputs=_sk_inputs,
         input_bytes=lambda static, dims: 4 * dims["batch_heads"] * dims["capacity"],
@@ -411,7 +415,7 @@ def _quant_decode_attention_tuner() -> OpTuner:
             "quick": {"batch_heads": (8, 64), "capacity": (4096, 32768)},
             "full": {"batch_heads": (1, 8, 32, 64, 256), "capacity": (1024, 4096, 16384, 32768, 131072)},
         },
-        backends=_eviction_backends("quant_decode_attention"),
+        backends=_op_backends("quant_decode_attention"),
         candidates=_split_candidates,
         make_inputs=_qa_inputs,
         input_bytes=_qa_bytes,
@@ -458,7 +462,7 @@ def _fp8_decode_attention_tuner() -> OpTuner:
             StaticArg("group", int, None, (4,)),
         ),
         grids=_quant_decode_attention_tuner().grids,
-        backends=_eviction_backends("fp8_decode_attention"),
+        backends=_op_backends("fp8_decode_attention"),
         candidates=_split_candidates,
         make_inputs=_fa_inputs,
         # one byte per code for k and v, the per-head scales are noise
@@ -469,12 +473,235 @@ def _fp8_decode_attention_tuner() -> OpTuner:
     )
 
 
+# --- the cache writers (quantize_kv_, append_quantized_kv_ and their FP8 twins): the backend ---
+#
+# In place, so the timed call must repeat the same work: quantize is idempotent; an append resets
+# `lengths` first (the ring's content then differs between repeats, the work does not; the small
+# copy is in every backend's time alike). The check restores the whole cache, runs once and
+# compares the live contents, dequantized by the reference (codes exact => tolerance 0).
+
+@dataclass
+class _WriterInputs:
+    k: torch.Tensor            # [B, Hkv, T, D] prefill, or [B, Hkv, D] one step
+    v: torch.Tensor
+    lengths: torch.Tensor      # [B, Hkv] int32: the prefill's, or the lengths before the step
+    cache: Any                 # kvkern.QuantizedKVCache / FP8KVCache, as it is before the call
+    pristine: tuple = ()       # copies of the cache tensors before any call (appends)
+
+
+def _prefill_run(fill):
+    def run(backend: str, x: _WriterInputs, cfg: dict) -> tuple:
+        fill(x.k, x.v, x.lengths, x.cache, backend=backend)
+        return ()
+    return run
+
+
+def _append_run(append):
+    def run(backend: str, x: _WriterInputs, cfg: dict) -> tuple:
+        x.cache.lengths.copy_(x.lengths)
+        append(x.k, x.v, x.cache, backend=backend)
+        return ()
+    return run
+
+
+def _restore(x: _WriterInputs) -> None:
+    for t, saved in zip(x.cache.tensors, x.pristine):
+        if t is not None:
+            t.copy_(saved)
+
+
+def _writer_tuner(spec: tuning.OpSpec, static_args: tuple, grids: Mapping, front_door: Callable, step: bool,
+                  live: Callable, make_inputs: Callable, input_bytes: Callable, reference: Callable) -> OpTuner:
+    # live(cache, lengths) -> the dequantized live contents; reference(inputs) -> the same from
+    # the reference's own writer (a step also compares the lengths it leaves)
+    run = (_append_run if step else _prefill_run)(front_door)
+
+    def check_run(backend: str, x: _WriterInputs, cfg: dict) -> tuple:
+        if step:
+            _restore(x)
+        run(backend, x, cfg)
+        if not step:
+            return live(x.cache, x.lengths)
+        return (*live(x.cache, x.cache.lengths), x.cache.lengths.cpu())
+
+    return OpTuner(spec=spec, static_args=static_args, grids=grids, backends=_op_backends(spec.op),
+                   candidates=lambda backend, static, dims: [{}], make_inputs=make_inputs, input_bytes=input_bytes,
+                   run=run, check_run=check_run, reference=reference, tolerance=lambda static: (0.0, 0.0))
+
+
+_WRITER_STATIC = (StaticArg("head_dim", int, (64, 128, 256), (128,)), StaticArg("dtype", str, tuple(_DTYPES), ("bf16",)))
+_QUANT_FORMAT = (StaticArg("bits", int, (2, 4, 8), (4, 2)), StaticArg("quant_group", int, (32, 64, 128), (128,)),
+                 StaticArg("centred", int, (0, 1), (0,)))
+_PREFILL_GRIDS = {"tiny": {"batch_heads": (1, 8), "tokens": (256, 1024)},
+                  "quick": {"batch_heads": (8, 64), "tokens": (4096, 32768)},
+                  "full": {"batch_heads": (1, 8, 32, 64), "tokens": (1024, 4096, 16384, 32768)}}
+_STEP_GRIDS = {"tiny": {"batch_heads": (1, 8)}, "quick": {"batch_heads": (8, 64, 256)},
+               "full": {"batch_heads": (1, 8, 32, 64, 256, 1024)}}
+
+
+def _prefill_bytes(static: dict, dims: dict) -> int:
+    # the dense prefill read; the codes written are a fraction of it
+    return 2 * dims["batch_heads"] * dims["tokens"] * static["head_dim"] * _DTYPES[static["dtype"]].itemsize
+
+
+def _randn_kv(B: int, Hkv: int, T: int, static: dict, device, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    shape, dtype = (B, Hkv, T, static["head_dim"]), _DTYPES[static["dtype"]]
+    return (torch.randn(*shape, generator=gen, device=device, dtype=dtype),
+            torch.randn(*shape, generator=gen, device=device, dtype=dtype))
+
+
+def _quant_cache(static: dict, B: int, Hkv: int, C: int, device):
+    import kvkern
+
+    qg = static["quant_group"]
+    residual = static.get("residual", max(qg, 128))
+    return kvkern.QuantizedKVCache.empty(B, Hkv, -(-C // residual) * residual, static["head_dim"],
+                                         bits=static["bits"], group=qg, residual=residual,
+                                         mean_centred=bool(static["centred"]), dtype=_DTYPES[static["dtype"]],
+                                         device=device)
+
+
+def _quant_host(tensors) -> dict:
+    from kvkern.quant_ops import FIELDS
+
+    return {f: (None if t is None else t.cpu().clone()) for f, t in zip(FIELDS, tensors)}
+
+
+def _quant_live(cache, lengths) -> tuple:
+    from kvkern import reference
+
+    return reference.dequantize_kv(_quant_host(cache.tensors), lengths.cpu(), cache.bits, cache.group,
+                                   dtype=cache.k_res.dtype)
+
+
+def _fp8_host(k_fp8, v_fp8, cache) -> dict:
+    return {"k_fp8": k_fp8.cpu().clone(), "v_fp8": v_fp8.cpu().clone(), "k_scale": cache.k_scale.cpu(),
+            "v_scale": cache.v_scale.cpu()}
+
+
+def _fp8_live(cache, lengths) -> tuple:
+    from kvkern import reference
+
+    return reference.dequantize_fp8_kv(_fp8_host(cache.k_fp8, cache.v_fp8, cache), lengths.cpu(), dtype=torch.float32)
+
+
+def _step_lengths(B: int, Hkv: int, residual: int, device) -> torch.Tensor:
+    # Lengths before the timed step, past the first R tokens (a value leaves the ring). Half the
+    # batch elements (all when B = 1) are at a flush step ((t + 1) % R == 0), the slowest kind:
+    # the time is that of a step that flushes somewhere in the batch, as every R-th step does.
+    # Whole batch elements, because a mean-centred cache's heads must hold one length.
+    t = torch.full((B, Hkv), 2 * residual + 5, dtype=torch.int32)
+    t[: (B + 1) // 2] = 3 * residual - 1
+    return t.to(device)
+
+
+def _qk_inputs(static: dict, dims: dict, device: torch.device, gen: torch.Generator) -> _WriterInputs:
+    B, Hkv = _da_layout(dims["batch_heads"])
+    k, v = _randn_kv(B, Hkv, dims["tokens"], static, device, gen)
+    return _WriterInputs(k=k, v=v, lengths=torch.full((B, Hkv), dims["tokens"], dtype=torch.int32, device=device),
+                         cache=_quant_cache(static, B, Hkv, dims["tokens"], device))
+
+
+def _qk_reference(x: _WriterInputs) -> tuple:
+    from kvkern import reference
+
+    c = x.cache
+    ref = reference.quantize_kv(x.k.cpu(), x.v.cpu(), x.lengths.cpu(), c.capacity, c.bits, c.group, c.residual,
+                                c.k_mean is not None)
+    return reference.dequantize_kv(ref, x.lengths.cpu(), c.bits, c.group, dtype=c.k_res.dtype)
+
+
+def _qa_step_inputs(static: dict, dims: dict, device: torch.device, gen: torch.Generator) -> _WriterInputs:
+    B, Hkv = _da_layout(dims["batch_heads"])
+    R = static["residual"]
+    cache = _quant_cache(static, B, Hkv, 4 * R, device)
+    lengths = _step_lengths(B, Hkv, R, device)
+    cache.fill_(*_randn_kv(B, Hkv, int(lengths.max()), static, device, gen), lengths)
+    k, v = _randn_kv(B, Hkv, 1, static, device, gen)
+    return _WriterInputs(k=k[:, :, 0], v=v[:, :, 0], lengths=lengths.clone(), cache=cache,
+                         pristine=tuple(None if t is None else t.clone() for t in cache.tensors))
+
+
+def _qa_step_reference(x: _WriterInputs) -> tuple:
+    from kvkern import reference
+
+    c, host, lengths = x.cache, _quant_host(x.pristine), x.lengths.cpu().clone()
+    reference.append_quantized_kv_(host, lengths, x.k.cpu(), x.v.cpu(), c.bits, c.group)
+    return (*reference.dequantize_kv(host, lengths, c.bits, c.group, dtype=c.k_res.dtype), lengths)
+
+
+def _fq_inputs(static: dict, dims: dict, device: torch.device, gen: torch.Generator) -> _WriterInputs:
+    import kvkern
+
+    B, Hkv = _da_layout(dims["batch_heads"])
+    k, v = _randn_kv(B, Hkv, dims["tokens"], static, device, gen)
+    lengths = torch.full((B, Hkv), dims["tokens"], dtype=torch.int32, device=device)
+    cache = kvkern.FP8KVCache.empty(B, Hkv, dims["tokens"], static["head_dim"], device=device)
+    return _WriterInputs(k=k, v=v, lengths=lengths, cache=cache.calibrate_(k, v, lengths))
+
+
+def _fq_reference(x: _WriterInputs) -> tuple:
+    from kvkern import reference
+
+    c = x.cache
+    ref = reference.quantize_fp8_kv(x.k.cpu(), x.v.cpu(), x.lengths.cpu(), c.capacity, c.k_scale.cpu(),
+                                    c.v_scale.cpu())
+    return reference.dequantize_fp8_kv(ref, x.lengths.cpu(), dtype=torch.float32)
+
+
+def _fa_step_inputs(static: dict, dims: dict, device: torch.device, gen: torch.Generator) -> _WriterInputs:
+    import kvkern
+
+    B, Hkv = _da_layout(dims["batch_heads"])
+    C = 256
+    k, v = _randn_kv(B, Hkv, C, static, device, gen)
+    lengths = torch.randint(0, C, (B, Hkv), generator=gen, device=device, dtype=torch.int32)
+    cache = kvkern.FP8KVCache.empty(B, Hkv, C, static["head_dim"], device=device).fill_(k, v, lengths, calibrate=True)
+    return _WriterInputs(k=k[:, :, 0], v=v[:, :, 0], lengths=lengths.clone(), cache=cache,
+                         pristine=tuple(t.clone() for t in cache.tensors))
+
+
+def _fa_step_reference(x: _WriterInputs) -> tuple:
+    from kvkern import reference
+
+    host, lengths = _fp8_host(*x.pristine, x.cache), x.lengths.cpu().clone()
+    reference.append_fp8_kv_(host, lengths, x.k.cpu(), x.v.cpu())
+    return (*reference.dequantize_fp8_kv(host, lengths, dtype=torch.float32), lengths)
+
+
+def _writer_tuners() -> dict[str, OpTuner]:
+    import kvkern
+    from kvkern import quant_ops as Q
+
+    def step_bytes(per_token: int):
+        # what one step touches per head: the new token, plus the ring when it flushes
+        return lambda static, dims: dims["batch_heads"] * static["head_dim"] * per_token(static)
+
+    quant_step = step_bytes(lambda s: 2 * (s["residual"] + 1) * _DTYPES[s["dtype"]].itemsize)
+    fp8_step = step_bytes(lambda s: 2 * (_DTYPES[s["dtype"]].itemsize + 1))
+    return {
+        "quantize_kv_": _writer_tuner(Q.QUANTIZE_KV_TUNING, (*_WRITER_STATIC, *_QUANT_FORMAT), _PREFILL_GRIDS,
+                                      kvkern.quantize_kv_, False, _quant_live, _qk_inputs, _prefill_bytes,
+                                      _qk_reference),
+        "append_quantized_kv_": _writer_tuner(
+            Q.APPEND_QUANTIZED_KV_TUNING, (*_WRITER_STATIC, *_QUANT_FORMAT, StaticArg("residual", int, None, (128,))),
+            _STEP_GRIDS, kvkern.append_quantized_kv_, True, _quant_live, _qa_step_inputs, quant_step,
+            _qa_step_reference),
+        "quantize_fp8_kv_": _writer_tuner(Q.QUANTIZE_FP8_KV_TUNING, _WRITER_STATIC, _PREFILL_GRIDS,
+                                          kvkern.quantize_fp8_kv_, False, _fp8_live, _fq_inputs, _prefill_bytes,
+                                          _fq_reference),
+        "append_fp8_kv_": _writer_tuner(Q.APPEND_FP8_KV_TUNING, _WRITER_STATIC, _STEP_GRIDS, kvkern.append_fp8_kv_,
+                                        True, _fp8_live, _fa_step_inputs, fp8_step, _fa_step_reference),
+    }
+
+
 OPS: dict[str, OpTuner] = {
     "decode_attention": _decode_attention_tuner(),
     "window_scores": _window_scores_tuner(),
     "select_keep": _select_keep_tuner(),
     "quant_decode_attention": _quant_decode_attention_tuner(),
     "fp8_decode_attention": _fp8_decode_attention_tuner(),
+    **_writer_tuners(),
 }
 
 
@@ -712,7 +939,7 @@ def tune_bucket(op: OpTuner, static: dict, dims: dict, device: torch.device, bac
     atol, rtol = op.tolerance(static)
     for us, backend, cfg in timed:
         try:
-            actual = op.run(backend, inputs, cfg)
+            actual = (op.check_run or op.run)(backend, inputs, cfg)
             if expected is None:
                 expected = op.reference(inputs)
             ok, excess = matches(actual, expected, atol, rtol)

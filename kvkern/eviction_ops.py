@@ -18,24 +18,19 @@ kernel cannot raise without a host sync, so it would leave an infeasible head un
 
 from __future__ import annotations
 
-import functools
 import math
-import os
 
 import torch
 
 from . import _validate as V
 from . import tuning
-from ._fake import triton_twin
-from ._manifest import CUDA_CPP_OPS
+from ._dispatch import DTYPE_KEYS as _DTYPE_KEYS, choose_kernel
 
 __all__ = [
     "window_scores", "expected_attention_scores", "query_statistics", "average_rope", "slot_scores",
     "key_redundancy", "update_scores_", "select_keep", "compact_", "evict_", "allocate_head_budgets",
     "score_evict_", "EVICTION_TUNING",
 ]
-
-_BACKENDS = ("auto", "cpu", "cuda", "triton")
 
 # The tuner picks the faster backend (CUDA C++ or Triton) per shape bucket on each GPU for the
 # pure ops that dominate the cost; the in-place ops follow the default preference (C++ first).
@@ -46,58 +41,12 @@ EVICTION_TUNING = {
 }
 for _spec in EVICTION_TUNING.values():
     tuning.register_spec(_spec)
-_DTYPE_KEYS = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
-def _has_kernel(name: str, key: str) -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"kvkern::{name}", key)
-
-
-@torch.compiler.assume_constant_result
-def _choose(*key) -> str:
-    return _choose_cached(*key)
-
-
-@functools.lru_cache(maxsize=4096)
-def _choose_cached(op: str, device_type: str, device_index: int, backend: str, static: tuple, batch_heads: int,
-                   capacity: int, tuned_dir: str | None) -> str:
-    # Returns the dispatcher op name to call, or "error:<message>".
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    if key is None:
-        return f"error:no backend runs on {device_type} tensors"
-    have = {}
-    if _has_kernel(op, key):
-        have[device_type] = op
-    if _has_kernel(triton_twin(op), key):
-        have["triton"] = triton_twin(op)
-    if backend == "auto":
-        spec = EVICTION_TUNING.get(op)
-        if device_type == "cuda" and spec is not None and batch_heads >= 0:
-            entry = tuning.lookup(spec, tuning.device_name(torch.device("cuda", max(device_index, 0))),
-                                  dict(static), {"batch_heads": batch_heads, "capacity": capacity})
-            if entry is not None and entry.get("backend") in have:
-                return have[entry["backend"]]
-        for b in (device_type, "triton"):
-            if b in have:
-                return have[b]
-        return f"error:no backend is available for {device_type} tensors (python -m kvkern info)"
-    if backend not in have:
-        return (f"error:backend: {backend!r} is not available for {device_type} tensors here; "
-                f"available: {sorted(have)} (python -m kvkern info)")
-    return have[backend]
 
 
 def _run(op: str, public: str, ref: torch.Tensor, cache: torch.Tensor, backend: str, *args, static: tuple = ()):
-    if backend not in _BACKENDS:
-        raise ValueError(f"{public}: backend: expected one of {list(_BACKENDS)}, got {backend!r}")
     B, H, C = cache.shape[0], cache.shape[1], cache.shape[2]
-    concrete = all(isinstance(x, int) for x in (B, H, C))
-    name = _choose(op, ref.device.type, ref.device.index if ref.device.index is not None else -1, backend,
-                   static, int(B * H) if concrete else -1, int(C) if concrete else -1,
-                   os.environ.get(tuning.ENV_DIR))
-    if name.startswith("error:"):
-        raise RuntimeError(f"{public}: {name[6:]}")
-    return getattr(torch.ops.kvkern, name)(*args)
+    fn, _ = choose_kernel(op, public, ref.device, backend, dict(static), {"batch_heads": B * H, "capacity": C})
+    return fn(*args)
 
 
 def _tensor(public: str, name: str, x, rank: int | None = None, layout: str = "") -> None:

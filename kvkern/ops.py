@@ -9,15 +9,11 @@ directly works too: it runs the C++ kernel with its own heuristics.
 
 from __future__ import annotations
 
-
-import functools
-import os
-
 import torch
 
 from . import _validate as V
-from ._fake import triton_twin
 from . import tuning
+from ._dispatch import BACKENDS, DTYPE_KEYS, available_backends, choose_kernel
 
 from .eviction_ops import *  # noqa: E402,F401,F403  (the score-and-evict front doors)
 from .eviction_ops import __all__ as _EVICTION_ALL
@@ -26,74 +22,14 @@ from .quant_ops import __all__ as _QUANT_ALL
 
 __all__ = ["decode_attention", "BACKENDS", *_EVICTION_ALL, *_QUANT_ALL]
 
-BACKENDS = ("auto", "cpu", "cuda", "triton")
 _CONFIG_KEYS = ("num_splits", "block_n", "num_warps", "num_stages")
 
 DECODE_ATTENTION_TUNING = tuning.OpSpec(
     op="decode_attention",
     static=("head_dim", "dtype", "group"),
     dims=("batch_heads", "capacity"),
+    config=_CONFIG_KEYS,
 )
-
-_DTYPE_KEYS = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
-def _has_kernel(op: str, dispatch_key: str) -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"kvkern::{op}", dispatch_key)
-
-
-def available_backends(op: str, device_type: str) -> tuple[str, ...]:
-    """Backends of ``op`` that can run on ``device_type`` ("cpu" or "cuda") in this process."""
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    if key is None:
-        return ()
-    found = []
-    if _has_kernel(op, key):
-        found.append(device_type)
-    if _has_kernel(triton_twin(op), key):
-        found.append("triton")
-    return tuple(found)
-
-
-@torch.compiler.assume_constant_result
-def _choose_decode_attention(*key) -> tuple:
-    # Marked constant for torch.compile (dynamo does not trace into it: its file
-    # reads and warnings stay out of the graph); cached for eager calls.
-    return _choose_decode_attention_cached(*key)
-
-
-@functools.lru_cache(maxsize=4096)
-def _choose_decode_attention_cached(
-    device_type: str, device_index: int, backend: str, head_dim: int, dtype_key: str, group: int,
-    batch_heads: int, capacity: int, tuned_dir: str | None,
-) -> tuple:
-    # A pure function of shapes, device and the user's tuning directory.
-    # batch_heads / capacity of -1 mean "symbolic under compile": then the kernel's
-    # own run-time heuristic picks the split count.
-    op = "decode_attention"
-    available = available_backends(op, device_type)
-    entry = None
-    if device_type == "cuda" and batch_heads >= 0:
-        entry = tuning.lookup(
-            DECODE_ATTENTION_TUNING,
-            tuning.device_name(torch.device(device_type, device_index)),
-            {"head_dim": head_dim, "dtype": dtype_key, "group": group},
-            {"batch_heads": batch_heads, "capacity": capacity},
-        )
-    if backend == "auto":
-        if entry is not None and entry.get("backend") in available:
-            backend = entry["backend"]
-        elif device_type in available:
-            backend = device_type
-        elif "triton" in available:
-            backend = "triton"
-        else:
-            return ("error", f"no backend is available for {device_type} tensors (python -m kvkern info)")
-    elif backend not in available:
-        return ("error", f"backend: {backend!r} is not available for {device_type} tensors here; "
-                         f"available: {list(available)} (python -m kvkern info)")
-    params = tuple(int(entry.get(k, 0)) if entry and entry.get("backend") == backend else 0 for k in _CONFIG_KEYS)
-    return (backend, *params)
 
 
 def decode_attention(
@@ -143,18 +79,9 @@ def decode_attention(
     sm_scale = V.check_decode_attention_args(op, q, k_cache, v_cache, lengths, log_w, sm_scale)
     B, Hq, D = q.shape
     Hkv, C = k_cache.shape[1], k_cache.shape[2]
-    if backend not in BACKENDS:
-        raise ValueError(f"{op}: backend: expected one of {list(BACKENDS)}, got {backend!r}")
-
-    static_dims = isinstance(B, int) and isinstance(Hkv, int) and isinstance(C, int)
-    choice = _choose_decode_attention(
-        q.device.type, q.device.index if q.device.index is not None else -1, backend, int(D),
-        _DTYPE_KEYS[q.dtype], int(Hq // Hkv), int(B * Hkv) if static_dims else -1, int(C) if static_dims else -1,
-        os.environ.get(tuning.ENV_DIR),
-    )
-    if choice[0] == "error":
-        raise RuntimeError(f"{op}: {choice[1]}")
-    chosen_backend, *params = choice
+    fn, params = choose_kernel("decode_attention", op, q.device, backend,
+                               {"head_dim": int(D), "dtype": DTYPE_KEYS[q.dtype], "group": int(Hq // Hkv)},
+                               {"batch_heads": B * Hkv, "capacity": C})
     if config:
         unknown = set(config) - set(_CONFIG_KEYS)
         if unknown:
@@ -162,6 +89,5 @@ def decode_attention(
         params = [int(config.get(k, p)) for k, p in zip(_CONFIG_KEYS, params)]
         if min(params) < 0:
             raise ValueError(f"{op}: config: expected values >= 0 (0 = heuristic), got {config}")
-    fn = torch.ops.kvkern.decode_attention_triton if chosen_backend == "triton" else torch.ops.kvkern.decode_attention
     out, lse = fn(q, k_cache, v_cache, lengths, log_w, sm_scale, *params)
     return (out, lse) if return_lse else out

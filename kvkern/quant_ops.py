@@ -19,63 +19,30 @@ from dataclasses import dataclass
 
 import torch
 
-import functools
-import os
-
 from . import reference, tuning
-from ._fake import triton_twin
+from ._dispatch import DTYPE_KEYS, choose_kernel
 
 __all__ = ["QuantizedKVCache", "quantize_kv_", "dequantize_kv", "append_quantized_kv_", "quant_decode_attention",
-           "QUANT_DECODE_ATTENTION_TUNING"]
+           "QUANT_DECODE_ATTENTION_TUNING", "QUANTIZE_KV_TUNING", "APPEND_QUANTIZED_KV_TUNING"]
 
-# The tuner picks the backend and the split count per bucket (python -m autotune --op
-# quant_decode_attention). "group" is the GQA group, "quant_group" the quantization group.
+# The tuner (python -m autotune --op <op>) picks the backend per GPU and shape bucket, and for
+# attention the split count. "group" is the GQA group, "quant_group" the quantization group,
+# "centred" 1 for a mean-centred (TaDA) cache: it changes how the CUDA kernels split the work.
 QUANT_DECODE_ATTENTION_TUNING = tuning.OpSpec(
     op="quant_decode_attention", static=("head_dim", "dtype", "group", "bits", "quant_group"),
     dims=("batch_heads", "capacity"), config=("num_splits",))
-tuning.register_spec(QUANT_DECODE_ATTENTION_TUNING)
-_DTYPE_KEYS = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+QUANTIZE_KV_TUNING = tuning.OpSpec(
+    op="quantize_kv_", static=("head_dim", "dtype", "bits", "quant_group", "centred"),
+    dims=("batch_heads", "tokens"), config=())
+# One decode step's cost does not grow with the capacity, only with the heads and the ring
+# flushed (1 step in R): "capacity" is not a dim, "residual" is static.
+APPEND_QUANTIZED_KV_TUNING = tuning.OpSpec(
+    op="append_quantized_kv_", static=("head_dim", "dtype", "bits", "quant_group", "centred", "residual"),
+    dims=("batch_heads",), config=())
+for _spec in (QUANT_DECODE_ATTENTION_TUNING, QUANTIZE_KV_TUNING, APPEND_QUANTIZED_KV_TUNING):
+    tuning.register_spec(_spec)
 
-
-@torch.compiler.assume_constant_result
-def _tuned_attention(*key) -> tuple:
-    return _tuned_attention_cached(*key)
-
-
-@functools.lru_cache(maxsize=4096)
-def _tuned_attention_cached(device_index: int, head_dim: int, dtype_key: str, group: int, bits: int,
-                            quant_group: int, batch_heads: int, capacity: int, tuned_dir: str | None) -> tuple:
-    # (backend or "", num_splits) from the database; ("", 0) when nothing is tuned.
-    entry = tuning.lookup(QUANT_DECODE_ATTENTION_TUNING, tuning.device_name(torch.device("cuda", device_index)),
-                          {"head_dim": head_dim, "dtype": dtype_key, "group": group, "bits": bits,
-                           "quant_group": quant_group},
-                          {"batch_heads": batch_heads, "capacity": capacity})
-    if entry is None:
-        return ("", 0)
-    return (entry.get("backend", ""), int(entry.get("num_splits", 0)))
-
-_BACKENDS = ("auto", "cpu", "cuda", "triton")
 FIELDS = ("k_codes", "k_scale", "k_min", "v_codes", "v_scale", "v_min", "k_res", "v_res", "k_mean", "v_mean")
-
-
-def _op(name: str, device: torch.device, backend: str, public: str):
-    if backend not in _BACKENDS:
-        raise ValueError(f"{public}: backend: expected one of {list(_BACKENDS)}, got {backend!r}")
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
-    have = {}
-    if key and torch._C._dispatch_has_kernel_for_dispatch_key(f"kvkern::{name}", key):
-        have[device.type] = name
-    if key and torch._C._dispatch_has_kernel_for_dispatch_key(f"kvkern::{triton_twin(name)}", key):
-        have["triton"] = triton_twin(name)
-    if backend == "auto":
-        for b in (device.type, "triton"):
-            if b in have:
-                return getattr(torch.ops.kvkern, have[b])
-        raise RuntimeError(f"{public}: no backend is available for {device.type} tensors (python -m kvkern info)")
-    if backend not in have:
-        raise RuntimeError(f"{public}: backend: {backend!r} is not available for {device.type} tensors here; "
-                           f"available: {sorted(have)}")
-    return getattr(torch.ops.kvkern, have[backend])
 
 
 @dataclass
@@ -186,7 +153,9 @@ def quantize_kv_(k, v, lengths, cache: QuantizedKVCache, *, backend: str = "auto
     ``lengths [B, Hkv]`` int32 into ``cache``'s buffers (mutated; ``cache.lengths`` is not)."""
     public = "kvkern.quantize_kv_"
     _check_cache(public, cache)
-    _op("quantize_kv_", k.device, backend, public)(k, v, lengths, *cache.tensors, cache.bits, cache.group)
+    fn, _ = choose_kernel("quantize_kv_", public, k.device, backend, _format_key(cache, k.dtype),
+                          {"batch_heads": k.shape[0] * k.shape[1], "tokens": k.shape[2]})
+    fn(k, v, lengths, *cache.tensors, cache.bits, cache.group)
     return cache
 
 
@@ -194,8 +163,8 @@ def dequantize_kv(cache: QuantizedKVCache, *, backend: str = "auto") -> tuple[to
     """Dense ``(k, v) [B, Hkv, C, D]`` (cache dtype) of ``cache``; 0 past its lengths. Mutates nothing."""
     public = "kvkern.dequantize_kv"
     _check_cache(public, cache)
-    return _op("dequantize_kv", cache.k_codes.device, backend, public)(*cache.tensors, cache.lengths, cache.bits,
-                                                                         cache.group)
+    fn, _ = choose_kernel("dequantize_kv", public, cache.k_codes.device, backend)
+    return fn(*cache.tensors, cache.lengths, cache.bits, cache.group)
 
 
 def append_quantized_kv_(k_new, v_new, cache: QuantizedKVCache, *, backend: str = "auto") -> QuantizedKVCache:
@@ -205,8 +174,11 @@ def append_quantized_kv_(k_new, v_new, cache: QuantizedKVCache, *, backend: str 
     public = "kvkern.append_quantized_kv_"
     _check_cache(public, cache)
     t = cache.tensors
-    _op("append_quantized_kv_", k_new.device, backend, public)(k_new, v_new, cache.lengths, *t, cache.bits,
-                                                                cache.group)
+    key = _format_key(cache, k_new.dtype)
+    fn, _ = choose_kernel("append_quantized_kv_", public, k_new.device, backend,
+                          key and {**key, "residual": cache.residual},
+                          {"batch_heads": k_new.shape[0] * k_new.shape[1]})
+    fn(k_new, v_new, cache.lengths, *t, cache.bits, cache.group)
     return cache
 
 
@@ -219,17 +191,27 @@ def quant_decode_attention(q, cache: QuantizedKVCache, sm_scale: float | None = 
     public = "kvkern.quant_decode_attention"
     _check_cache(public, cache)
     B, Hkv, C = cache.k_codes.shape[0], cache.k_codes.shape[1], cache.capacity
-    if (q.device.type == "cuda" and backend == "auto" and num_splits == 0 and q.dtype in _DTYPE_KEYS
-            and all(isinstance(x, int) for x in (B, Hkv, C, q.shape[1], q.shape[2]))):
-        tuned_backend, tuned_splits = _tuned_attention(
-            q.device.index or 0, int(q.shape[2]), _DTYPE_KEYS[q.dtype], int(q.shape[1] // Hkv), cache.bits,
-            cache.group, int(B * Hkv), int(C), os.environ.get(tuning.ENV_DIR))
-        backend = tuned_backend or backend
-        num_splits = tuned_splits
-    out, lse = _op("quant_decode_attention", q.device, backend, public)(
+    static = _dtype_key(q.shape[2], q.dtype)
+    fn, (tuned_splits,) = choose_kernel(
+        "quant_decode_attention", public, q.device, backend,
+        static and {**static, "group": int(q.shape[1] // max(Hkv, 1)), "bits": cache.bits, "quant_group": cache.group},
+        {"batch_heads": B * Hkv, "capacity": C})
+    out, lse = fn(
         q, *cache.tensors, cache.lengths, cache.bits, cache.group, None if sm_scale is None else float(sm_scale),
-        int(num_splits))
+        int(num_splits or tuned_splits))
     return (out, lse) if return_lse else out
+
+
+def _dtype_key(head_dim, dtype: torch.dtype) -> dict | None:
+    # The static tuning key's common part; None (no lookup) for a dtype no file is tuned for:
+    # the op itself then raises its clear error.
+    return {"head_dim": int(head_dim), "dtype": DTYPE_KEYS[dtype]} if dtype in DTYPE_KEYS else None
+
+
+def _format_key(cache: QuantizedKVCache, dtype: torch.dtype) -> dict | None:
+    # the static tuning key of the prefill / append ops (the file a lookup reads)
+    key = _dtype_key(cache.k_codes.shape[3], dtype)
+    return key and {**key, "bits": cache.bits, "quant_group": cache.group, "centred": int(cache.k_mean is not None)}
 
 
 # ---- FP8 KV (kvkern/reference.py "FP8 KV") ----------------------------------------------------
@@ -237,29 +219,18 @@ def quant_decode_attention(q, cache: QuantizedKVCache, sm_scale: float | None = 
 __all__ += ["FP8KVCache", "fp8_scales", "quantize_fp8_kv_", "append_fp8_kv_", "fp8_decode_attention",
             "FP8_DECODE_ATTENTION_TUNING"]
 
-# The tuner picks the backend and the split count per bucket (python -m autotune --op
-# fp8_decode_attention); "dtype" is the query's (the codes are always e4m3).
+# The tuner picks the backend per bucket, and for attention the split count (python -m
+# autotune --op <op>); "dtype" is the activations' (the codes are always e4m3).
 FP8_DECODE_ATTENTION_TUNING = tuning.OpSpec(
     op="fp8_decode_attention", static=("head_dim", "dtype", "group"), dims=("batch_heads", "capacity"),
     config=("num_splits",))
-tuning.register_spec(FP8_DECODE_ATTENTION_TUNING)
-
-
-@torch.compiler.assume_constant_result
-def _tuned_fp8_attention(*key) -> tuple:
-    return _tuned_fp8_attention_cached(*key)
-
-
-@functools.lru_cache(maxsize=4096)
-def _tuned_fp8_attention_cached(device_index: int, head_dim: int, dtype_key: str, group: int, batch_heads: int,
-                                capacity: int, tuned_dir: str | None) -> tuple:
-    # (backend or "", num_splits) from the database; ("", 0) when nothing is tuned.
-    entry = tuning.lookup(FP8_DECODE_ATTENTION_TUNING, tuning.device_name(torch.device("cuda", device_index)),
-                          {"head_dim": head_dim, "dtype": dtype_key, "group": group},
-                          {"batch_heads": batch_heads, "capacity": capacity})
-    if entry is None:
-        return ("", 0)
-    return (entry.get("backend", ""), int(entry.get("num_splits", 0)))
+QUANTIZE_FP8_KV_TUNING = tuning.OpSpec(op="quantize_fp8_kv_", static=("head_dim", "dtype"),
+                                       dims=("batch_heads", "tokens"), config=())
+APPEND_FP8_KV_TUNING = tuning.OpSpec(op="append_fp8_kv_", static=("head_dim", "dtype"), dims=("batch_heads",),
+                                     config=())
+for _spec in (FP8_DECODE_ATTENTION_TUNING, QUANTIZE_FP8_KV_TUNING, APPEND_FP8_KV_TUNING):
+    tuning.register_spec(_spec)
+__all__ += ["QUANTIZE_FP8_KV_TUNING", "APPEND_FP8_KV_TUNING"]
 
 
 def fp8_scales(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -372,7 +343,9 @@ def quantize_fp8_kv_(k, v, lengths, cache: FP8KVCache, *, backend: str = "auto")
     slots ``t < lengths[b, h]`` (mutated; ``cache.lengths`` is not), with the cache's scales."""
     public = "kvkern.quantize_fp8_kv_"
     _check_cache(public, cache, FP8KVCache)
-    _op("quantize_fp8_kv_", k.device, backend, public)(k, v, lengths, cache.k_scale, cache.v_scale, cache.k_fp8,
+    fn, _ = choose_kernel("quantize_fp8_kv_", public, k.device, backend, _dtype_key(k.shape[-1], k.dtype),
+                          {"batch_heads": k.shape[0] * k.shape[1], "tokens": k.shape[2]})
+    fn(k, v, lengths, cache.k_scale, cache.v_scale, cache.k_fp8,
                                                         cache.v_fp8)
     return cache
 
@@ -383,7 +356,9 @@ def append_fp8_kv_(k_new, v_new, cache: FP8KVCache, *, backend: str = "auto") ->
     untouched (lengths included)."""
     public = "kvkern.append_fp8_kv_"
     _check_cache(public, cache, FP8KVCache)
-    _op("append_fp8_kv_", k_new.device, backend, public)(k_new, v_new, cache.lengths, cache.k_scale, cache.v_scale,
+    fn, _ = choose_kernel("append_fp8_kv_", public, k_new.device, backend, _dtype_key(k_new.shape[-1], k_new.dtype),
+                          {"batch_heads": k_new.shape[0] * k_new.shape[1]})
+    fn(k_new, v_new, cache.lengths, cache.k_scale, cache.v_scale,
                                                           cache.k_fp8, cache.v_fp8)
     return cache
 
@@ -397,14 +372,11 @@ def fp8_decode_attention(q, cache: FP8KVCache, sm_scale: float | None = None, *,
     public = "kvkern.fp8_decode_attention"
     _check_cache(public, cache, FP8KVCache)
     B, Hkv, C = cache.k_fp8.shape[0], cache.k_fp8.shape[1], cache.k_fp8.shape[2]
-    if (q.device.type == "cuda" and backend == "auto" and num_splits == 0 and q.dtype in _DTYPE_KEYS
-            and all(isinstance(x, int) for x in (B, Hkv, C, q.shape[1], q.shape[2]))):
-        tuned_backend, tuned_splits = _tuned_fp8_attention(
-            q.device.index or 0, int(q.shape[2]), _DTYPE_KEYS[q.dtype], int(q.shape[1] // Hkv), int(B * Hkv), int(C),
-            os.environ.get(tuning.ENV_DIR))
-        backend = tuned_backend or backend
-        num_splits = tuned_splits
-    out, lse = _op("fp8_decode_attention", q.device, backend, public)(
+    static = _dtype_key(q.shape[2], q.dtype)
+    fn, (tuned_splits,) = choose_kernel("fp8_decode_attention", public, q.device, backend,
+                                        static and {**static, "group": int(q.shape[1] // max(Hkv, 1))},
+                                        {"batch_heads": B * Hkv, "capacity": C})
+    out, lse = fn(
         q, cache.k_fp8, cache.v_fp8, cache.k_scale, cache.v_scale, cache.lengths,
-        None if sm_scale is None else float(sm_scale), int(num_splits))
+        None if sm_scale is None else float(sm_scale), int(num_splits or tuned_splits))
     return (out, lse) if return_lse else out

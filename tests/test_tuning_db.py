@@ -20,7 +20,7 @@ import torch
 from kvkern import reference, tuning
 from kvkern.ops import DECODE_ATTENTION_TUNING as SPEC
 
-from utils import TOLERANCES, assert_verbose_allclose, make_decode_inputs
+from utils import TOLERANCES, assert_verbose_allclose, isolate_tuning_database, make_decode_inputs
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # the autotune package lives at the repository root
@@ -33,11 +33,7 @@ STATIC = {"head_dim": 128, "dtype": "bf16", "group": 4}
 @pytest.fixture(autouse=True)
 def isolated(monkeypatch, tmp_path):
     """No user dir, and no packaged or source-tree database unless a test points at one."""
-    monkeypatch.delenv(tuning.ENV_DIR, raising=False)
-    monkeypatch.setattr(tuning, "_PACKAGED_DIR", tmp_path / "absent_packaged")
-    monkeypatch.setattr(tuning, "_SOURCE_DIR", tmp_path / "absent_source")
-    monkeypatch.setattr(tuning, "_RUNNING_CC", {})
-    tuning.clear_caches()
+    isolate_tuning_database(monkeypatch, tmp_path)
     yield
     tuning.clear_caches()
 
@@ -694,6 +690,14 @@ def test_build_py_ships_the_configs(tmp_path):
     ("window_scores", ["--dtype", "fp32", "--head-dim", "64", "--group", "2", "--window", "4", "--capacity", "64",
                        "256"], "device=cpu,head_dim=64,dtype=fp32,group=2,window=4.json"),
     ("select_keep", ["--capacity", "64", "256"], "device=cpu.json"),
+    ("quantize_kv_", ["--dtype", "fp16", "--head-dim", "64", "--bits", "2", "--quant-group", "32", "--centred", "1",
+                      "--tokens", "100", "256"], "device=cpu,head_dim=64,dtype=fp16,bits=2,quant_group=32,centred=1.json"),
+    ("append_quantized_kv_", ["--dtype", "bf16", "--head-dim", "64", "--bits", "4", "--quant-group", "32",
+                              "--centred", "0", "--residual", "64"],
+     "device=cpu,head_dim=64,dtype=bf16,bits=4,quant_group=32,centred=0,residual=64.json"),
+    ("quantize_fp8_kv_", ["--dtype", "fp32", "--head-dim", "64", "--tokens", "33", "128"],
+     "device=cpu,head_dim=64,dtype=fp32.json"),
+    ("append_fp8_kv_", ["--dtype", "fp16", "--head-dim", "64"], "device=cpu,head_dim=64,dtype=fp16.json"),
 ])
 def test_tuner_covers_the_newer_ops_on_cpu(tmp_path, capsys, op, flags, name):
     # Every op the tuner knows writes a valid file whose winners were checked against the reference.
@@ -707,4 +711,47 @@ def test_tuner_covers_the_newer_ops_on_cpu(tmp_path, capsys, op, flags, name):
     assert [f.name for f in files] == [name]
     assert tuning.validate_config_file(files[0]) == []
     entries = json.loads(files[0].read_text())["entries"]
-    assert len(entries) == 4 and all(e["backend"] == "cpu" for e in entries.values())
+    n_buckets = 2 ** len(tune.OPS[op].spec.dims)  # two values of every dim
+    assert len(entries) == n_buckets and all(e["backend"] == "cpu" for e in entries.values())
+
+
+def test_writer_tuner_checks_the_restored_step_and_rejects_a_corrupt_backend(monkeypatch, tmp_path):
+    # The append tuner times "reset lengths + append" repeatedly, then checks one append from the
+    # restored cache against the reference: a backend that writes a wrong code is never the winner,
+    # however fast, and the correct one passes although the timed repeats rewrote the ring.
+    import dataclasses
+
+    import kvkern
+    from autotune import tune
+
+    base = tune.OPS["append_quantized_kv_"]
+
+    def corrupt_append(k_new, v_new, cache, backend):
+        kvkern.append_quantized_kv_(k_new, v_new, cache, backend="cpu")
+        cache.v_res.view(-1)[0] += 1  # value ring slots are all live once t >= R (every step here)
+
+    def slow_append(k_new, v_new, cache, backend):
+        time.sleep(0.003)
+        kvkern.append_quantized_kv_(k_new, v_new, cache, backend="cpu")
+
+    def run_with(fn):
+        return lambda backend, x, cfg: tune._append_run(fn)(backend, x, cfg)
+
+    runs = {"cpu": run_with(slow_append), "triton": run_with(corrupt_append)}
+    checks = {}
+    for name, fn in (("cpu", slow_append), ("triton", corrupt_append)):
+        def check(backend, x, cfg, fn=fn):
+            tune._restore(x)
+            tune._append_run(fn)(backend, x, cfg)
+            return (*tune._quant_live(x.cache, x.cache.lengths), x.cache.lengths.cpu())
+        checks[name] = check
+    fake = dataclasses.replace(base, backends=lambda device_type: (["cpu", "triton"], []),
+                               run=lambda b, x, cfg: runs[b](b, x, cfg),
+                               check_run=lambda b, x, cfg: checks[b](b, x, cfg))
+    monkeypatch.setitem(tune.OPS, "append_quantized_kv_", fake)
+    static = {"head_dim": 64, "dtype": "fp32", "bits": 4, "quant_group": 32, "centred": 1, "residual": 32}
+    result = tune.tune("append_quantized_kv_", device="cpu", statics=[static], grid={"batch_heads": (2, 8)},
+                       out_dir=tmp_path, warmup=1, iters=2, progress=False)
+    table = tuning.load_config_file(result.files[0], base.spec)
+    assert [e["backend"] for e in table.entries.values()] == ["cpu", "cpu"]
+    assert sum("triton" in n and "rejected" in n for n in result.notes) == 2

@@ -83,3 +83,15 @@ def make_decode_inputs(B, Hq, Hkv, C, D, dtype, device, lengths=None, with_log_w
         if log_w is not None:
             poison_past_lengths(log_w, lengths)
     return q, k, v, lengths, log_w
+
+
+def isolate_tuning_database(monkeypatch, tmp_path) -> None:
+    """No user tuning directory and no packaged or source-tree database for the test: a lookup
+    reads only what the test writes (and warnings fire afresh)."""
+    from kvkern import tuning
+
+    monkeypatch.delenv(tuning.ENV_DIR, raising=False)
+    monkeypatch.setattr(tuning, "_PACKAGED_DIR", tmp_path / "absent_packaged")
+    monkeypatch.setattr(tuning, "_SOURCE_DIR", tmp_path / "absent_source")
+    monkeypatch.setattr(tuning, "_RUNNING_CC", {})
+    tuning.clear_caches()
