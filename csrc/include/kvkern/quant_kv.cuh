@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "common.cuh"
 #include "quant_launch.h"
@@ -34,14 +35,14 @@ __device__ __forceinline__ void st(T* p, float x) {
   *p = DtypeTraits<T>::from_float(x);
 }
 
-// Directed rounding to T, exactly as reference.round_down_to / round_up_to:
-// round to nearest, then one ulp toward the wanted side if it went the wrong
-// way (bit steps on the 16-bit patterns; fp32 is the identity).
+// The value of T nearest x, as fp32 (the mean's rounding).
 template <typename T>
-struct Directed {
-  __device__ __forceinline__ static float down(float x) { return x; }
-  __device__ __forceinline__ static float up(float x) { return x; }
-};
+__device__ __forceinline__ float round_t(float x) {
+  return DtypeTraits<T>::to_float(DtypeTraits<T>::from_float(x));
+}
+
+// r (a value of the 16-bit T, as fp32) moved one ulp toward +inf or -inf by a
+// step on its bit pattern (the smallest subnormal of the wanted sign from 0).
 template <typename T>
 __device__ __forceinline__ float step16(float r, bool toward_pos) {
   T h = DtypeTraits<T>::from_float(r);
@@ -54,34 +55,29 @@ __device__ __forceinline__ float step16(float r, bool toward_pos) {
   __builtin_memcpy(&h, &u, 2);
   return DtypeTraits<T>::to_float(h);
 }
-template <>
-struct Directed<__half> {
-  __device__ __forceinline__ static float down(float x) {
-    const float r = __half2float(__float2half_rn(x));
-    return r > x ? step16<__half>(r, false) : r;
-  }
-  __device__ __forceinline__ static float up(float x) {
-    const float r = __half2float(__float2half_rn(x));
-    return r < x ? step16<__half>(r, true) : r;
-  }
-};
-template <>
-struct Directed<__nv_bfloat16> {
-  __device__ __forceinline__ static float down(float x) {
-    const float r = __bfloat162float(__float2bfloat16_rn(x));
-    return r > x ? step16<__nv_bfloat16>(r, false) : r;
-  }
-  __device__ __forceinline__ static float up(float x) {
-    const float r = __bfloat162float(__float2bfloat16_rn(x));
-    return r < x ? step16<__nv_bfloat16>(r, true) : r;
-  }
-};
 
-// The value of T nearest x, as fp32 (the mean's rounding).
+// Directed rounding to T, exactly as reference.round_down_to / round_up_to:
+// round to nearest, then one ulp toward the wanted side if it went the wrong
+// way (fp32 is the identity).
 template <typename T>
-__device__ __forceinline__ float round_t(float x) {
-  return DtypeTraits<T>::to_float(DtypeTraits<T>::from_float(x));
-}
+struct Directed {
+  __device__ __forceinline__ static float down(float x) {
+    if constexpr (std::is_same<T, float>::value) {
+      return x;
+    } else {
+      const float r = round_t<T>(x);
+      return r > x ? step16<T>(r, false) : r;
+    }
+  }
+  __device__ __forceinline__ static float up(float x) {
+    if constexpr (std::is_same<T, float>::value) {
+      return x;
+    } else {
+      const float r = round_t<T>(x);
+      return r < x ? step16<T>(r, true) : r;
+    }
+  }
+};
 
 // lo / scale of one group from its fp32 min and max (reference.quantize_group).
 template <typename T, int BITS>
