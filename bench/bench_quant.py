@@ -23,7 +23,7 @@ from kvkern.ops import available_backends
 from kvkern.policies.tada import quantized_cache_bytes
 
 from bench_decode_attention import eager_composite
-from conftest import record
+from conftest import record, time_call
 
 G, R = 128, 128  # the issue's "plain G = 128 format"; R = G keeps the ring small
 
@@ -205,6 +205,43 @@ def bench_append_step(benchmark, impl, bits, mean_centred):
     nbytes = 5 * row + case.B * case.Hkv * (case.D * bits // 8 + 2 * (case.D // G) * elem) + 2 * lengths.numel() * 4
     record(benchmark, case=f"{case.name}_{bits}b", impl=f"kvkern/{impl}/{'centred' if mean_centred else 'plain'}",
            device=case.device, fn=fn, nbytes=nbytes, note="one launch; target < 5 us")
+
+
+@pytest.mark.parametrize("mean_centred", [False, True], ids=["plain", "centred"])
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("impl", ["cuda", "triton"])
+def bench_append_flush_step(benchmark, impl, bits, mean_centred):
+    """The slowest decode step: every head flushes its R ring keys into codes ((t + 1) % R == 0).
+    Each call first resets lengths (a 256-byte device copy, also timed alone as "reset only"), so
+    every call is a flush step; the append is the difference."""
+    case = Case("cuda_bf16_B8_C32768_append", "cuda", 8, 32, 8, 128, 32768)
+    _skip_unless_device(case.device)
+    if impl not in available_backends("append_quantized_kv_", case.device):
+        pytest.skip(f"append_quantized_kv_ has no {impl} kernel on cuda in this build")
+    cache = empty_layout(case, bits, mean_centred)
+    for name, t in cache.items():
+        if t is not None:
+            t.zero_()
+    R = cache["k_res"].shape[2]
+    start = torch.full((case.B, case.Hkv), case.L // 2 + R - 1 - (case.L // 2) % R, dtype=torch.int32,
+                       device="cuda")
+    lengths = start.clone()
+    k_new = torch.randn(case.B, case.Hkv, case.D, device="cuda", dtype=case.dtype)
+    v_new = torch.randn_like(k_new)
+    op = _op("append_quantized_kv_", impl)
+
+    def fn():
+        lengths.copy_(start)
+        op(k_new, v_new, lengths, *(cache[f] for f in FIELDS), bits, G)
+
+    reset_us = time_call(lambda: lengths.copy_(start), case.device) * 1e6
+    elem = k_new.element_size()
+    # the plain step's bytes plus the flush: read R ring keys, write their codes and metadata
+    heads = case.B * case.Hkv
+    nbytes = heads * (5 * case.D * elem + R * case.D * elem + R * case.D * bits // 8 + 2 * (R // G) * case.D * elem)
+    record(benchmark, case=f"{case.name}_{bits}b_flush", impl=f"kvkern/{impl}/{'centred' if mean_centred else 'plain'}",
+           device=case.device, fn=fn, nbytes=nbytes,
+           note=f"reset + flush step, one launch each; reset only {reset_us:.1f} us")
 
 
 # ---- FP8 (e4m3fn, per-head scales) ------------------------------------------------------------
