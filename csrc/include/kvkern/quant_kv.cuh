@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "common.cuh"
+#include "quant_decode_tc.cuh"
 #include "quant_launch.h"
 
 namespace kvkern {
@@ -745,8 +746,35 @@ inline bool aligned16(const void* ptr, int64_t sb, int64_t sh, int64_t sr) {
   return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && sb % 4 == 0 && sh % 4 == 0 && sr % 4 == 0;
 }
 
+// The tensor-core kernel (quant_decode_tc.cuh): 16-bit caches only.
+template <typename T, int BITS, int D, typename L>
+cudaError_t run_attention_tc(const QuantKVParams& p, L& launch) {
+  if constexpr (sizeof(T) != 2) {
+    return cudaErrorInvalidValue;
+  } else {
+    TcArgs a{p, p.num_splits, 0};
+    const int64_t blocks32 = ceil_div<int64_t>(p.capacity, kTcBlock);
+    a.blocks_per_split = static_cast<int>(ceil_div<int64_t>(blocks32, a.num_splits));
+    const int64_t blocks = p.batch * p.num_kv_heads * a.num_splits;
+    KVKERN_CUDA_TRY(launch(quant_decode_tc_kernel<T, BITS, D>, blocks, kTcThreads, TcCfg<BITS, D>::SMEM, a));
+    if (a.num_splits > 1) {
+      MergeArgs m{p.partial_out, p.partial_lse, p.out, p.lse, p.batch * p.num_q_heads, a.num_splits,
+                  static_cast<int>(p.head_dim)};
+      KVKERN_CUDA_TRY(launch(quant_merge_kernel<T>, m.rows, kAttnThreads, 0, m));
+    }
+    return cudaSuccess;
+  }
+}
+
+constexpr bool kTcByDefault = false;  // until the emulator tests cover it
+
+// kernel_variant: 0 = auto (the tensor-core kernel for fp16 / bf16, the scalar
+// one for fp32), 1 = scalar (v1), 2 = tensor core (fp16 / bf16 only: refused
+// for fp32).
 template <typename T, int BITS, int D, typename L>
 cudaError_t run_attention_typed(const QuantKVParams& p, L& launch) {
+  const int v = p.kernel_variant;
+  if (v == 2 || (v == 0 && kTcByDefault && sizeof(T) == 2)) return run_attention_tc<T, BITS, D>(p, launch);
   AttnArgs a{p, p.num_splits, 0, false, false};
   const int64_t tiles = ceil_div<int64_t>(p.capacity, kTile);
   a.tiles_per_split = static_cast<int>(ceil_div<int64_t>(tiles, a.num_splits));
@@ -786,6 +814,8 @@ cudaError_t run_attention_t(const QuantKVParams& p, L& launch) {
 template <typename L>
 cudaError_t run_quant_decode_attention(const QuantKVParams& p, KvDtype dt, L& launch) {
   if (!attention_ok(p) || p.num_splits < 1) return cudaErrorInvalidValue;
+  if (p.kernel_variant < 0 || p.kernel_variant > 2) return cudaErrorInvalidValue;
+  if (p.kernel_variant == 2 && dt == KvDtype::kFloat32) return cudaErrorInvalidValue;
   if (p.num_splits > 1 && (p.partial_out == nullptr || p.partial_lse == nullptr)) return cudaErrorInvalidValue;
   if (p.batch == 0) return cudaSuccess;
   switch (dt) {
