@@ -263,7 +263,7 @@ __global__ void __launch_bounds__(kTcThreads) quant_decode_tc_kernel(TcArgs a) {
     if (t0 + kTcBlock <= nk) {
       tc_copy_rows(st + Cfg::OFF_KW * 4, [](int r) { return r * Cfg::KS * 4; },
                    kc + (t0 / P) * p.k_codes.stride[2], p.k_codes.stride[2] * 4, Cfg::KROWS, D * 4, lane);
-      if (new_kgroup(i, t0)) {
+      if (D > 128 || new_kgroup(i, t0)) {  // D = 256 rebuilds A every block (kCacheA below)
         const int64_t kg = t0 / G;
         tc_copy_rows(st + Cfg::OFF_KM * 4, [](int) { return 0; }, ksc + kg * p.k_scale.stride[2], 0, 1, D * 2, lane);
         tc_copy_rows(st + Cfg::OFF_KM * 4 + D * 2, [](int) { return 0; }, kmn + kg * p.k_min.stride[2], 0, 1, D * 2,
@@ -290,7 +290,11 @@ __global__ void __launch_bounds__(kTcThreads) quant_decode_tc_kernel(TcArgs a) {
     for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
 #pragma unroll
   for (int cb = 0; cb < NCB; ++cb) macc[cb] = 0.f;
-  uint32_t ka[NKS][4];  // A = q * qscale * k_scale (hi / lo) of the current key group
+  // D <= 128: the A fragments (q * qscale * k_scale, hi / lo) of the current key
+  // group stay in registers (32 at D = 128); D = 256 rebuilds them per block
+  // from shared memory (its 128 accumulators leave no room for 64 more).
+  constexpr bool kCacheA = D <= 128;
+  uint32_t ka[kCacheA ? NKS : 1][4];
   float kmt = 0.f;      // sum_d q_d * qscale * k_min_d of that group, head g
 
 #pragma unroll 1
@@ -340,36 +344,51 @@ __global__ void __launch_bounds__(kTcThreads) quant_decode_tc_kernel(TcArgs a) {
         for (int e = 0; e < 4; ++e) c[j][e] *= qscale;
     }
     if (kcode) {
-      if (new_kgroup(i, t0)) {  // warp-uniform
-        const T* sks = reinterpret_cast<const T*>(st + Cfg::OFF_KM);
-        const T* skm = sks + D;
-        kmt = 0.f;
+      const T* sks = reinterpret_cast<const T*>(st + Cfg::OFF_KM);
+      const T* skm = sks + D;
+      // A of k-step ks (channels 16ks + 4qd .. + 3) from the staged k_scale / k_min; adds the
+      // lane's part of the k_min term to kmt.
+      auto make_a = [&](int ks, uint32_t (&a4)[4]) {
+        const int d = 16 * ks + 4 * qd;
+        float x[4];
 #pragma unroll
-        for (int ks = 0; ks < NKS; ++ks) {
-          const int d = 16 * ks + 4 * qd;
-          float x[4];
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const float qv = sq[g * D + d + e];
-            x[e] = qv * DtypeTraits<T>::to_float(sks[d + e]);
-            kmt = fmaf(qv, DtypeTraits<T>::to_float(skm[d + e]), kmt);
-          }
-          tc_split<BF>(x[0], x[1], ka[ks][0], ka[ks][1]);
-          tc_split<BF>(x[2], x[3], ka[ks][2], ka[ks][3]);
+        for (int e = 0; e < 4; ++e) {
+          const float qv = sq[g * D + d + e];
+          x[e] = qv * DtypeTraits<T>::to_float(sks[d + e]);
+          kmt = fmaf(qv, DtypeTraits<T>::to_float(skm[d + e]), kmt);
         }
-        kmt += __shfl_xor_sync(0xffffffffu, kmt, 1);
-        kmt += __shfl_xor_sync(0xffffffffu, kmt, 2);
+        tc_split<BF>(x[0], x[1], a4[0], a4[1]);
+        tc_split<BF>(x[2], x[3], a4[2], a4[3]);
+      };
+      const bool fresh = !kCacheA || new_kgroup(i, t0);  // warp-uniform
+      if (fresh) kmt = 0.f;
+      if constexpr (kCacheA) {
+        if (fresh) {
+#pragma unroll
+          for (int ks = 0; ks < NKS; ++ks) make_a(ks, ka[ks]);
+        }
       }
       const uint32_t* wrow = st + Cfg::OFF_KW + ((4 * g) / P) * Cfg::KS + 4 * qd;
       const int pos = (4 * g) % P;
 #pragma unroll
       for (int ks = 0; ks < NKS; ++ks) {
+        uint32_t a4[4];
+        if constexpr (kCacheA) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) a4[e] = ka[ks][e];
+        } else {
+          make_a(ks, a4);
+        }
         const uint4 w = *reinterpret_cast<const uint4*>(wrow + 16 * ks);
         uint32_t b0[4], b1[4];
         tc_widen4<BITS>(w.x, w.y, pos, b0);
         tc_widen4<BITS>(w.z, w.w, pos, b1);
 #pragma unroll
-        for (int j = 0; j < 4; ++j) mma_16816<BF>(c[j], ka[ks][0], ka[ks][1], ka[ks][2], ka[ks][3], b0[j], b1[j]);
+        for (int j = 0; j < 4; ++j) mma_16816<BF>(c[j], a4[0], a4[1], a4[2], a4[3], b0[j], b1[j]);
+      }
+      if (fresh) {
+        kmt += __shfl_xor_sync(0xffffffffu, kmt, 1);
+        kmt += __shfl_xor_sync(0xffffffffu, kmt, 2);
       }
     }
 

@@ -766,15 +766,13 @@ cudaError_t run_attention_tc(const QuantKVParams& p, L& launch) {
   }
 }
 
-constexpr bool kTcByDefault = false;  // until the emulator tests cover it
-
 // kernel_variant: 0 = auto (the tensor-core kernel for fp16 / bf16, the scalar
 // one for fp32), 1 = scalar (v1), 2 = tensor core (fp16 / bf16 only: refused
 // for fp32).
 template <typename T, int BITS, int D, typename L>
 cudaError_t run_attention_typed(const QuantKVParams& p, L& launch) {
   const int v = p.kernel_variant;
-  if (v == 2 || (v == 0 && kTcByDefault && sizeof(T) == 2)) return run_attention_tc<T, BITS, D>(p, launch);
+  if (v == 2 || (v == 0 && sizeof(T) == 2)) return run_attention_tc<T, BITS, D>(p, launch);
   AttnArgs a{p, p.num_splits, 0, false, false};
   const int64_t tiles = ceil_div<int64_t>(p.capacity, kTile);
   a.tiles_per_split = static_cast<int>(ceil_div<int64_t>(tiles, a.num_splits));
