@@ -103,7 +103,7 @@ def run(op: str, cache: dict, lengths, bits: int, group: int, *, q=None, sm_scal
         fields.update(_ref("lengths", lengths, ("sb", "sh")))
         fields.update(batch=B, num_kv_heads=H, capacity=cache["k_scale"].shape[2] * group, head_dim=D,
                       residual=cache["k_res"].shape[2], bits=bits, group=group, seed=seed, block_order=block_order,
-                      deferred=deferred)
+                      deferred=deferred, dtype=kv_dtype(cache["k_res"].dtype))
         out = lse = ws = None
         if op == "attention":
             more, out, lse = _attention_fields(q, D, sm_scale)

@@ -155,23 +155,51 @@ __device__ __forceinline__ uint32_t tc_bits(const T* row, int d) {
   return row ? static_cast<uint32_t>(__ldg(reinterpret_cast<const unsigned short*>(row) + d)) : 0u;
 }
 
-// Codes at positions pos .. pos + 3 of words w0 and w1 as four bf16 pairs:
-// out[j] = (code j of w0 in the low half, code j of w1 in the high half).
-// 2 / 4 bits: (code | 0x4300) is the bf16 128 + code, minus 128 (exact);
-// 8 bits (bf16 has 8 significant bits): the fp32 2^23 + code, minus 2^23.
+// prmt.b32 (default mode): byte i of the result is byte (sel >> 4i) & 7 of
+// the pair {b, a} (a = bytes 0-3). The emulator has no __byte_perm.
+__device__ __forceinline__ uint32_t tc_prmt(uint32_t a, uint32_t b, uint32_t sel) {
+#ifdef KVKERN_CUDA_EMULATION
+  const uint64_t x = (static_cast<uint64_t>(b) << 32) | a;
+  uint32_t r = 0;
+  for (int i = 0; i < 4; ++i) r |= static_cast<uint32_t>((x >> (8 * ((sel >> (4 * i)) & 7u))) & 0xffu) << (8 * i);
+  return r;
+#else
+  return __byte_perm(a, b, sel);
+#endif
+}
+
+// The prmt selector that gathers the byte(s) holding code positions pos ..
+// pos + 3 (2 / 4 bits) of w0 into the low half and of w1 into the high half.
 template <int BITS>
-__device__ __forceinline__ void tc_widen4(uint32_t w0, uint32_t w1, int pos, uint32_t (&out)[4]) {
+__device__ __forceinline__ uint32_t tc_widen_sel(int pos) {
+  if constexpr (BITS == 4) {
+    const uint32_t k = static_cast<uint32_t>(pos / 2);  // 0 or 2
+    return k | (k + 1) << 4 | (k + 4) << 8 | (k + 5) << 12;
+  } else {
+    const uint32_t k = static_cast<uint32_t>(pos / 4);  // 2 bits: 0 .. 3; 8 bits: unused
+    return k | k << 4 | (k + 4) << 8 | (k + 4) << 12;
+  }
+}
+
+// Codes at positions pos .. pos + 3 of words w0 and w1 (sel = tc_widen_sel(pos))
+// as four bf16 pairs: out[j] = (code j of w0 in the low half, code j of w1 in the
+// high half). 2 / 4 bits: one prmt gathers the codes, then per pair (code |
+// 0x4300) is the bf16 128 + code, minus 128 (exact); 8 bits (bf16 has 8
+// significant bits): per code one prmt makes the fp32 2^23 + code, minus 2^23.
+template <int BITS>
+__device__ __forceinline__ void tc_widen4(uint32_t w0, uint32_t w1, uint32_t sel, uint32_t (&out)[4]) {
   if constexpr (BITS == 8) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const float c0 = __uint_as_float(0x4B000000u | ((w0 >> (8 * j)) & 0xffu)) - 8388608.f;
-      const float c1 = __uint_as_float(0x4B000000u | ((w1 >> (8 * j)) & 0xffu)) - 8388608.f;
+      constexpr uint32_t kHi = 0x4B000000u;  // bytes: 00 00 00 4B
+      const uint32_t js = static_cast<uint32_t>(j) | 4u << 4 | 5u << 8 | 7u << 12;
+      const float c0 = __uint_as_float(tc_prmt(w0, kHi, js)) - 8388608.f;
+      const float c1 = __uint_as_float(tc_prmt(w1, kHi, js)) - 8388608.f;
       out[j] = DtypeTraits<__nv_bfloat16>::pack2(c0, c1);
     }
   } else {
     constexpr uint32_t M = (1u << BITS) - 1u;
-    const int sh = pos * BITS;
-    const uint32_t y = ((w0 >> sh) & 0xffffu) | ((w1 >> sh) << 16);
+    const uint32_t y = tc_prmt(w0, w1, sel);
     __nv_bfloat162 magic;
     const uint32_t mbits = 0x43004300u;
     __builtin_memcpy(&magic, &mbits, 4);
@@ -248,6 +276,8 @@ __global__ void __launch_bounds__(kTcThreads) quant_decode_tc_kernel(TcArgs a) {
   const T* kmean = p.k_mean.data ? static_cast<const T*>(p.k_mean.data) + b * p.k_mean.stride[0] : nullptr;
   const T* vmean = p.v_mean.data ? static_cast<const T*>(p.v_mean.data) + b * p.v_mean.stride[0] : nullptr;
   const int nvg = D / G;  // value groups per token
+  // Lane g's codes sit at positions (4g) % P .. + 3 of its key and value words alike.
+  const uint32_t wsel = tc_widen_sel<BITS>((4 * g) % P);
 
   uint32_t* ring = sw + Cfg::OFF_ST + warp * STAGES * Cfg::STAGE;
   auto block_t0 = [&](int i) -> int64_t { return (w_lo + i) * kTcBlock; };
@@ -369,7 +399,6 @@ __global__ void __launch_bounds__(kTcThreads) quant_decode_tc_kernel(TcArgs a) {
         }
       }
       const uint32_t* wrow = st + Cfg::OFF_KW + ((4 * g) / P) * Cfg::KS + 4 * qd;
-      const int pos = (4 * g) % P;
 #pragma unroll
       for (int ks = 0; ks < NKS; ++ks) {
         uint32_t a4[4];
@@ -381,8 +410,8 @@ __global__ void __launch_bounds__(kTcThreads) quant_decode_tc_kernel(TcArgs a) {
         }
         const uint4 w = *reinterpret_cast<const uint4*>(wrow + 16 * ks);
         uint32_t b0[4], b1[4];
-        tc_widen4<BITS>(w.x, w.y, pos, b0);
-        tc_widen4<BITS>(w.z, w.w, pos, b1);
+        tc_widen4<BITS>(w.x, w.y, wsel, b0);
+        tc_widen4<BITS>(w.z, w.w, wsel, b1);
 #pragma unroll
         for (int j = 0; j < 4; ++j) mma_16816<BF>(c[j], a4[0], a4[1], a4[2], a4[3], b0[j], b1[j]);
       }
@@ -454,10 +483,9 @@ __global__ void __launch_bounds__(kTcThreads) quant_decode_tc_kernel(TcArgs a) {
             tc_split<BF>(x[2], x[3], va[2], va[3]);
           }
           const uint32_t* vrow = st + Cfg::OFF_VW + r0 * Cfg::VWD + 8 * qd + (32 * cb + 4 * g) / P;
-          const int pos = (4 * g) % P;
           uint32_t b0[4], b1[4];
-          tc_widen4<BITS>(vrow[0], vrow[Cfg::VWD], pos, b0);
-          tc_widen4<BITS>(vrow[2 * Cfg::VWD], vrow[3 * Cfg::VWD], pos, b1);
+          tc_widen4<BITS>(vrow[0], vrow[Cfg::VWD], wsel, b0);
+          tc_widen4<BITS>(vrow[2 * Cfg::VWD], vrow[3 * Cfg::VWD], wsel, b1);
 #pragma unroll
           for (int nn = 0; nn < 4; ++nn) mma_16816<BF>(acc[4 * cb + nn], va[0], va[1], va[2], va[3], b0[nn], b1[nn]);
         }

@@ -716,7 +716,49 @@ inline bool attention_ok(const QuantKVParams& p) {
          p.num_q_heads / p.num_kv_heads <= kMaxGroupHeads;
 }
 
+// Whether run_quant_decode_attention takes the tensor-core kernel for p.
+inline bool uses_tc(const QuantKVParams& p) {
+  return p.kernel_variant == 2 || (p.kernel_variant == 0 && p.dtype != QuantDType::kFloat32);
+}
+
+// Resident CTAs per SM of the tensor-core kernel: ptxas gives it up to 255
+// registers (2 CTAs of 128 threads), fewer where shared memory binds (D = 256).
+inline int tc_ctas_per_sm(int bits, int64_t D) {
+  size_t smem = 0;
+#define KVKERN_TC_SMEM(B_, D_) \
+  if (bits == B_ && D == D_) smem = TcCfg<B_, D_>::SMEM;
+  KVKERN_TC_SMEM(2, 64) KVKERN_TC_SMEM(4, 64) KVKERN_TC_SMEM(8, 64)
+  KVKERN_TC_SMEM(2, 128) KVKERN_TC_SMEM(4, 128) KVKERN_TC_SMEM(8, 128)
+  KVKERN_TC_SMEM(2, 256) KVKERN_TC_SMEM(4, 256) KVKERN_TC_SMEM(8, 256)
+#undef KVKERN_TC_SMEM
+  const size_t fit = smem > 0 ? (227u * 1024u) / (smem + 1024u) : 1;
+  return fit >= 2 ? 2 : 1;
+}
+
+// The tensor-core kernel: CTAs of 4 warps that each want >= 1 block of 32
+// slots, ~2 resident per SM. S minimizes the time in waves, ceil(B Hkv S /
+// slots) / S, the smallest S within 5 % of the best (fewer splits, less merge).
+inline int default_splits_tc(const QuantKVParams& p, int num_sms) {
+  const int64_t heads = p.batch * p.num_kv_heads;
+  if (heads <= 0) return 1;
+  const int64_t slots = static_cast<int64_t>(num_sms > 0 ? num_sms : 132) * tc_ctas_per_sm(p.bits, p.head_dim);
+  int64_t max_s = ceil_div<int64_t>(p.capacity, kTcBlock * kTcWarps);
+  if (max_s > 256) max_s = 256;
+  if (max_s < 1) max_s = 1;
+  double best = 0.0;
+  for (int64_t s = 1; s <= max_s; ++s) {
+    const double t = static_cast<double>(ceil_div<int64_t>(heads * s, slots)) / static_cast<double>(s);
+    if (s == 1 || t < best) best = t;
+  }
+  for (int64_t s = 1; s <= max_s; ++s) {
+    const double t = static_cast<double>(ceil_div<int64_t>(heads * s, slots)) / static_cast<double>(s);
+    if (t <= best * 1.05) return static_cast<int>(s);
+  }
+  return 1;
+}
+
 inline int default_splits(const QuantKVParams& p, int num_sms) {
+  if (uses_tc(p) && p.kernel_variant >= 0 && p.kernel_variant <= 2) return default_splits_tc(p, num_sms);
   const int64_t tiles = ceil_div<int64_t>(p.capacity, kTile);
   const int64_t heads = p.batch * p.num_kv_heads;
   if (heads <= 0) return 1;
