@@ -66,11 +66,14 @@ struct TcCfg {
   static constexpr int OFF_VM = OFF_KM + D;           // v_scale [32][MAXVG] T, v_min [32][MAXVG] T
   static constexpr int STAGE = OFF_VM + D;
   static constexpr int STAGES = kTcWarps * 3 * STAGE * 4 <= 100 * 1024 ? 3 : 2;
-  // the CTA: q * qscale [8][D] fp32, q [8][D] T, then the warps' stage rings
-  // (reused by the final merge: m, l [4][8], acc [4][8][D])
+  // the CTA: q * qscale [8][SQS] fp32, q [8][SQTS] T (rows padded so that the
+  // eight heads' reads of one instruction hit different banks), then the warps'
+  // stage rings (reused by the final merge: m, l [4][8], acc [4][8][D])
+  static constexpr int SQS = D + 16;
+  static constexpr int SQTS = D + 8;
   static constexpr int OFF_Q = 0;
-  static constexpr int OFF_QT = OFF_Q + 8 * D;
-  static constexpr int OFF_ST = OFF_QT + 8 * D / 2;
+  static constexpr int OFF_QT = OFF_Q + 8 * SQS;
+  static constexpr int OFF_ST = OFF_QT + 8 * SQTS / 2;
   static constexpr int RING = kTcWarps * STAGES * STAGE;
   static constexpr int FIN = 2 * kTcWarps * 8 + kTcWarps * 8 * D;
   static constexpr int WORDS = OFF_ST + (RING > FIN ? RING : FIN);
@@ -260,8 +263,8 @@ __global__ void __launch_bounds__(kTcThreads) quant_decode_tc_kernel(TcArgs a) {
   for (int i = tid; i < 8 * D; i += kTcThreads) {
     const int gg = i / D, d = i % D;
     const T x = gg < Gq ? qb[gg * p.q_stride_h + d] : DtypeTraits<T>::from_float(0.f);
-    sqt[i] = x;
-    sq[i] = DtypeTraits<T>::to_float(x) * qscale;
+    sqt[gg * Cfg::SQTS + d] = x;
+    sq[gg * Cfg::SQS + d] = DtypeTraits<T>::to_float(x) * qscale;
   }
   __syncthreads();
 
@@ -284,6 +287,11 @@ __global__ void __launch_bounds__(kTcThreads) quant_decode_tc_kernel(TcArgs a) {
   // Block i starts a key group for this warp: its k_scale / k_min are staged
   // and its A computed (code blocks are a prefix of the warp's blocks).
   auto new_kgroup = [&](int i, int64_t t0) { return i == 0 || t0 % G == 0; };
+  // D <= 128: the A fragments (q * qscale * k_scale, hi / lo) of the current key
+  // group stay in registers (32 at D = 128); D = 256 rebuilds them every block
+  // from shared memory (its 128 accumulators leave no room for 64 more), so
+  // stages every block's k_scale / k_min.
+  constexpr bool kCacheA = D <= 128;
 
   // Stage block i of this warp: key code rows and the group's k_scale / k_min
   // (all-code blocks), value code rows and v_scale / v_min of its quantized tokens.
@@ -293,7 +301,7 @@ __global__ void __launch_bounds__(kTcThreads) quant_decode_tc_kernel(TcArgs a) {
     if (t0 + kTcBlock <= nk) {
       tc_copy_rows(st + Cfg::OFF_KW * 4, [](int r) { return r * Cfg::KS * 4; },
                    kc + (t0 / P) * p.k_codes.stride[2], p.k_codes.stride[2] * 4, Cfg::KROWS, D * 4, lane);
-      if (D > 128 || new_kgroup(i, t0)) {  // D = 256 rebuilds A every block (kCacheA below)
+      if (!kCacheA || new_kgroup(i, t0)) {
         const int64_t kg = t0 / G;
         tc_copy_rows(st + Cfg::OFF_KM * 4, [](int) { return 0; }, ksc + kg * p.k_scale.stride[2], 0, 1, D * 2, lane);
         tc_copy_rows(st + Cfg::OFF_KM * 4 + D * 2, [](int) { return 0; }, kmn + kg * p.k_min.stride[2], 0, 1, D * 2,
@@ -320,10 +328,6 @@ __global__ void __launch_bounds__(kTcThreads) quant_decode_tc_kernel(TcArgs a) {
     for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
 #pragma unroll
   for (int cb = 0; cb < NCB; ++cb) macc[cb] = 0.f;
-  // D <= 128: the A fragments (q * qscale * k_scale, hi / lo) of the current key
-  // group stay in registers (32 at D = 128); D = 256 rebuilds them per block
-  // from shared memory (its 128 accumulators leave no room for 64 more).
-  constexpr bool kCacheA = D <= 128;
   uint32_t ka[kCacheA ? NKS : 1][4];
   float kmt = 0.f;      // sum_d q_d * qscale * k_min_d of that group, head g
 
@@ -359,8 +363,8 @@ __global__ void __launch_bounds__(kTcThreads) quant_decode_tc_kernel(TcArgs a) {
 #pragma unroll
       for (int ks = 0; ks < NKS; ++ks) {
         const int d = 16 * ks + 2 * qd;
-        const uint32_t a0 = *reinterpret_cast<const uint32_t*>(sqt + g * D + d);
-        const uint32_t a2 = *reinterpret_cast<const uint32_t*>(sqt + g * D + d + 8);
+        const uint32_t a0 = *reinterpret_cast<const uint32_t*>(sqt + g * Cfg::SQTS + d);
+        const uint32_t a2 = *reinterpret_cast<const uint32_t*>(sqt + g * Cfg::SQTS + d + 8);
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           const uint32_t b0 = tc_bits(rows[j], d) | tc_bits(rows[j], d + 1) << 16;
@@ -380,12 +384,13 @@ __global__ void __launch_bounds__(kTcThreads) quant_decode_tc_kernel(TcArgs a) {
       // lane's part of the k_min term to kmt.
       auto make_a = [&](int ks, uint32_t (&a4)[4]) {
         const int d = 16 * ks + 4 * qd;
+        const float4 q4 = *reinterpret_cast<const float4*>(sq + g * Cfg::SQS + d);
+        const float qv[4] = {q4.x, q4.y, q4.z, q4.w};
         float x[4];
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const float qv = sq[g * D + d + e];
-          x[e] = qv * DtypeTraits<T>::to_float(sks[d + e]);
-          kmt = fmaf(qv, DtypeTraits<T>::to_float(skm[d + e]), kmt);
+          x[e] = qv[e] * DtypeTraits<T>::to_float(sks[d + e]);
+          kmt = fmaf(qv[e], DtypeTraits<T>::to_float(skm[d + e]), kmt);
         }
         tc_split<BF>(x[0], x[1], a4[0], a4[1]);
         tc_split<BF>(x[2], x[3], a4[2], a4[3]);
