@@ -1,12 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0
 // quant_decode_attention v2: both dot products on tensor cores (mma.sync
 // m16n8k16, fp32 accumulate) for fp16 / bf16 caches. Included by quant_kv.cuh,
-// which dispatches to it (QuantKVParams::kernel_variant); the split / merge
-// plan, the workspace and the output rules are v1's. Design, fragment mapping
-// and the precision argument: QUANT_CUDA.md ("v2"). Torch-free.
+// which dispatches to it (QuantKVParams::kernel_variant); the merge, the
+// workspace and the output rules are v1's. Design, fragment mapping and the
+// precision argument: QUANT_CUDA.md ("v2"). Torch-free.
 //
 // Shape of the work: one CTA of 4 warps per (b, kv head, split); the split's
-// slots in blocks of 32 tokens, block i of the split to warp i % 4. Every warp
+// slots in blocks of 32 tokens, warp w taking the w-th quarter of them. Every warp
 // runs its own online softmax over its blocks and its own cp.async pipeline
 // (a ring of STAGES block buffers in shared memory: key code rows, value code
 // rows and the block's scales / mins), so the main loop has no CTA barrier;
@@ -63,7 +63,7 @@ struct TcCfg {
   static constexpr int OFF_KW = 0;                    // [KROWS][KS] key code words
   static constexpr int OFF_VW = OFF_KW + KROWS * KS;  // value code words
   static constexpr int OFF_KM = OFF_VW + VWORDS;      // k_scale [D] T, k_min [D] T
-  static constexpr int OFF_VM = OFF_KM + D;           // v_scale [32][MAXVG] T, v_min [32][MAXVG] T
+  static constexpr int OFF_VM = OFF_KM + D;           // v_scale [32][D / G] T, v_min (at + 32 MAXVG T)
   static constexpr int STAGE = OFF_VM + D;
   static constexpr int STAGES = kTcWarps * 3 * STAGE * 4 <= 100 * 1024 ? 3 : 2;
   // the CTA: q * qscale [8][SQS] fp32, q [8][SQTS] T (rows padded so that the
@@ -312,10 +312,17 @@ __global__ void __launch_bounds__(kTcThreads) quant_decode_tc_kernel(TcArgs a) {
       const int rows = nv - t0 < kTcBlock ? static_cast<int>(nv - t0) : kTcBlock;
       tc_copy_rows(st + Cfg::OFF_VW * 4, [](int r) { return (r * Cfg::VWD + 8 * (r / 8)) * 4; },
                    vc + t0 * p.v_codes.stride[2], p.v_codes.stride[2] * 4, rows, Cfg::VWD * 4, lane);
-      tc_copy_rows(st + Cfg::OFF_VM * 4, [](int r) { return r * Cfg::MAXVG * 2; },
-                   vsc + t0 * p.v_scale.stride[2], p.v_scale.stride[2] * 2, rows, nvg * 2, lane);
-      tc_copy_rows(st + Cfg::OFF_VM * 4 + kTcBlock * Cfg::MAXVG * 2, [](int r) { return r * Cfg::MAXVG * 2; },
-                   vmn + t0 * p.v_min.stride[2], p.v_min.stride[2] * 2, rows, nvg * 2, lane);
+      // [token][nvg] in shared memory; one contiguous run when the tokens' rows are
+      // adjacent (the usual layout: with one group per token, a run of 64 bytes
+      // instead of 32 two-byte copies).
+      auto copy_meta = [&](unsigned char* dst, const T* src, int64_t stride) {
+        if (stride == nvg)
+          tc_copy_rows(dst, [](int) { return 0; }, src, 0, 1, rows * nvg * 2, lane);
+        else
+          tc_copy_rows(dst, [nvg](int r) { return r * nvg * 2; }, src, stride * 2, rows, nvg * 2, lane);
+      };
+      copy_meta(st + Cfg::OFF_VM * 4, vsc + t0 * p.v_scale.stride[2], p.v_scale.stride[2]);
+      copy_meta(st + Cfg::OFF_VM * 4 + kTcBlock * Cfg::MAXVG * 2, vmn + t0 * p.v_min.stride[2], p.v_min.stride[2]);
     }
   };
 
@@ -481,8 +488,8 @@ __global__ void __launch_bounds__(kTcThreads) quant_decode_tc_kernel(TcArgs a) {
             for (int e = 0; e < 4; ++e) {
               const bool coded = t0 + r0 + e < nv;  // v_scale / v_min past nv were not staged
               const float pe = pr[4 * sv + e];
-              x[e] = coded ? pe * DtypeTraits<T>::to_float(svs[(r0 + e) * Cfg::MAXVG + gam]) : 0.f;
-              if (coded) macc[cb] = fmaf(pe, DtypeTraits<T>::to_float(svm[(r0 + e) * Cfg::MAXVG + gam]), macc[cb]);
+              x[e] = coded ? pe * DtypeTraits<T>::to_float(svs[(r0 + e) * nvg + gam]) : 0.f;
+              if (coded) macc[cb] = fmaf(pe, DtypeTraits<T>::to_float(svm[(r0 + e) * nvg + gam]), macc[cb]);
             }
             tc_split<BF>(x[0], x[1], va[0], va[1]);
             tc_split<BF>(x[2], x[3], va[2], va[3]);
