@@ -218,7 +218,7 @@ __device__ __forceinline__ void tc_widen4(uint32_t w0, uint32_t w1, uint32_t sel
 }
 
 template <typename T, int BITS, int D>
-__global__ void __launch_bounds__(kTcThreads) quant_decode_tc_kernel(TcArgs a) {
+__global__ void __launch_bounds__(kTcThreads, 2) quant_decode_tc_kernel(TcArgs a) {
   static_assert(sizeof(T) == 2, "the tensor-core kernel takes fp16 / bf16 caches");
   using Cfg = TcCfg<BITS, D>;
   using BF = __nv_bfloat16;
