@@ -152,10 +152,27 @@ __device__ __forceinline__ void tc_split(float x0, float x1, uint32_t& hi, uint3
   lo = DtypeTraits<T>::pack2(x0 - tc_lo<T>(hi), x1 - tc_hi<T>(hi));
 }
 
-// One T of a dense row as its 16 raw bits (0 for no row).
+// Dense rows (means, ring) are read straight from global memory: elements d,
+// d + 1 of a row as one packed pair, elements d .. d + 3 as two pairs; 0 for no
+// row. `wide`: the rows allow 4-byte (pair) / 8-byte (quad) loads.
 template <typename T>
-__device__ __forceinline__ uint32_t tc_bits(const T* row, int d) {
-  return row ? static_cast<uint32_t>(__ldg(reinterpret_cast<const unsigned short*>(row) + d)) : 0u;
+__device__ __forceinline__ uint32_t tc_pair(const T* row, int d, bool wide) {
+  if (row == nullptr) return 0u;
+  const auto* u = reinterpret_cast<const unsigned short*>(row) + d;
+  if (wide) return __ldg(reinterpret_cast<const unsigned int*>(u));
+  return static_cast<uint32_t>(__ldg(u)) | static_cast<uint32_t>(__ldg(u + 1)) << 16;
+}
+template <typename T>
+__device__ __forceinline__ uint2 tc_quad(const T* row, int d, bool wide) {
+  if (row == nullptr) return make_uint2(0u, 0u);
+  if (wide) return __ldg(reinterpret_cast<const uint2*>(reinterpret_cast<const unsigned short*>(row) + d));
+  return make_uint2(tc_pair(row, d, false), tc_pair(row, d + 2, false));
+}
+
+// Whether every row base + k * stride (elements of 2 bytes) is `bytes`-aligned.
+__device__ __forceinline__ bool tc_rows_aligned(const void* base, int64_t stride, int bytes) {
+  return ((static_cast<uint64_t>(reinterpret_cast<uintptr_t>(base)) | static_cast<uint64_t>(stride * 2)) %
+          static_cast<uint64_t>(bytes)) == 0;
 }
 
 // prmt.b32 (default mode): byte i of the result is byte (sel >> 4i) & 7 of
@@ -279,6 +296,10 @@ __global__ void __launch_bounds__(kTcThreads, 2) quant_decode_tc_kernel(TcArgs a
   const T* kmean = p.k_mean.data ? static_cast<const T*>(p.k_mean.data) + b * p.k_mean.stride[0] : nullptr;
   const T* vmean = p.v_mean.data ? static_cast<const T*>(p.v_mean.data) + b * p.v_mean.stride[0] : nullptr;
   const int nvg = D / G;  // value groups per token
+  // Dense rows allow wide loads: key pairs need 4-byte rows, value quads 8-byte ones.
+  const bool kmean_wide = kmean && tc_rows_aligned(kmean, p.k_mean.stride[1], 4);
+  const bool kres_wide = tc_rows_aligned(kr, p.k_res.stride[2], 4);
+  const bool vwide = tc_rows_aligned(vr, p.v_res.stride[2], 8) && (!vmean || tc_rows_aligned(vmean, p.v_mean.stride[1], 8));
   // Lane g's codes sit at positions (4g) % P .. + 3 of its key and value words alike.
   const uint32_t wsel = tc_widen_sel<BITS>((4 * g) % P);
 
@@ -361,6 +382,7 @@ __global__ void __launch_bounds__(kTcThreads, 2) quant_decode_tc_kernel(TcArgs a
 #pragma unroll
       for (int e = 0; e < 4; ++e) c[j][e] = 0.f;
     if (!kcode || kmean) {  // dense rows: k_mean of coded tokens, or the ring
+      const bool kwide = kcode ? kmean_wide : kres_wide;
       const T* rows[4];
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
@@ -374,8 +396,8 @@ __global__ void __launch_bounds__(kTcThreads, 2) quant_decode_tc_kernel(TcArgs a
         const uint32_t a2 = *reinterpret_cast<const uint32_t*>(sqt + g * Cfg::SQTS + d + 8);
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          const uint32_t b0 = tc_bits(rows[j], d) | tc_bits(rows[j], d + 1) << 16;
-          const uint32_t b1 = tc_bits(rows[j], d + 8) | tc_bits(rows[j], d + 9) << 16;
+          const uint32_t b0 = tc_pair(rows[j], d, kwide);
+          const uint32_t b1 = tc_pair(rows[j], d + 8, kwide);
           mma_16816<T>(c[j], a0, 0u, a2, 0u, b0, b1);
         }
       }
@@ -515,11 +537,16 @@ __global__ void __launch_bounds__(kTcThreads, 2) quant_decode_tc_kernel(TcArgs a
         tc_split<T>(pr[4 * sv + 2], pr[4 * sv + 3], da[2], da[3]);
 #pragma unroll
         for (int cb = 0; cb < NCB; ++cb) {
-          const int d = 32 * cb + 4 * g;
+          const int d = 32 * cb + 4 * g;  // the lane's four channels, one per n-tile
+          uint2 x[4];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) x[e] = tc_quad(rows[e], d, vwide);
 #pragma unroll
           for (int nn = 0; nn < 4; ++nn) {
-            const uint32_t b0 = tc_bits(rows[0], d + nn) | tc_bits(rows[1], d + nn) << 16;
-            const uint32_t b1 = tc_bits(rows[2], d + nn) | tc_bits(rows[3], d + nn) << 16;
+            // (token e, channel d + nn) for the token pairs (0, 1) and (2, 3)
+            const uint32_t sel = nn % 2 == 0 ? 0x5410u : 0x7632u;
+            const uint32_t b0 = tc_prmt(nn < 2 ? x[0].x : x[0].y, nn < 2 ? x[1].x : x[1].y, sel);
+            const uint32_t b1 = tc_prmt(nn < 2 ? x[2].x : x[2].y, nn < 2 ? x[3].x : x[3].y, sel);
             mma_16816<T>(acc[4 * cb + nn], da[0], da[1], da[2], da[3], b0, b1);
           }
         }
