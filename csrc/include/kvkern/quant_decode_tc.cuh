@@ -188,6 +188,25 @@ __device__ __forceinline__ uint32_t tc_prmt(uint32_t a, uint32_t b, uint32_t sel
 #endif
 }
 
+// bf16x2 x * s + c in each half (one fma.rn.bf16x2); s and c are powers of two
+// or small integers (exact in bf16: their fp32 bits' top half) and only exact
+// results are asked of it.
+__device__ __forceinline__ uint32_t tc_bf16x2_fma(uint32_t x, float s, float c) {
+#ifdef KVKERN_CUDA_EMULATION
+  return DtypeTraits<__nv_bfloat16>::pack2(fmaf(tc_lo<__nv_bfloat16>(x), s, c), fmaf(tc_hi<__nv_bfloat16>(x), s, c));
+#else
+  const uint32_t sb = (__float_as_uint(s) >> 16) * 0x10001u, cb = (__float_as_uint(c) >> 16) * 0x10001u;
+  __nv_bfloat162 v, s2, c2;
+  __builtin_memcpy(&v, &x, 4);
+  __builtin_memcpy(&s2, &sb, 4);
+  __builtin_memcpy(&c2, &cb, 4);
+  v = __hfma2(v, s2, c2);
+  uint32_t r;
+  __builtin_memcpy(&r, &v, 4);
+  return r;
+#endif
+}
+
 // The prmt selector that gathers the byte(s) holding code positions pos ..
 // pos + 3 (2 / 4 bits) of w0 into the low half and of w1 into the high half.
 template <int BITS>
@@ -220,16 +239,16 @@ __device__ __forceinline__ void tc_widen4(uint32_t w0, uint32_t w1, uint32_t sel
   } else {
     constexpr uint32_t M = (1u << BITS) - 1u;
     const uint32_t y = tc_prmt(w0, w1, sel);
-    __nv_bfloat162 magic;
-    const uint32_t mbits = 0x43004300u;
-    __builtin_memcpy(&magic, &mbits, 4);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const uint32_t biased = ((y >> (BITS * j)) & (M | (M << 16))) | 0x43004300u;
-      __nv_bfloat162 v;
-      __builtin_memcpy(&v, &biased, 4);
-      v = __hsub2(v, magic);
-      __builtin_memcpy(&out[j], &v, 4);
+      if (BITS == 2 && (j == 1 || j == 2)) {
+        // In place (no shift): bits 2j, 2j + 1 of the mantissa make 128 + 4^j code;
+        // * 4^-j - 128 * 4^-j is the code (one exact fma).
+        const float f = j == 1 ? 0.25f : 0.0625f;
+        out[j] = tc_bf16x2_fma(((y & ((M | M << 16) << (2 * j))) | 0x43004300u), f, -128.f * f);
+      } else {
+        out[j] = tc_bf16x2_fma(((y >> (BITS * j)) & (M | (M << 16))) | 0x43004300u, 1.f, -128.f);
+      }
     }
   }
 }
