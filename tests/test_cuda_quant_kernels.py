@@ -113,34 +113,124 @@ def test_append_matches_reference(case, dtype):
         assert live_equal(got, want, got_len, bits, G) == [], f"step {step}"
 
 
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("G_q", [1, 3, 4])
-def test_attention_matches_reference(case, dtype, G_q):
+# (dtype, kernel_variant): 1 = the scalar kernel (v1), 2 = the tensor-core kernel (fp16 / bf16).
+KERNELS = [(torch.float32, 1), (torch.float16, 1), (torch.bfloat16, 1), (torch.float16, 2), (torch.bfloat16, 2)]
+KERNEL_NAME = {1: "quant_decode_kernel<", 2: "quant_decode_tc_kernel<"}
+
+
+def _attention_case(case, dtype, G_q, T=None):
     B, H, C, D, bits, G, R, centred = case
-    T = C
+    T = C if T is None else T
     lengths = _lengths(B, H, C, T, centred, R)
     k, v = _dense(B, H, T, D, dtype, lengths)
     cache = empty_cache(B, H, C, D, bits, G, R, centred, dtype, "cpu")
     E.run("quantize", cache, lengths, bits, G, k=k, v=v, seed=_seed())
     q = torch.randn(B, H * G_q, D).to(dtype)
-    want_out, want_lse = reference.quant_decode_attention(q, cache, lengths, bits, G)
-    for S in (1, 3):
-        out, lse, launches = E.run("attention", cache, lengths, bits, G, q=q, num_splits=S, seed=_seed())
-        assert len(launches) == (1 if S == 1 else 2)
+    return cache, lengths, q
+
+
+def _check_attention(cache, lengths, q, bits, G, want, variant, splits=(1, 3, 0), **kw):
+    want_out, want_lse = want
+    dtype = q.dtype
+    for S in splits:
+        out, lse, launches = E.run("attention", cache, lengths, bits, G, q=q, num_splits=S, seed=_seed(),
+                                   kernel_variant=variant, **kw)
+        assert KERNEL_NAME[variant] in launches[0], launches
+        assert len(launches) == (1 if S == 1 else 2) or (S == 0 and len(launches) == 1)
+        # The tensor-core kernel feeds q * k_scale and p * v_scale to bf16 MMAs as hi + lo pairs
+        # (x - hi - lo <= 2^-18 |x|), so a logit is off by <= 2^-18 * sum_d |code_d q_d k_scale_d|,
+        # ~1e-5 on these shapes (rms far less): inside the lse tolerance below, which is v1's. Codes,
+        # means and ring rows enter exactly (codes <= 255 are exact in bf16; q . mean and q . ring
+        # run in T's own MMA), and out's 1e-2 is T's rounding of the result.
         tol = 1e-4 if dtype == torch.float32 else 1e-2
         torch.testing.assert_close(out.double(), want_out.to(dtype).double(), atol=tol, rtol=tol)
         torch.testing.assert_close(lse.double(), want_lse.double(), atol=1e-4, rtol=1e-4)
 
 
-def test_attention_bad_length_gives_nan_not_a_crash():
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: f"{str(k[0]).split('.')[-1]}-v{k[1]}")
+@pytest.mark.parametrize("G_q", [1, 3, 4, 8])
+def test_attention_matches_reference(case, kernel, G_q):
+    dtype, variant = kernel
+    if G_q == 8 and variant == 1 and dtype != torch.bfloat16:
+        pytest.skip("v1 at G_q = 8 is covered by bf16")
+    B, H, C, D, bits, G, R, centred = case
+    cache, lengths, q = _attention_case(case, dtype, G_q)
+    want = reference.quant_decode_attention(q, cache, lengths, bits, G)
+    _check_attention(cache, lengths, q, bits, G, want, variant)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_attention_tc_head_dim_256_and_emulator_modes(dtype):
+    """D = 256 (the 2-stage ring), and the other emulator schedules: cp.async landing at issue,
+    blocks in order and reversed."""
+    case = (1, 2, 128, 256, 4, 64, 64, False)
+    cache, lengths, q = _attention_case(case, dtype, 3)
+    want = reference.quant_decode_attention(q, cache, lengths, 4, 64)
+    _check_attention(cache, lengths, q, 4, 64, want, 2, splits=(1,))
+    _check_attention(cache, lengths, q, 4, 64, want, 2, splits=(2,), deferred=False, block_order=1)
+    case = (1, 2, 128, 128, 8, 32, 32, True)
+    cache, lengths, q = _attention_case(case, dtype, 5)
+    want = reference.quant_decode_attention(q, cache, lengths, 8, 32)
+    _check_attention(cache, lengths, q, 8, 32, want, 2, splits=(3,), deferred=False, block_order=0)
+
+
+def _restride(t, elem_offset):
+    """t's values in a fresh buffer at an element offset, rows padded by one element (so no
+    16-byte, and with an odd offset no 4-byte, alignment of rows or base)."""
+    if t is None:
+        return None
+    shape = list(t.shape)
+    padded = shape[:-1] + [shape[-1] + 1]
+    n = 1
+    for x in padded:
+        n *= x
+    buf = torch.empty(n + elem_offset, dtype=t.dtype)
+    view = buf[elem_offset:].view(padded)[..., : shape[-1]]
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.parametrize("centred", [False, True])
+def test_attention_tc_unaligned_views(centred):
+    """Views whose rows are not 16-byte (codes) or 4-byte (16-bit tensors) aligned take the 4-byte
+    cp.async and the synchronous 2-byte staging paths; the result is the same."""
+    dtype = torch.bfloat16
+    case = (1, 2, 128, 64, 4, 32, 32, centred)
+    cache, lengths, q = _attention_case(case, dtype, 4)
+    want = reference.quant_decode_attention(q, cache, lengths, 4, 32)
+    odd = {name: _restride(t, 1) for name, t in cache.items()}
+    _check_attention(odd, lengths, q, 4, 32, want, 2, splits=(1,))
+    _check_attention(odd, lengths, q, 4, 32, want, 1, splits=(1,))
+
+
+def test_attention_kernel_choice():
+    """auto (0): the tensor-core kernel for fp16 / bf16, the scalar one for fp32; the tensor-core
+    kernel asked for fp32, or an unknown variant, is refused."""
+    case = (1, 2, 128, 64, 2, 32, 32, False)
+    for dtype, name in [(torch.float32, KERNEL_NAME[1]), (torch.float16, KERNEL_NAME[2]),
+                        (torch.bfloat16, KERNEL_NAME[2])]:
+        cache, lengths, q = _attention_case(case, dtype, 2)
+        _, _, launches = E.run("attention", cache, lengths, 2, 32, q=q, num_splits=1, kernel_variant=0)
+        assert name in launches[0], launches
+    cache, lengths, q = _attention_case(case, torch.float32, 2)
+    with pytest.raises(E.Refused):
+        E.run("attention", cache, lengths, 2, 32, q=q, num_splits=1, kernel_variant=2)
+    with pytest.raises(E.Refused):
+        E.run("attention", cache, lengths, 2, 32, q=q, num_splits=1, kernel_variant=3)
+
+
+@pytest.mark.parametrize("kernel", [(torch.float32, 1), (torch.bfloat16, 2)], ids=["fp32-v1", "bf16-v2"])
+def test_attention_bad_length_gives_nan_not_a_crash(kernel):
+    dtype, variant = kernel
     B, H, C, D, bits, G, R = 1, 2, 128, 64, 4, 32, 32
     lengths = torch.tensor([[C, 0]], dtype=torch.int32)
-    k, v = _dense(B, H, C, D, torch.float32, lengths)
-    cache = empty_cache(B, H, C, D, bits, G, R, False, torch.float32, "cpu")
+    k, v = _dense(B, H, C, D, dtype, lengths)
+    cache = empty_cache(B, H, C, D, bits, G, R, False, dtype, "cpu")
     E.run("quantize", cache, lengths, bits, G, k=k, v=v)
     lengths[0, 0] = C + 5
-    out, lse, _ = E.run("attention", cache, lengths, bits, G, q=torch.randn(B, H, D), num_splits=2)
+    out, lse, _ = E.run("attention", cache, lengths, bits, G, q=torch.randn(B, H, D).to(dtype), num_splits=2,
+                        kernel_variant=variant)
     assert torch.isnan(out[0, 0]).all() and torch.isnan(lse[0, 0])
     assert (out[0, 1] == 0).all() and lse[0, 1] == float("-inf")
 

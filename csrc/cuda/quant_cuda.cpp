@@ -19,6 +19,8 @@
 #include <cuda_runtime_api.h>
 #include <kvkern/quant_launch.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <tuple>
 
@@ -65,6 +67,23 @@ void append_quantized_kv_cuda(const Tensor& k_new, const Tensor& v_new, const Te
   launch_cache_write(op, p, k_res, launch_append_quantized_kv, "launching the append kernel");
 }
 
+// QuantKVParams::kernel_variant from KVKERN_QUANT_DECODE_KERNEL, a benchmarking switch: auto
+// (unset or empty: the tensor-core kernel for fp16 / bf16 caches, the scalar one for fp32),
+// scalar (v1), tc (the tensor-core kernel; fp16 / bf16 caches only).
+int quant_decode_kernel_variant(const char* op, QuantDType dtype) {
+  const char* env = std::getenv("KVKERN_QUANT_DECODE_KERNEL");
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) return 0;
+  if (std::strcmp(env, "scalar") == 0) return 1;
+  if (std::strcmp(env, "tc") == 0) {
+    STD_TORCH_CHECK(dtype != QuantDType::kFloat32, op,
+                    ": KVKERN_QUANT_DECODE_KERNEL=tc: the tensor-core kernel takes fp16 or bf16 caches, got float32 "
+                    "(unset it or use auto / scalar)");
+    return 2;
+  }
+  STD_TORCH_CHECK(false, op, ": KVKERN_QUANT_DECODE_KERNEL: expected auto, scalar or tc, got \"", env, "\"");
+  return 0;
+}
+
 std::tuple<Tensor, Tensor> quant_decode_attention_cuda(
     const Tensor& q, const Tensor& k_codes, const Tensor& k_scale, const Tensor& k_min, const Tensor& v_codes,
     const Tensor& v_scale, const Tensor& v_min, const Tensor& k_res, const Tensor& v_res,
@@ -78,6 +97,7 @@ std::tuple<Tensor, Tensor> quant_decode_attention_cuda(
   const int32_t device = q.get_device_index();
   torch::stable::accelerator::DeviceGuard guard(device);
   QuantKVParams& c = p;
+  c.kernel_variant = quant_decode_kernel_variant(op, p.dtype);
   STD_TORCH_CHECK(quant_decode_attention_supported(c), op,
                   ": the CUDA kernel does not serve this shape (at most 8 query heads per kv head); "
                   "use backend=\"triton\"");

@@ -3,9 +3,10 @@
 // over the real <<<>>> launch. tools/cuda_emu/quant_emu.cpp runs the same
 // sequences with a CPU launcher, so only CudaLauncher is not emulated.
 //
-// Instantiated through the dispatch: quant_decode_kernel for {fp32, fp16,
-// bf16} x bits {2, 4, 8} x head_dim {64, 128, 256}, the merge, and the
-// prefill / append kernels for {fp32, fp16, bf16} x bits {2, 4, 8}.
+// Instantiated through the dispatch: quant_decode_kernel (v1) for {fp32,
+// fp16, bf16} x bits {2, 4, 8} x head_dim {64, 128, 256}, quant_decode_tc_kernel
+// (v2, quant_decode_tc.cuh) for {fp16, bf16} x bits x head_dim, the merge, and
+// the prefill / append kernels for {fp32, fp16, bf16} x bits {2, 4, 8}.
 
 #include <climits>
 

@@ -53,7 +53,7 @@ const std::vector<Field> kFields = {
     STRIDE_AS(QuantKVParams, "v_new_sb", v_in, 0), STRIDE_AS(QuantKVParams, "v_new_sh", v_in, 1),
     STRIDES_BH(QuantKVParams), FLD_AS(QuantKVParams, "seq_len", in_tokens),
     KVKERN_EMU_FIELDS(QuantKVParams, lengths, batch, num_kv_heads, capacity, head_dim, residual, bits, group, q,
-                      num_q_heads, out, lse, sm_scale, num_splits)};
+                      num_q_heads, out, lse, sm_scale, num_splits, kernel_variant, dtype)};
 const std::vector<Field> kFp8Fields = {
     REF3(Fp8KVParams, k_fp8), REF3(Fp8KVParams, v_fp8), REF3(Fp8KVParams, k_in), REF3(Fp8KVParams, v_in),
     STRIDES_BH(Fp8KVParams),

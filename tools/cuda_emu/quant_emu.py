@@ -83,7 +83,8 @@ def _run(lib, h, op: str, dtype, kept: list, ws=None) -> list[str]:
 
 
 def run(op: str, cache: dict, lengths, bits: int, group: int, *, q=None, sm_scale=None, num_splits=0,
-        k=None, v=None, k_new=None, v_new=None, seed=1, block_order=2, deferred=True, ws_fill=0x7f):
+        k=None, v=None, k_new=None, v_new=None, seed=1, block_order=2, deferred=True, ws_fill=0x7f,
+        kernel_variant=0):
     """Runs ``op`` on CPU tensors (cache: the layout's dict, mutated in place for
     "quantize" / "append"). "attention" returns (out, lse, launches); the others
     return the launch lines."""
@@ -102,11 +103,11 @@ def run(op: str, cache: dict, lengths, bits: int, group: int, *, q=None, sm_scal
         fields.update(_ref("lengths", lengths, ("sb", "sh")))
         fields.update(batch=B, num_kv_heads=H, capacity=cache["k_scale"].shape[2] * group, head_dim=D,
                       residual=cache["k_res"].shape[2], bits=bits, group=group, seed=seed, block_order=block_order,
-                      deferred=deferred)
+                      deferred=deferred, dtype=kv_dtype(cache["k_res"].dtype))
         out = lse = ws = None
         if op == "attention":
             more, out, lse = _attention_fields(q, D, sm_scale)
-            fields.update(more)
+            fields.update(more, kernel_variant=kernel_variant)
         elif op == "quantize":
             fields.update(**_ref("k_in", k), **_ref("v_in", v), seq_len=k.shape[2])
         elif op == "append":

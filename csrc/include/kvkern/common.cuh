@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 // Returns a failing cudaError_t from the enclosing function (launchers return
 // cudaError_t; the torch glue turns it into one exception).
@@ -120,6 +121,37 @@ __device__ __forceinline__ float group_max(float x) {
 #pragma unroll
   for (int off = WIDTH / 2; off > 0; off /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, off));
   return x;
+}
+
+// ---------------------------------------------------------------------------
+// mma.sync m16n8k16 (sm_80+), fp32 accumulate: c += A(16x16, row) * B(16x8,
+// col), T = __half or __nv_bfloat16 for both inputs, with the PTX fragment
+// layout (g = lane / 4, q = lane % 4): a0 = A[g][2q..2q+1], a1 = A[g+8][2q..],
+// a2 = A[g][2q+8..], a3 = A[g+8][2q+8..]; b0 = B[2q..][g], b1 = B[2q+8..][g];
+// c = C[g][2q], C[g][2q+1], C[g+8][2q], C[g+8][2q+1]. Each 32-bit register
+// holds two elements, the lower k (or column) in the low half. Shared by the
+// window-score and the quantized-attention kernels.
+// ---------------------------------------------------------------------------
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                          uint32_t b0, uint32_t b1) {
+  static_assert(std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value, "fp16 / bf16 inputs");
+#ifdef KVKERN_CUDA_EMULATION
+  // tools/cuda_emu (CPU emulator): the same fragment layout, computed by the warp's fibers.
+  ::kvkern_emu::mma_16816(std::is_same<T, __nv_bfloat16>::value, c, a0, a1, a2, a3, b0, b1);
+#else
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+#endif
 }
 
 // ---------------------------------------------------------------------------

@@ -11,6 +11,7 @@
 #include <type_traits>
 
 #include "common.cuh"
+#include "quant_decode_tc.cuh"
 #include "quant_launch.h"
 
 namespace kvkern {
@@ -711,7 +712,49 @@ inline bool attention_ok(const QuantKVParams& p) {
          p.num_q_heads / p.num_kv_heads <= kMaxGroupHeads;
 }
 
+// Whether run_quant_decode_attention takes the tensor-core kernel for p.
+inline bool uses_tc(const QuantKVParams& p) {
+  return p.kernel_variant == 2 || (p.kernel_variant == 0 && p.dtype != QuantDType::kFloat32);
+}
+
+// Resident CTAs per SM of the tensor-core kernel: ptxas gives it up to 255
+// registers (2 CTAs of 128 threads), fewer where shared memory binds (D = 256).
+inline int tc_ctas_per_sm(int bits, int64_t D) {
+  size_t smem = 0;
+#define KVKERN_TC_SMEM(B_, D_) \
+  if (bits == B_ && D == D_) smem = TcCfg<B_, D_>::SMEM;
+  KVKERN_TC_SMEM(2, 64) KVKERN_TC_SMEM(4, 64) KVKERN_TC_SMEM(8, 64)
+  KVKERN_TC_SMEM(2, 128) KVKERN_TC_SMEM(4, 128) KVKERN_TC_SMEM(8, 128)
+  KVKERN_TC_SMEM(2, 256) KVKERN_TC_SMEM(4, 256) KVKERN_TC_SMEM(8, 256)
+#undef KVKERN_TC_SMEM
+  const size_t fit = smem > 0 ? (227u * 1024u) / (smem + 1024u) : 1;
+  return fit >= 2 ? 2 : 1;
+}
+
+// The tensor-core kernel: CTAs of 4 warps that each want >= 1 block of 32
+// slots, ~2 resident per SM. S minimizes the time in waves, ceil(B Hkv S /
+// slots) / S, the smallest S within 5 % of the best (fewer splits, less merge).
+inline int default_splits_tc(const QuantKVParams& p, int num_sms) {
+  const int64_t heads = p.batch * p.num_kv_heads;
+  if (heads <= 0) return 1;
+  const int64_t slots = static_cast<int64_t>(num_sms > 0 ? num_sms : 132) * tc_ctas_per_sm(p.bits, p.head_dim);
+  int64_t max_s = ceil_div<int64_t>(p.capacity, kTcBlock * kTcWarps);
+  if (max_s > 256) max_s = 256;
+  if (max_s < 1) max_s = 1;
+  double best = 0.0;
+  for (int64_t s = 1; s <= max_s; ++s) {
+    const double t = static_cast<double>(ceil_div<int64_t>(heads * s, slots)) / static_cast<double>(s);
+    if (s == 1 || t < best) best = t;
+  }
+  for (int64_t s = 1; s <= max_s; ++s) {
+    const double t = static_cast<double>(ceil_div<int64_t>(heads * s, slots)) / static_cast<double>(s);
+    if (t <= best * 1.05) return static_cast<int>(s);
+  }
+  return 1;
+}
+
 inline int default_splits(const QuantKVParams& p, int num_sms) {
+  if (uses_tc(p) && p.kernel_variant >= 0 && p.kernel_variant <= 2) return default_splits_tc(p, num_sms);
   const int64_t tiles = ceil_div<int64_t>(p.capacity, kTile);
   const int64_t heads = p.batch * p.num_kv_heads;
   if (heads <= 0) return 1;
@@ -741,8 +784,33 @@ inline bool aligned16(const void* ptr, int64_t sb, int64_t sh, int64_t sr) {
   return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && sb % 4 == 0 && sh % 4 == 0 && sr % 4 == 0;
 }
 
+// The tensor-core kernel (quant_decode_tc.cuh): 16-bit caches only.
+template <typename T, int BITS, int D, typename L>
+cudaError_t run_attention_tc(const QuantKVParams& p, L& launch) {
+  if constexpr (sizeof(T) != 2) {
+    return cudaErrorInvalidValue;
+  } else {
+    TcArgs a{p, p.num_splits, 0};
+    const int64_t blocks32 = ceil_div<int64_t>(p.capacity, kTcBlock);
+    a.blocks_per_split = static_cast<int>(ceil_div<int64_t>(blocks32, a.num_splits));
+    const int64_t blocks = p.batch * p.num_kv_heads * a.num_splits;
+    KVKERN_CUDA_TRY(launch(quant_decode_tc_kernel<T, BITS, D>, blocks, kTcThreads, TcCfg<BITS, D>::SMEM, a));
+    if (a.num_splits > 1) {
+      MergeArgs m{p.partial_out, p.partial_lse, p.out, p.lse, p.batch * p.num_q_heads, a.num_splits,
+                  static_cast<int>(p.head_dim)};
+      KVKERN_CUDA_TRY(launch(quant_merge_kernel<T>, m.rows, kAttnThreads, 0, m));
+    }
+    return cudaSuccess;
+  }
+}
+
+// kernel_variant: 0 = auto (the tensor-core kernel for fp16 / bf16, the scalar
+// one for fp32), 1 = scalar (v1), 2 = tensor core (fp16 / bf16 only: refused
+// for fp32).
 template <typename T, int BITS, int D, typename L>
 cudaError_t run_attention_typed(const QuantKVParams& p, L& launch) {
+  const int v = p.kernel_variant;
+  if (v == 2 || (v == 0 && sizeof(T) == 2)) return run_attention_tc<T, BITS, D>(p, launch);
   AttnArgs a{p, p.num_splits, 0, false, false};
   const int64_t tiles = ceil_div<int64_t>(p.capacity, kTile);
   a.tiles_per_split = static_cast<int>(ceil_div<int64_t>(tiles, a.num_splits));
@@ -782,6 +850,8 @@ cudaError_t run_attention_t(const QuantKVParams& p, L& launch) {
 template <typename L>
 cudaError_t run_quant_decode_attention(const QuantKVParams& p, KvDtype dt, L& launch) {
   if (!attention_ok(p) || p.num_splits < 1) return cudaErrorInvalidValue;
+  if (p.kernel_variant < 0 || p.kernel_variant > 2) return cudaErrorInvalidValue;
+  if (p.kernel_variant == 2 && dt == KvDtype::kFloat32) return cudaErrorInvalidValue;
   if (p.num_splits > 1 && (p.partial_out == nullptr || p.partial_lse == nullptr)) return cudaErrorInvalidValue;
   if (p.batch == 0) return cudaSuccess;
   switch (dt) {

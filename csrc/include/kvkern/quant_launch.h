@@ -28,8 +28,11 @@ namespace kvkern {
 bool quant_layout_supported(const QuantKVParams& p);
 bool quant_decode_attention_supported(const QuantKVParams& p);
 
-// Splits for quant_decode_attention when p.num_splits == 0: enough CTAs
-// (B * Hkv * S) for about 4 per SM, at most one 64-slot tile per split... fewer
+// Splits for quant_decode_attention when p.num_splits == 0, for the kernel
+// that p.dtype and p.kernel_variant select: the scalar kernel (fp32) wants
+// enough CTAs (B * Hkv * S) for about 4 per SM, at most one 64-slot tile per
+// split; the tensor-core kernel (fp16 / bf16) the S with the least time in
+// waves of its ~2 resident CTAs per SM, at least 128 slots per split. Fewer
 // when the cache is short.
 int quant_decode_default_splits(const QuantKVParams& p, int num_sms);
 

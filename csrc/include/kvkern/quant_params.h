@@ -83,6 +83,11 @@ struct QuantKVParams {
   int block_n = 64;  // CPU: tokens per tile (a multiple of 32 keeps tiles word-aligned)
   float* partial_out = nullptr;
   float* partial_lse = nullptr;
+  // CUDA attention kernel: 0 = auto (tensor cores for fp16 / bf16, scalar for
+  // fp32), 1 = the scalar kernel, 2 = the tensor-core kernel (fp16 / bf16
+  // only). A benchmarking switch (KVKERN_QUANT_DECODE_KERNEL in the glue);
+  // the CPU kernels ignore it.
+  int kernel_variant = 0;
 
   KVKERN_QUANT_HD int codes_per_word() const { return 32 / bits; }
   KVKERN_QUANT_HD int64_t group_size() const { return num_kv_heads > 0 ? num_q_heads / num_kv_heads : 0; }  // GQA ratio
