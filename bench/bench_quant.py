@@ -118,19 +118,25 @@ def dense_read_bytes(case: Case) -> int:
 
 
 QUANT_IMPLS = ["cpu", "cuda", "triton"]
+# The CUDA attention has two kernels (QUANT_CUDA.md): "cuda" runs the default (the tensor-core
+# kernel for 16-bit caches), "cuda-scalar" the first, CUDA-core one, side by side in one run.
+ATTENTION_IMPLS = [*QUANT_IMPLS, "cuda-scalar"]
 
 
 @pytest.mark.parametrize("mean_centred", [False, True], ids=["plain", "centred"])
 @pytest.mark.parametrize("bits", [2, 4, 8])
-@pytest.mark.parametrize("impl", QUANT_IMPLS)
+@pytest.mark.parametrize("impl", ATTENTION_IMPLS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def bench_quant_decode_attention(benchmark, case, impl, bits, mean_centred):
+def bench_quant_decode_attention(benchmark, case, impl, bits, mean_centred, monkeypatch):
     _skip_unless_device(case.device)
-    if impl not in _backends("quant_decode_attention", case.device):
-        pytest.skip(f"quant_decode_attention has no {impl} kernel on {case.device} in this build")
+    backend, _, variant = impl.partition("-")
+    if backend not in _backends("quant_decode_attention", case.device):
+        pytest.skip(f"quant_decode_attention has no {backend} kernel on {case.device} in this build")
+    if variant:  # read by the CUDA glue at every call
+        monkeypatch.setenv("KVKERN_QUANT_DECODE_KERNEL", variant)
     q, _, _, lengths = dense_inputs(case)
     cache = quantized_cache(case, bits, mean_centred)
-    op = _op("quant_decode_attention", impl)
+    op = _op("quant_decode_attention", backend)
     fn = lambda: op(q, *(cache[f] for f in FIELDS), lengths, bits, G)  # noqa: E731
     deq = available_backends("dequantize_kv", case.device)
     if deq:  # the fused op must equal dense attention over the dequantized cache

@@ -9,6 +9,7 @@ Each output is also checked against the reference, so the run fails on wrong
 numbers as well as on bad memory accesses.
 """
 
+import os
 import sys
 
 import torch
@@ -110,15 +111,19 @@ def run_quant(backend: str) -> int:
             for t in range(R - 2, R + 3):
                 cache.append_(k[:, :, t], v[:, :, t], backend=backend)
             q = torch.randn(B, G * Hkv, D, device="cuda", dtype=dtype)
-            out = cache.attention(q, backend=backend)
             ref_cache = {f: (None if getattr(cache, f) is None else getattr(cache, f).cpu())
                          for f in kvkern.quant_ops.FIELDS}
             ref, _ = reference.quant_decode_attention(q.cpu(), ref_cache, cache.lengths.cpu(), bits, group)
-            torch.cuda.synchronize()
-            err = (out.double().cpu() - ref).abs().max().item()
-            if not err < 3e-2:
-                print(f"FAIL quant {backend} {dtype} bits={bits} G={G}: max error {err}")
-                failures += 1
+            # both CUDA attention kernels: the default (tensor cores for 16-bit caches) and the scalar one
+            for kernel in (("auto", "scalar") if backend == "cuda" else ("auto",)):
+                os.environ["KVKERN_QUANT_DECODE_KERNEL"] = kernel
+                out = cache.attention(q, backend=backend)
+                torch.cuda.synchronize()
+                err = (out.double().cpu() - ref).abs().max().item()
+                if not err < 3e-2:
+                    print(f"FAIL quant {backend}/{kernel} {dtype} bits={bits} G={G}: max error {err}")
+                    failures += 1
+            os.environ.pop("KVKERN_QUANT_DECODE_KERNEL")
     return failures
 
 
