@@ -154,3 +154,37 @@ def test_opcheck(backend, mean_centred):
     name = "quant_decode_attention" if backend == "cpp" else triton_twin("quant_decode_attention")
     torch.library.opcheck(getattr(torch.ops.kvkern, name).default,
                           (q, *as_args(cache), lengths.to(DEVICE), bits, group, None, 2))
+
+
+CUDA_KERNELS = ["scalar", "tc"]  # QUANT_CUDA.md: v1 (CUDA cores) and v2 (tensor cores, the 16-bit default)
+
+
+@pytest.mark.skipif("cuda" not in BACKENDS, reason="no CUDA kernel in this build / no GPU")
+@pytest.mark.parametrize("kernel", CUDA_KERNELS)
+@pytest.mark.parametrize("mean_centred", [False, True], ids=["plain", "centred"])
+@pytest.mark.parametrize("bits", ref.QUANT_BITS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_both_cuda_kernels(monkeypatch, kernel, dtype, bits, mean_centred):
+    monkeypatch.setenv("KVKERN_QUANT_DECODE_KERNEL", kernel)
+    group, R, D = 64, 128, 128
+    B, H, C = 3, 2, 4 * R
+    lengths = torch.tensor([C, 2 * R + 37, 0], dtype=torch.int32).view(B, 1).expand(B, H).contiguous()
+    if not mean_centred:
+        lengths[1, 1] = 5
+    cache, want = build("cuda", B, H, C, D, bits, group, R, mean_centred, dtype, lengths)
+    for gqa, splits in ((1, 0), (4, 3), (8, 1)):
+        q = torch.randn(B, gqa * H, D).to(dtype)
+        check("cuda", q, cache, want, lengths, bits, group, num_splits=splits)
+
+
+@pytest.mark.skipif("cuda" not in BACKENDS, reason="no CUDA kernel in this build / no GPU")
+def test_cuda_kernel_switch_errors(monkeypatch):
+    lengths = torch.full((1, 1), 40, dtype=torch.int32)
+    q = torch.randn(1, 1, 64)
+    cache, want = build("cuda", 1, 1, 128, 64, 4, 32, 32, False, torch.float32, lengths)
+    monkeypatch.setenv("KVKERN_QUANT_DECODE_KERNEL", "tc")
+    with pytest.raises(RuntimeError, match="KVKERN_QUANT_DECODE_KERNEL=tc.*fp16 or bf16"):
+        check("cuda", q, cache, want, lengths, 4, 32)
+    monkeypatch.setenv("KVKERN_QUANT_DECODE_KERNEL", "fast")
+    with pytest.raises(RuntimeError, match="KVKERN_QUANT_DECODE_KERNEL: expected auto, scalar or tc"):
+        check("cuda", q, cache, want, lengths, 4, 32)
