@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """The GPU check: everything that needs a GPU, in one command, with a JSON report.
 
-    python tools/gpu_check.py [--steps build,info,test,sanitize,tune,bench] [--out DIR]
+    python tools/gpu_check.py [--steps build,info,test,sanitize,tune,tune_writers,bench] [--out DIR]
 
 Steps (each recorded with its status, duration and output tail; a failed step does
 not stop the others):
@@ -10,7 +10,9 @@ not stop the others):
   test      the whole test suite on CUDA tensors (junit XML kept)
   sanitize  compute-sanitizer memcheck (and racecheck on the CUDA kernel) over
             tools/sanitizer_cases.py
-  tune      the tuner on a few buckets (files kept under OUT/configs)
+  tune      the tuner on a few buckets: attention and eviction ops (files kept
+            under OUT/configs)
+  tune_writers  the same for the cache writers (quantize / append, int and FP8)
   bench     the benchmarks (pytest-benchmark JSON kept; every figure copied in)
 
 The report goes to OUT/gpu_report.json and to bench/results/gpu_report_<device>.json.
@@ -32,7 +34,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ALL_STEPS = ("build", "info", "test", "sanitize", "tune", "bench")
+ALL_STEPS = ("build", "info", "test", "sanitize", "tune", "tune_writers", "bench")
 
 
 def sh(cmd, *, env=None, timeout=None, log=None) -> dict:
@@ -134,38 +136,48 @@ def step_sanitize(out: Path) -> dict:
     return {"rc": rc, "tools": results, "seconds": sum(r["seconds"] for r in results.values())}
 
 
-def step_tune(out: Path) -> dict:
+def _tune(out: Path, jobs) -> dict:
+    # jobs: (op, extra flags, timeout); the files of every tune step share OUT/configs
     cfg_dir = out / "configs"
-    # A few buckets around the benchmark shapes (B*Hkv = 8 and 128; C = 4K and 32K), so the
-    # step fits one command; a full tuning run is `python -m autotune --buckets full`.
-    res = sh([sys.executable, "-m", "autotune", "--op", "decode_attention", "--batch-heads", "8", "128",
-              "--capacity", "4096", "32768", "--dtype", "bf16", "--head-dim", "128", "--group", "4",
-              "--out-dir", str(cfg_dir)],
-             timeout=900, log=out / "tune.log")
-    # The eviction ops tune the backend choice (CUDA C++ vs Triton), the quantized attention the
-    # backend and split count: one bucket pair each.
-    for op, extra in (("window_scores", ["--dtype", "bf16", "--head-dim", "128", "--group", "4", "--window", "32"]),
-                      ("select_keep", []),
-                      ("quant_decode_attention", ["--dtype", "bf16", "--head-dim", "128", "--group", "4", "--bits",
-                                                  "4", "2", "--quant-group", "128"]),
-                      ("fp8_decode_attention", ["--dtype", "bf16", "--head-dim", "128", "--group", "4"])):
-        more = sh([sys.executable, "-m", "autotune", "--op", op, "--batch-heads", "8", "--capacity", "4096", "32768",
-                   *extra, "--out-dir", str(cfg_dir)], timeout=300, log=out / f"tune_{op}.log")
-        res[op] = {k: more[k] for k in ("rc", "seconds") if k in more}
-    # The cache writers tune the backend only: the prefill at the benchmark's 32K tokens, the
-    # decode step at the benchmark's batch (B * Hkv = 64) and a small one.
-    quant = ["--dtype", "bf16", "--head-dim", "128", "--bits", "4", "2", "--quant-group", "128"]
-    for op, extra in (("quantize_kv_", [*quant, "--centred", "0", "1", "--batch-heads", "64", "--tokens", "32768"]),
-                      ("append_quantized_kv_", [*quant, "--centred", "0", "1", "--residual", "128",
-                                                "--batch-heads", "8", "64"]),
-                      ("quantize_fp8_kv_", ["--dtype", "bf16", "--head-dim", "128", "--batch-heads", "64",
-                                            "--tokens", "32768"]),
-                      ("append_fp8_kv_", ["--dtype", "bf16", "--head-dim", "128", "--batch-heads", "8", "64"])):
-        more = sh([sys.executable, "-m", "autotune", "--op", op, *extra, "--out-dir", str(cfg_dir)], timeout=300,
-                  log=out / f"tune_{op}.log")
-        res[op] = {k: more[k] for k in ("rc", "seconds") if k in more}
+    res = {"rc": 0, "seconds": 0.0, "ops": {}}
+    for op, extra, timeout in jobs:
+        ran = sh([sys.executable, "-m", "autotune", "--op", op, *extra, "--out-dir", str(cfg_dir)], timeout=timeout,
+                 log=out / f"tune_{op}.log")
+        res["ops"][op] = ran
+        res["rc"] = max(res["rc"], ran["rc"])
+        res["seconds"] = round(res["seconds"] + ran["seconds"], 1)
+    res["summary"] = " ".join(f"{op}:{r['rc']}" for op, r in res["ops"].items())
     res["files"] = {str(p.relative_to(cfg_dir)): json.loads(p.read_text()) for p in sorted(cfg_dir.rglob("*.json"))}
     return res
+
+
+def step_tune(out: Path) -> dict:
+    # A few buckets around the benchmark shapes (B*Hkv = 8 and 128; C = 4K and 32K), so the
+    # step fits one command; a full tuning run is `python -m autotune --buckets full`. The
+    # eviction ops tune the backend choice (CUDA C++ vs Triton), the quantized attention the
+    # backend and split count: one bucket pair each.
+    at_8 = ["--batch-heads", "8", "--capacity", "4096", "32768"]
+    attention = ["--dtype", "bf16", "--head-dim", "128", "--group", "4"]
+    return _tune(out, [
+        ("decode_attention", ["--batch-heads", "8", "128", "--capacity", "4096", "32768", *attention], 540),
+        ("window_scores", [*at_8, *attention, "--window", "32"], 300),
+        ("select_keep", at_8, 300),
+        ("quant_decode_attention", [*at_8, *attention, "--bits", "4", "2", "--quant-group", "128"], 300),
+        ("fp8_decode_attention", [*at_8, *attention], 300),
+    ])
+
+
+def step_tune_writers(out: Path) -> dict:
+    # The cache writers tune the backend only: the prefill at the benchmark's 32K tokens, the
+    # decode step at the benchmark's batch (B * Hkv = 64) and a small one.
+    quant = ["--dtype", "bf16", "--head-dim", "128", "--bits", "4", "2", "--quant-group", "128", "--centred", "0", "1"]
+    fp8 = ["--dtype", "bf16", "--head-dim", "128"]
+    return _tune(out, [
+        ("quantize_kv_", [*quant, "--batch-heads", "64", "--tokens", "32768"], 300),
+        ("append_quantized_kv_", [*quant, "--residual", "128", "--batch-heads", "8", "64"], 300),
+        ("quantize_fp8_kv_", [*fp8, "--batch-heads", "64", "--tokens", "32768"], 300),
+        ("append_fp8_kv_", [*fp8, "--batch-heads", "8", "64"], 300),
+    ])
 
 
 def step_bench(out: Path) -> dict:
@@ -182,7 +194,7 @@ def step_bench(out: Path) -> dict:
 
 
 STEPS = {"build": step_build, "info": step_info, "test": step_test, "sanitize": step_sanitize,
-         "tune": step_tune, "bench": step_bench}
+         "tune": step_tune, "tune_writers": step_tune_writers, "bench": step_bench}
 
 
 def main() -> int:
@@ -220,7 +232,7 @@ def main() -> int:
     print("=== gpu_check summary")
     for name, res in report["steps"].items():
         extra = res.get("summary", "")
-        print(f"{name:9} rc={res['rc']:<4} {res['seconds']:>7}s {extra}")
+        print(f"{name:12} rc={res['rc']:<4} {res['seconds']:>7}s {extra}")
     for fig in report["steps"].get("bench", {}).get("figures", []):
         print(f"{fig.get('case', ''):32} {fig.get('impl', ''):14} {fig.get('median_us', float('nan')):>10.1f}us "
               f"{100 * fig.get('fraction_of_copy_bw', float('nan')):6.1f}% of copy")
