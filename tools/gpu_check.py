@@ -2,12 +2,14 @@
 """The GPU check: everything that needs a GPU, in one command, with a JSON report.
 
     python tools/gpu_check.py [--steps build,info,test,sanitize,tune,tune_writers,bench] [--out DIR]
+                              [--test-part N/M]
 
 Steps (each recorded with its status, duration and output tail; a failed step does
 not stop the others):
   build     KVKERN_CUDA=1 editable install for this GPU's architecture
   info      python -m kvkern info --json
-  test      the whole test suite on CUDA tensors (junit XML kept)
+  test      the whole test suite on CUDA tensors (junit XML kept); with --test-part N/M
+            one slice of the test files, so that a long suite spans several calls
   sanitize  compute-sanitizer memcheck (and racecheck on the CUDA kernel) over
             tools/sanitizer_cases.py
   tune      the tuner on a few buckets: attention and eviction ops (files kept
@@ -115,10 +117,26 @@ def step_info(out: Path) -> dict:
     return res
 
 
-def step_test(out: Path) -> dict:
-    junit = out / "junit.xml"
-    res = sh([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", f"--junitxml={junit}"],
-             env={"TRITON_INTERPRET": "0"}, timeout=1500, log=out / "test.log")
+def test_files(part: str | None) -> list[str]:
+    """The test files of ``part`` "N/M": the N-th (1-based) of M interleaved slices of the sorted
+    files, so that a suite longer than one device call runs in M calls; all files when None."""
+    files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py"))
+    if part is None:
+        return ["tests"]
+    try:
+        n, m = (int(x) for x in part.split("/"))
+    except ValueError:
+        n = m = 0
+    if not 1 <= n <= m:
+        raise ValueError(f"--test-part: expected N/M with 1 <= N <= M, got {part}")
+    return files[n - 1::m]
+
+
+def step_test(out: Path, part: str | None = None) -> dict:
+    tag = "" if part is None else "_" + part.replace("/", "of")
+    junit = out / f"junit{tag}.xml"
+    res = sh([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *test_files(part),
+              f"--junitxml={junit}"], env={"TRITON_INTERPRET": "0"}, timeout=1500, log=out / f"test{tag}.log")
     res["summary"] = junit_summary(junit)
     return res
 
@@ -201,7 +219,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", default=",".join(ALL_STEPS))
     parser.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "build" / "gpu_check")))
+    parser.add_argument("--test-part", default=None, metavar="N/M",
+                        help="the test step runs the N-th of M slices of the test files (recorded as test[N/M])")
     args = parser.parse_args()
+    if args.test_part is not None:
+        try:
+            test_files(args.test_part)
+        except ValueError as err:
+            parser.error(str(err))
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
     unknown = set(steps) - set(STEPS)
     if unknown:
@@ -225,7 +250,10 @@ def main() -> int:
     report.setdefault("steps", {})
     for name in steps:
         print(f"=== gpu_check: {name}", flush=True)
-        report["steps"][name] = STEPS[name](out)
+        if name == "test" and args.test_part is not None:
+            report["steps"][f"test[{args.test_part}]"] = step_test(out, args.test_part)
+        else:
+            report["steps"][name] = STEPS[name](out)
         kept.parent.mkdir(parents=True, exist_ok=True)
         for path in (kept, out / "gpu_report.json"):
             path.write_text(json.dumps(report, indent=1, default=str) + "\n")
