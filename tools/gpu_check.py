@@ -2,20 +2,21 @@
 """The GPU check: everything that needs a GPU, in one command, with a JSON report.
 
     python tools/gpu_check.py [--steps build,info,test,sanitize,tune,tune_writers,bench] [--out DIR]
-                              [--test-part N/M]
+                              [--part N/M]
 
 Steps (each recorded with its status, duration and output tail; a failed step does
 not stop the others):
   build     KVKERN_CUDA=1 editable install for this GPU's architecture
   info      python -m kvkern info --json
-  test      the whole test suite on CUDA tensors (junit XML kept); with --test-part N/M
+  test      the whole test suite on CUDA tensors (junit XML kept); with --part N/M
             one slice of the test files, so that a long suite spans several calls
   sanitize  compute-sanitizer memcheck (and racecheck on the CUDA kernel) over
             tools/sanitizer_cases.py
   tune      the tuner on a few buckets: attention and eviction ops (files kept
             under OUT/configs)
   tune_writers  the same for the cache writers (quantize / append, int and FP8)
-  bench     the benchmarks (pytest-benchmark JSON kept; every figure copied in)
+  bench     the benchmarks (pytest-benchmark JSON kept; every figure copied in); --part
+            slices the benchmark files the same way
 
 The report goes to OUT/gpu_report.json and to bench/results/gpu_report_<device>.json.
 Steps run in several calls merge into the same report file (same commit only), so
@@ -117,26 +118,30 @@ def step_info(out: Path) -> dict:
     return res
 
 
-def test_files(part: str | None) -> list[str]:
-    """The test files of ``part`` "N/M": the N-th (1-based) of M interleaved slices of the sorted
-    files, so that a suite longer than one device call runs in M calls; all files when None."""
-    files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py"))
+def files_of(folder: str, pattern: str, part: str | None) -> list[str]:
+    """The files of ``part`` "N/M": the N-th (1-based) of M interleaved slices of the sorted
+    ``folder/pattern`` files, so that a run longer than one device call takes M calls; the
+    whole folder when None."""
     if part is None:
-        return ["tests"]
+        return [folder]
+    files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / folder).glob(pattern))
     try:
         n, m = (int(x) for x in part.split("/"))
     except ValueError:
         n = m = 0
     if not 1 <= n <= m:
-        raise ValueError(f"--test-part: expected N/M with 1 <= N <= M, got {part}")
+        raise ValueError(f"--part: expected N/M with 1 <= N <= M, got {part}")
     return files[n - 1::m]
 
 
+def _tag(part: str | None) -> str:
+    return "" if part is None else "_" + part.replace("/", "of")
+
+
 def step_test(out: Path, part: str | None = None) -> dict:
-    tag = "" if part is None else "_" + part.replace("/", "of")
-    junit = out / f"junit{tag}.xml"
-    res = sh([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *test_files(part),
-              f"--junitxml={junit}"], env={"TRITON_INTERPRET": "0"}, timeout=1500, log=out / f"test{tag}.log")
+    junit = out / f"junit{_tag(part)}.xml"
+    res = sh([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files_of("tests", "test_*.py", part),
+              f"--junitxml={junit}"], env={"TRITON_INTERPRET": "0"}, timeout=1500, log=out / f"test{_tag(part)}.log")
     res["summary"] = junit_summary(junit)
     return res
 
@@ -198,10 +203,10 @@ def step_tune_writers(out: Path) -> dict:
     ])
 
 
-def step_bench(out: Path) -> dict:
-    bench_json = out / "bench.json"
-    res = sh([sys.executable, "-m", "pytest", "bench", "-q", "-p", "no:cacheprovider",
-              f"--benchmark-json={bench_json}"], timeout=1200, log=out / "bench.log")
+def step_bench(out: Path, part: str | None = None) -> dict:
+    bench_json = out / f"bench{_tag(part)}.json"
+    res = sh([sys.executable, "-m", "pytest", *files_of("bench", "bench_*.py", part), "-q", "-p", "no:cacheprovider",
+              f"--benchmark-json={bench_json}"], timeout=1200, log=out / f"bench{_tag(part)}.log")
     try:
         data = json.loads(bench_json.read_text())
         res["figures"] = [dict(b["extra_info"], name=b["name"], pytest_benchmark_median_s=b["stats"]["median"])
@@ -219,12 +224,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", default=",".join(ALL_STEPS))
     parser.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "build" / "gpu_check")))
-    parser.add_argument("--test-part", default=None, metavar="N/M",
-                        help="the test step runs the N-th of M slices of the test files (recorded as test[N/M])")
+    parser.add_argument("--part", default=None, metavar="N/M",
+                        help="the test and bench steps run the N-th of M slices of their files "
+                             "(recorded as test[N/M], bench[N/M])")
     args = parser.parse_args()
-    if args.test_part is not None:
+    if args.part is not None:
         try:
-            test_files(args.test_part)
+            files_of("tests", "test_*.py", args.part)
         except ValueError as err:
             parser.error(str(err))
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
@@ -250,8 +256,8 @@ def main() -> int:
     report.setdefault("steps", {})
     for name in steps:
         print(f"=== gpu_check: {name}", flush=True)
-        if name == "test" and args.test_part is not None:
-            report["steps"][f"test[{args.test_part}]"] = step_test(out, args.test_part)
+        if name in ("test", "bench") and args.part is not None:
+            report["steps"][f"{name}[{args.part}]"] = STEPS[name](out, args.part)
         else:
             report["steps"][name] = STEPS[name](out)
         kept.parent.mkdir(parents=True, exist_ok=True)
@@ -261,7 +267,8 @@ def main() -> int:
     for name, res in report["steps"].items():
         extra = res.get("summary", "")
         print(f"{name:12} rc={res['rc']:<4} {res['seconds']:>7}s {extra}")
-    for fig in report["steps"].get("bench", {}).get("figures", []):
+    figures = [f for name, res in report["steps"].items() if name.startswith("bench") for f in res.get("figures", [])]
+    for fig in figures:
         print(f"{fig.get('case', ''):32} {fig.get('impl', ''):14} {fig.get('median_us', float('nan')):>10.1f}us "
               f"{100 * fig.get('fraction_of_copy_bw', float('nan')):6.1f}% of copy")
     return max(r["rc"] for r in report["steps"].values())
