@@ -186,24 +186,28 @@ def bench_quantize_kv_prefill(benchmark, impl, bits, mean_centred):
            device=case.device, fn=fn, nbytes=dense + full["total"], note="read dense K,V + write the layout")
 
 
+def _append_setup(impl: str, bits: int, mean_centred: bool):
+    """(case, zeroed 32K layout, k_new, v_new, op) of the append benchmarks (skips off CUDA)."""
+    case = Case("cuda_bf16_B8_C32768_append", "cuda", 8, 32, 8, 128, 32768)
+    _skip_unless_device(case.device)
+    if impl not in available_backends("append_quantized_kv_", case.device):
+        pytest.skip(f"append_quantized_kv_ has no {impl} kernel on cuda in this build")
+    cache = empty_layout(case, bits, mean_centred)
+    for t in cache.values():
+        if t is not None:
+            t.zero_()
+    k_new = torch.randn(case.B, case.Hkv, case.D, device="cuda", dtype=case.dtype)
+    return case, cache, k_new, torch.randn_like(k_new), _op("append_quantized_kv_", impl)
+
+
 @pytest.mark.parametrize("mean_centred", [False, True], ids=["plain", "centred"])
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("impl", ["cuda", "triton"])
 def bench_append_step(benchmark, impl, bits, mean_centred):
     """One decode step on a half-full 32K cache. Every call appends (lengths grow by one, 16K slots
     of room); one step in R flushes a key block, so the median is the plain step."""
-    case = Case("cuda_bf16_B8_C32768_append", "cuda", 8, 32, 8, 128, 32768)
-    _skip_unless_device(case.device)
-    if impl not in available_backends("append_quantized_kv_", case.device):
-        pytest.skip(f"append_quantized_kv_ has no {impl} kernel on cuda in this build")
-    cache = empty_layout(case, bits, mean_centred)
-    for name, t in cache.items():
-        if t is not None:
-            t.zero_()
+    case, cache, k_new, v_new, op = _append_setup(impl, bits, mean_centred)
     lengths = torch.full((case.B, case.Hkv), case.L // 2 + 1, dtype=torch.int32, device="cuda")
-    k_new = torch.randn(case.B, case.Hkv, case.D, device="cuda", dtype=case.dtype)
-    v_new = torch.randn_like(k_new)
-    op = _op("append_quantized_kv_", impl)
     fn = lambda: op(k_new, v_new, lengths, *(cache[f] for f in FIELDS), bits, G)  # noqa: E731
     elem = k_new.element_size()
     # read k_new, v_new, the ring row of the value leaving it; write two ring rows, its codes and metadata
@@ -220,21 +224,11 @@ def bench_append_flush_step(benchmark, impl, bits, mean_centred):
     """The slowest decode step: every head flushes its R ring keys into codes ((t + 1) % R == 0).
     Each call first resets lengths (a 256-byte device copy, also timed alone as "reset only"), so
     every call is a flush step; the append is the difference."""
-    case = Case("cuda_bf16_B8_C32768_append", "cuda", 8, 32, 8, 128, 32768)
-    _skip_unless_device(case.device)
-    if impl not in available_backends("append_quantized_kv_", case.device):
-        pytest.skip(f"append_quantized_kv_ has no {impl} kernel on cuda in this build")
-    cache = empty_layout(case, bits, mean_centred)
-    for name, t in cache.items():
-        if t is not None:
-            t.zero_()
+    case, cache, k_new, v_new, op = _append_setup(impl, bits, mean_centred)
     R = cache["k_res"].shape[2]
     start = torch.full((case.B, case.Hkv), case.L // 2 + R - 1 - (case.L // 2) % R, dtype=torch.int32,
                        device="cuda")
     lengths = start.clone()
-    k_new = torch.randn(case.B, case.Hkv, case.D, device="cuda", dtype=case.dtype)
-    v_new = torch.randn_like(k_new)
-    op = _op("append_quantized_kv_", impl)
 
     def fn():
         lengths.copy_(start)
