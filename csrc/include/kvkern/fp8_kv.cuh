@@ -243,12 +243,7 @@ cudaError_t run_attention_dim(const Fp8KVParams& p, L& launch) {
     case 4: KVKERN_CUDA_TRY(launch(fp8_decode_kernel<T, HEAD_DIM, 4>, blocks, kFp8Threads, smem, p)); break;
     default: KVKERN_CUDA_TRY(launch(fp8_decode_kernel<T, HEAD_DIM, 8>, blocks, kFp8Threads, smem, p)); break;
   }
-  if (p.num_splits > 1) {
-    quant_detail::MergeArgs m{p.partial_out, p.partial_lse, p.out, p.lse, p.batch * p.num_q_heads, p.num_splits,
-                              HEAD_DIM};
-    KVKERN_CUDA_TRY(launch(quant_detail::quant_merge_kernel<T>, m.rows, quant_detail::kAttnThreads, 0, m));
-  }
-  return cudaSuccess;
+  return quant_detail::launch_split_merge<T>(p, p.num_splits, launch);
 }
 
 template <typename T, typename L>

@@ -82,6 +82,31 @@ struct TcCfg {
                 "16-byte aligned staging");
 };
 
+// What a CTA of either attention kernel (v1 in quant_kv.cuh, v2 here) works on:
+// blockIdx.x = (b * Hkv + h) * num_splits + split; head (b, h)'s length and how
+// much of it is codes (keys of [0, nk), values of [0, nv)). A length outside
+// [0, C] is `bad`: nothing is read and the head group's output is NaN.
+struct SplitHead {
+  int split;
+  int64_t b, h;
+  int64_t L, nk, nv;
+  bool bad;
+};
+
+__device__ __forceinline__ SplitHead locate_split_head(const QuantKVParams& p, int num_splits) {
+  SplitHead s;
+  const int64_t bid = blockIdx.x;
+  s.split = static_cast<int>(bid % num_splits);
+  const int64_t bh = bid / num_splits;
+  s.b = bh / p.num_kv_heads;
+  s.h = bh % p.num_kv_heads;
+  s.L = p.lengths[s.b * p.lengths_stride_b + s.h * p.lengths_stride_h];
+  s.bad = s.L < 0 || s.L > p.capacity;
+  s.nk = s.bad ? 0 : s.L - s.L % p.residual;
+  s.nv = s.bad ? 0 : (s.L > p.residual ? s.L - p.residual : 0);
+  return s;
+}
+
 struct TcArgs {
   QuantKVParams p;
   int num_splits;
@@ -273,17 +298,15 @@ __global__ void __launch_bounds__(kTcThreads, 2) quant_decode_tc_kernel(TcArgs a
   const int lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, qd = lane & 3;
   const int S = a.num_splits;
-  const int64_t bid = blockIdx.x;
-  const int split = static_cast<int>(bid % S);
-  const int64_t bh = bid / S;
-  const int64_t b = bh / p.num_kv_heads, h = bh % p.num_kv_heads;
+  const SplitHead at = locate_split_head(p, S);
+  const int split = at.split;
+  const int64_t b = at.b, h = at.h, L = at.L;
   const int Gq = static_cast<int>(p.num_q_heads / p.num_kv_heads);
-  const int64_t C = p.capacity, R = p.residual;
+  const int64_t R = p.residual;
   const int G = p.group;
-  const int64_t L = p.lengths[b * p.lengths_stride_b + h * p.lengths_stride_h];
-  const bool bad = L < 0 || L > C;
-  const int64_t nk = bad ? 0 : L - L % R;  // a multiple of R, so of 32: blocks are all codes or all ring
-  const int64_t nv = bad ? 0 : (L > R ? L - R : 0);
+  const bool bad = at.bad;
+  const int64_t nk = at.nk;  // a multiple of R, so of 32: blocks are all codes or all ring
+  const int64_t nv = at.nv;
   const int64_t nblk = bad ? 0 : ceil_div<int64_t>(L, kTcBlock);
   const int64_t blk_lo = static_cast<int64_t>(split) * a.blocks_per_split;
   const int64_t blk_hi = blk_lo + a.blocks_per_split < nblk ? blk_lo + a.blocks_per_split : nblk;

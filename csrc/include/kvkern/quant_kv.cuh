@@ -161,17 +161,15 @@ __global__ void __launch_bounds__(kAttnThreads) quant_decode_kernel(AttnArgs a) 
   const QuantKVParams& p = a.p;
   const int tid = static_cast<int>(threadIdx.x);
   const int S = a.num_splits;
-  const int64_t bid = blockIdx.x;
-  const int split = static_cast<int>(bid % S);
-  const int64_t bh = bid / S;
-  const int64_t b = bh / p.num_kv_heads, h = bh % p.num_kv_heads;
+  const SplitHead at = locate_split_head(p, S);
+  const int split = at.split;
+  const int64_t b = at.b, h = at.h;
   const int Gq = static_cast<int>(p.num_q_heads / p.num_kv_heads);
   const int64_t C = p.capacity, R = p.residual;
   const int G = p.group;
-  const int L = p.lengths[b * p.lengths_stride_b + h * p.lengths_stride_h];
-  const bool bad = L < 0 || L > C;
-  const int64_t nk = bad ? 0 : L - L % R;
-  const int64_t nv = bad ? 0 : (L > R ? L - R : 0);
+  const int L = static_cast<int>(at.L);  // lengths are int32
+  const bool bad = at.bad;
+  const int64_t nk = at.nk, nv = at.nv;
   const int64_t n_tiles = bad ? 0 : ceil_div<int64_t>(L, kTile);
   const int64_t tile_begin = static_cast<int64_t>(split) * a.tiles_per_split;
   const int64_t tile_end = tile_begin + a.tiles_per_split < n_tiles ? tile_begin + a.tiles_per_split : n_tiles;
@@ -425,6 +423,16 @@ __global__ void __launch_bounds__(kAttnThreads) quant_merge_kernel(MergeArgs a) 
     st(static_cast<T*>(a.out) + row * a.head_dim + d, o);
   }
   if (threadIdx.x == 0 && a.lse) a.lse[row] = has_nan ? nan : (total > 0.f ? mx + logf(total) : kQNegInf);
+}
+
+// The merge launch after split attention (nothing when there is one split), for
+// any params struct with the attention output fields (QuantKVParams, Fp8KVParams).
+template <typename T, typename Params, typename L>
+cudaError_t launch_split_merge(const Params& p, int num_splits, L& launch) {
+  if (num_splits <= 1) return cudaSuccess;
+  MergeArgs m{p.partial_out, p.partial_lse, p.out, p.lse, p.batch * p.num_q_heads, num_splits,
+              static_cast<int>(p.head_dim)};
+  return launch(quant_merge_kernel<T>, m.rows, kAttnThreads, 0, m);
 }
 
 // ===========================================================================
@@ -795,12 +803,7 @@ cudaError_t run_attention_tc(const QuantKVParams& p, L& launch) {
     a.blocks_per_split = static_cast<int>(ceil_div<int64_t>(blocks32, a.num_splits));
     const int64_t blocks = p.batch * p.num_kv_heads * a.num_splits;
     KVKERN_CUDA_TRY(launch(quant_decode_tc_kernel<T, BITS, D>, blocks, kTcThreads, TcCfg<BITS, D>::SMEM, a));
-    if (a.num_splits > 1) {
-      MergeArgs m{p.partial_out, p.partial_lse, p.out, p.lse, p.batch * p.num_q_heads, a.num_splits,
-                  static_cast<int>(p.head_dim)};
-      KVKERN_CUDA_TRY(launch(quant_merge_kernel<T>, m.rows, kAttnThreads, 0, m));
-    }
-    return cudaSuccess;
+    return launch_split_merge<T>(p, a.num_splits, launch);
   }
 }
 
@@ -818,12 +821,7 @@ cudaError_t run_attention_typed(const QuantKVParams& p, L& launch) {
   a.vec_v = aligned16(p.v_codes.data, p.v_codes.stride[0], p.v_codes.stride[1], p.v_codes.stride[2]);
   const int64_t blocks = p.batch * p.num_kv_heads * a.num_splits;
   KVKERN_CUDA_TRY(launch(quant_decode_kernel<T, BITS, D>, blocks, kAttnThreads, AttnCfg<BITS, D>::SMEM, a));
-  if (a.num_splits > 1) {
-    MergeArgs m{p.partial_out, p.partial_lse, p.out, p.lse, p.batch * p.num_q_heads, a.num_splits,
-                static_cast<int>(p.head_dim)};
-    KVKERN_CUDA_TRY(launch(quant_merge_kernel<T>, m.rows, kAttnThreads, 0, m));
-  }
-  return cudaSuccess;
+  return launch_split_merge<T>(p, a.num_splits, launch);
 }
 
 template <typename T, int BITS, typename L>
