@@ -107,6 +107,31 @@ __device__ __forceinline__ SplitHead locate_split_head(const QuantKVParams& p, i
   return s;
 }
 
+// Head (b, h)'s rows of the layout (means: batch element b's; nullptr when the
+// cache is not mean-centred).
+template <typename T>
+struct HeadViews {
+  const int32_t *kc, *vc;
+  const T *ksc, *kmn, *vsc, *vmn, *kr, *vr, *kmean, *vmean;
+};
+
+template <typename T>
+__device__ __forceinline__ HeadViews<T> head_views(const QuantKVParams& p, int64_t b, int64_t h) {
+  const auto at = [&](const auto& t) { return b * t.stride[0] + h * t.stride[1]; };
+  HeadViews<T> v;
+  v.kc = static_cast<const int32_t*>(p.k_codes.data) + at(p.k_codes);
+  v.vc = static_cast<const int32_t*>(p.v_codes.data) + at(p.v_codes);
+  v.ksc = static_cast<const T*>(p.k_scale.data) + at(p.k_scale);
+  v.kmn = static_cast<const T*>(p.k_min.data) + at(p.k_min);
+  v.vsc = static_cast<const T*>(p.v_scale.data) + at(p.v_scale);
+  v.vmn = static_cast<const T*>(p.v_min.data) + at(p.v_min);
+  v.kr = static_cast<const T*>(p.k_res.data) + at(p.k_res);
+  v.vr = static_cast<const T*>(p.v_res.data) + at(p.v_res);
+  v.kmean = p.k_mean.data ? static_cast<const T*>(p.k_mean.data) + b * p.k_mean.stride[0] : nullptr;
+  v.vmean = p.v_mean.data ? static_cast<const T*>(p.v_mean.data) + b * p.v_mean.stride[0] : nullptr;
+  return v;
+}
+
 struct TcArgs {
   QuantKVParams p;
   int num_splits;
@@ -327,16 +352,10 @@ __global__ void __launch_bounds__(kTcThreads, 2) quant_decode_tc_kernel(TcArgs a
   }
   __syncthreads();
 
-  const int32_t* kc = static_cast<const int32_t*>(p.k_codes.data) + b * p.k_codes.stride[0] + h * p.k_codes.stride[1];
-  const T* ksc = static_cast<const T*>(p.k_scale.data) + b * p.k_scale.stride[0] + h * p.k_scale.stride[1];
-  const T* kmn = static_cast<const T*>(p.k_min.data) + b * p.k_min.stride[0] + h * p.k_min.stride[1];
-  const int32_t* vc = static_cast<const int32_t*>(p.v_codes.data) + b * p.v_codes.stride[0] + h * p.v_codes.stride[1];
-  const T* vsc = static_cast<const T*>(p.v_scale.data) + b * p.v_scale.stride[0] + h * p.v_scale.stride[1];
-  const T* vmn = static_cast<const T*>(p.v_min.data) + b * p.v_min.stride[0] + h * p.v_min.stride[1];
-  const T* kr = static_cast<const T*>(p.k_res.data) + b * p.k_res.stride[0] + h * p.k_res.stride[1];
-  const T* vr = static_cast<const T*>(p.v_res.data) + b * p.v_res.stride[0] + h * p.v_res.stride[1];
-  const T* kmean = p.k_mean.data ? static_cast<const T*>(p.k_mean.data) + b * p.k_mean.stride[0] : nullptr;
-  const T* vmean = p.v_mean.data ? static_cast<const T*>(p.v_mean.data) + b * p.v_mean.stride[0] : nullptr;
+  const HeadViews<T> hv = head_views<T>(p, b, h);
+  const int32_t *kc = hv.kc, *vc = hv.vc;
+  const T *ksc = hv.ksc, *kmn = hv.kmn, *vsc = hv.vsc, *vmn = hv.vmn, *kr = hv.kr, *vr = hv.vr;
+  const T *kmean = hv.kmean, *vmean = hv.vmean;
   const int nvg = D / G;  // value groups per token
   // Dense rows allow wide loads: key pairs need 4-byte rows, value quads 8-byte ones.
   const bool kmean_wide = kmean && tc_rows_aligned(kmean, p.k_mean.stride[1], 4);

@@ -185,16 +185,10 @@ __global__ void __launch_bounds__(kAttnThreads) quant_decode_kernel(AttnArgs a) 
     sl_[tid] = 0.f;
   }
 
-  const int32_t* kc = static_cast<int32_t*>(p.k_codes.data) + b * p.k_codes.stride[0] + h * p.k_codes.stride[1];
-  const T* ksc = static_cast<const T*>(p.k_scale.data) + b * p.k_scale.stride[0] + h * p.k_scale.stride[1];
-  const T* kmn = static_cast<const T*>(p.k_min.data) + b * p.k_min.stride[0] + h * p.k_min.stride[1];
-  const int32_t* vc = static_cast<int32_t*>(p.v_codes.data) + b * p.v_codes.stride[0] + h * p.v_codes.stride[1];
-  const T* vsc = static_cast<const T*>(p.v_scale.data) + b * p.v_scale.stride[0] + h * p.v_scale.stride[1];
-  const T* vmn = static_cast<const T*>(p.v_min.data) + b * p.v_min.stride[0] + h * p.v_min.stride[1];
-  const T* kr = static_cast<const T*>(p.k_res.data) + b * p.k_res.stride[0] + h * p.k_res.stride[1];
-  const T* vr = static_cast<const T*>(p.v_res.data) + b * p.v_res.stride[0] + h * p.v_res.stride[1];
-  const T* kmean = p.k_mean.data ? static_cast<const T*>(p.k_mean.data) + b * p.k_mean.stride[0] : nullptr;
-  const T* vmean = p.v_mean.data ? static_cast<const T*>(p.v_mean.data) + b * p.v_mean.stride[0] : nullptr;
+  const HeadViews<T> hv = head_views<T>(p, b, h);
+  const int32_t *kc = hv.kc, *vc = hv.vc;
+  const T *ksc = hv.ksc, *kmn = hv.kmn, *vsc = hv.vsc, *vmn = hv.vmn, *kr = hv.kr, *vr = hv.vr;
+  const T *kmean = hv.kmean, *vmean = hv.vmean;
   const int nvg = D / G;  // value groups per slot
 
   // P·V role: channels 4c .. 4c + 3, slots slice, slice + NS, ...
