@@ -128,3 +128,6 @@ def _choose_cached(op: str, device_type: str, device_index: int, backend: str, s
     keys = spec.config if spec is not None else ()
     tuned = entry is not None and entry.get("backend") == backend
     return (have[backend], *(int(entry.get(k, 0)) if tuned else 0 for k in keys))
+
+
+tuning.on_clear_caches(_choose_cached.cache_clear)

@@ -60,6 +60,37 @@ def require_last_dim_contiguous(op: str, name: str, x: torch.Tensor) -> None:
         )
 
 
+# Bounds of launch-config values (0 = the kernel's heuristic); mirrors kMaxNumSplits, kMaxBlockN,
+# kMaxNumWarps and kMaxNumStages in csrc/torch/checks.h. A backend may accept fewer values.
+LAUNCH_LIMITS = {"num_splits": 65535, "block_n": 4096, "num_warps": 32, "num_stages": 16}
+
+
+def check_launch_config(op: str, config) -> None:
+    """Raises TypeError / ValueError unless every ``{name: value}`` of ``config`` is an int in
+    ``[0, LAUNCH_LIMITS[name]]``."""
+    for name, value in config.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{op}: {name}: expected an int (0 = heuristic), got {type(value).__name__}")
+        most = LAUNCH_LIMITS[name]
+        if not 0 <= value <= most:
+            raise ValueError(f"{op}: {name}: expected 0 (heuristic) or a value in [1, {most}], got {value}")
+
+
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def check_sm_scale(op: str, sm_scale) -> float | None:
+    """``sm_scale`` as a float, or None (the default ``D ** -0.5``). The kernels take it as a
+    float32, so a double beyond float32's range (it would become inf there, and the softmax
+    NaN) is refused with NaN and the infinities."""
+    if sm_scale is None:
+        return None
+    sm_scale = float(sm_scale)
+    if not abs(sm_scale) <= _FLOAT32_MAX:
+        raise ValueError(f"{op}: sm_scale: expected a finite float32 number, got {sm_scale}")
+    return sm_scale
+
+
 def should_check_values(x: torch.Tensor) -> bool:
     """True where reading ``x``'s values is free: a CPU tensor, in eager mode."""
     if torch.compiler.is_compiling():
@@ -115,10 +146,7 @@ def check_decode_attention_args(op, q, k_cache, v_cache, lengths, log_w, sm_scal
         require_same_device(op, "log_w", log_w, q, "q")
         require_shape(op, "log_w", log_w, (B, Hkv, C), "[B, Hkv, C]")
         require_last_dim_contiguous(op, "log_w", log_w)
-    if sm_scale is not None:
-        sm_scale = float(sm_scale)
-        if sm_scale != sm_scale or sm_scale in (float("inf"), float("-inf")):
-            raise ValueError(f"{op}: sm_scale: expected a finite number, got {sm_scale}")
+    sm_scale = check_sm_scale(op, sm_scale)
     if should_check_values(lengths):
         require_lengths_in_range(op, lengths, C)
     return sm_scale

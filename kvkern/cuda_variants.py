@@ -20,7 +20,8 @@ import torch
 
 __all__ = [
     "SUPPORTED_VARIANTS", "SUPPORTED_BLOCK_N", "SUPPORTED_NUM_WARPS", "SUPPORTED_NUM_STAGES",
-    "DEFAULT_MAX_SMEM_BYTES", "heads_tile", "smem_bytes", "is_supported", "decode_attention_search_space",
+    "DEFAULT_MAX_SMEM_BYTES", "heads_tile", "smem_bytes", "is_supported", "check_config",
+    "decode_attention_search_space",
 ]
 
 # (block_n, num_warps) pairs with a compiled kernel. Not every block_n pairs with
@@ -58,6 +59,20 @@ def smem_bytes(head_dim: int, dtype: torch.dtype, group: int, block_n: int, num_
 def is_supported(block_n: int, num_warps: int, num_stages: int = 2) -> bool:
     """Whether the CUDA glue accepts this (block_n, num_warps, num_stages)."""
     return (block_n, num_warps) in SUPPORTED_VARIANTS and num_stages in SUPPORTED_NUM_STAGES
+
+
+def check_config(num_splits: int, block_n: int, num_warps: int, num_stages: int) -> None:
+    """Raises ValueError unless the CUDA glue accepts this launch config (0 = its heuristic;
+    a 0 block_n or num_warps is resolved per shape, so only the given values are checked)."""
+    if block_n and num_warps and (block_n, num_warps) not in SUPPORTED_VARIANTS:
+        raise ValueError(f"block_n, num_warps: ({block_n}, {num_warps}) is not a compiled CUDA variant; "
+                         f"supported: {list(SUPPORTED_VARIANTS)}")
+    if block_n and block_n not in SUPPORTED_BLOCK_N:
+        raise ValueError(f"block_n: expected 0 or one of {list(SUPPORTED_BLOCK_N)}, got {block_n}")
+    if num_warps and num_warps not in SUPPORTED_NUM_WARPS:
+        raise ValueError(f"num_warps: expected 0 or one of {list(SUPPORTED_NUM_WARPS)}, got {num_warps}")
+    if num_stages and num_stages not in SUPPORTED_NUM_STAGES:
+        raise ValueError(f"num_stages: expected 0 or one of {list(SUPPORTED_NUM_STAGES)}, got {num_stages}")
 
 
 def decode_attention_search_space(head_dim: int, dtype: torch.dtype, group: int, batch_heads: int,

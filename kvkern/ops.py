@@ -24,11 +24,30 @@ __all__ = ["decode_attention", "BACKENDS", *_EVICTION_ALL, *_QUANT_ALL]
 
 _CONFIG_KEYS = ("num_splits", "block_n", "num_warps", "num_stages")
 
+
+
+def _check_tuned_config(backend: str, config: dict) -> None:
+    # What the backend's launcher or glue would refuse at the call (tuning files are checked
+    # with it, so a bad entry is a skipped file rather than an error on every call).
+    V.check_launch_config("decode_attention", config)
+    if backend == "cuda":
+        from . import cuda_variants
+
+        cuda_variants.check_config(**config)
+    elif backend == "triton":
+        try:
+            from .triton.decode_attention import check_config
+        except ImportError:  # no Triton here: the entry is never chosen
+            return
+        check_config(**config)
+
+
 DECODE_ATTENTION_TUNING = tuning.OpSpec(
     op="decode_attention",
     static=("head_dim", "dtype", "group"),
     dims=("batch_heads", "capacity"),
     config=_CONFIG_KEYS,
+    check_config=_check_tuned_config,
 )
 
 
@@ -86,8 +105,7 @@ def decode_attention(
         unknown = set(config) - set(_CONFIG_KEYS)
         if unknown:
             raise ValueError(f"{op}: config: unknown keys {sorted(unknown)}; expected among {list(_CONFIG_KEYS)}")
-        params = [int(config.get(k, p)) for k, p in zip(_CONFIG_KEYS, params)]
-        if min(params) < 0:
-            raise ValueError(f"{op}: config: expected values >= 0 (0 = heuristic), got {config}")
+        V.check_launch_config(f"{op}: config", config)
+        params = [config.get(k, p) for k, p in zip(_CONFIG_KEYS, params)]
     out, lse = fn(q, k_cache, v_cache, lengths, log_w, sm_scale, *params)
     return (out, lse) if return_lse else out

@@ -14,11 +14,13 @@ head holds; every op decides on the device what is codes and what is ring, so a 
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 
 import torch
 
+from . import _validate as V
 from . import reference, tuning
 from ._dispatch import DTYPE_KEYS, choose_kernel
 
@@ -28,9 +30,17 @@ __all__ = ["QuantizedKVCache", "quantize_kv_", "dequantize_kv", "append_quantize
 # The tuner (python -m autotune --op <op>) picks the backend per GPU and shape bucket, and for
 # attention the split count. "group" is the GQA group, "quant_group" the quantization group,
 # "centred" 1 for a mean-centred (TaDA) cache: it changes how the CUDA kernels split the work.
+
+
+def _check_tuned_splits(op: str, backend: str, config: dict) -> None:
+    # Every backend of the two compressed-cache attentions takes num_splits up to the same bound.
+    V.check_launch_config(op, config)
+
+
 QUANT_DECODE_ATTENTION_TUNING = tuning.OpSpec(
     op="quant_decode_attention", static=("head_dim", "dtype", "group", "bits", "quant_group"),
-    dims=("batch_heads", "capacity"), config=("num_splits",))
+    dims=("batch_heads", "capacity"), config=("num_splits",),
+    check_config=functools.partial(_check_tuned_splits, "quant_decode_attention"))
 QUANTIZE_KV_TUNING = tuning.OpSpec(
     op="quantize_kv_", static=("head_dim", "dtype", "bits", "quant_group", "centred"),
     dims=("batch_heads", "tokens"), config=())
@@ -190,6 +200,7 @@ def quant_decode_attention(q, cache: QuantizedKVCache, sm_scale: float | None = 
     float32 with ``return_lse``). Mutates nothing."""
     public = "kvkern.quant_decode_attention"
     _check_cache(public, cache)
+    V.check_launch_config(public, {"num_splits": num_splits})
     B, Hkv, C = cache.k_codes.shape[0], cache.k_codes.shape[1], cache.capacity
     static = _dtype_key(q.shape[2], q.dtype)
     fn, (tuned_splits,) = choose_kernel(
@@ -198,7 +209,7 @@ def quant_decode_attention(q, cache: QuantizedKVCache, sm_scale: float | None = 
         {"batch_heads": B * Hkv, "capacity": C})
     out, lse = fn(
         q, *cache.tensors, cache.lengths, cache.bits, cache.group, None if sm_scale is None else float(sm_scale),
-        int(num_splits or tuned_splits))
+        num_splits or tuned_splits)
     return (out, lse) if return_lse else out
 
 
@@ -223,7 +234,7 @@ __all__ += ["FP8KVCache", "fp8_scales", "quantize_fp8_kv_", "append_fp8_kv_", "f
 # autotune --op <op>); "dtype" is the activations' (the codes are always e4m3).
 FP8_DECODE_ATTENTION_TUNING = tuning.OpSpec(
     op="fp8_decode_attention", static=("head_dim", "dtype", "group"), dims=("batch_heads", "capacity"),
-    config=("num_splits",))
+    config=("num_splits",), check_config=functools.partial(_check_tuned_splits, "fp8_decode_attention"))
 QUANTIZE_FP8_KV_TUNING = tuning.OpSpec(op="quantize_fp8_kv_", static=("head_dim", "dtype"),
                                        dims=("batch_heads", "tokens"), config=())
 APPEND_FP8_KV_TUNING = tuning.OpSpec(op="append_fp8_kv_", static=("head_dim", "dtype"), dims=("batch_heads",),
@@ -371,6 +382,7 @@ def fp8_decode_attention(q, cache: FP8KVCache, sm_scale: float | None = None, *,
     ``lse [B, Hq]`` float32 with ``return_lse``. Mutates nothing."""
     public = "kvkern.fp8_decode_attention"
     _check_cache(public, cache, FP8KVCache)
+    V.check_launch_config(public, {"num_splits": num_splits})
     B, Hkv, C = cache.k_fp8.shape[0], cache.k_fp8.shape[1], cache.k_fp8.shape[2]
     static = _dtype_key(q.shape[2], q.dtype)
     fn, (tuned_splits,) = choose_kernel("fp8_decode_attention", public, q.device, backend,
@@ -378,5 +390,5 @@ def fp8_decode_attention(q, cache: FP8KVCache, sm_scale: float | None = None, *,
                                         {"batch_heads": B * Hkv, "capacity": C})
     out, lse = fn(
         q, cache.k_fp8, cache.v_fp8, cache.k_scale, cache.v_scale, cache.lengths,
-        None if sm_scale is None else float(sm_scale), int(num_splits or tuned_splits))
+        None if sm_scale is None else float(sm_scale), num_splits or tuned_splits)
     return (out, lse) if return_lse else out

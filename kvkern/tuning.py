@@ -84,10 +84,10 @@ import re
 import tempfile
 import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
@@ -98,6 +98,7 @@ __all__ = [
     "config_file_name", "parse_config_file_name", "search_dirs",
     "load_config_file", "validate_config_file", "write_config_file",
     "lookup", "nearest_value", "nearest_bucket", "known_specs", "register_spec", "clear_caches",
+    "on_clear_caches",
 ]
 
 ENV_DIR = "KVKERN_TUNED_CONFIG_DIR"
@@ -136,12 +137,16 @@ class OpSpec:
     static: names of the shape parameters that select a file (fixed order).
     dims: names of the dynamic dimensions bucketed inside a file.
     config: the launch-config keys every entry carries (non-negative ints).
+    check_config: ``(backend, {key: value})`` raising ValueError (or TypeError) when that
+        backend would refuse the config; a file with such an entry is invalid (skipped with a
+        warning) instead of making every call that looks it up fail. None: no check.
     """
 
     op: str
     static: tuple[str, ...]
     dims: tuple[str, ...]
     config: tuple[str, ...] = ("num_splits", "block_n", "num_warps", "num_stages")
+    check_config: Callable[[str, dict], None] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -464,6 +469,11 @@ def _entry_problems(key: str, entry, spec: OpSpec, device: str | None) -> list[s
     extra = sorted(set(entry) - {"backend", "us", *spec.config})
     if extra:
         problems.append(f"{where}: unknown keys {extra}")
+    if not problems and spec.check_config is not None:
+        try:
+            spec.check_config(entry["backend"], {name: entry[name] for name in spec.config})
+        except (TypeError, ValueError) as err:
+            problems.append(f"{where}: the {entry['backend']} backend refuses this config: {err}")
     return problems
 
 
@@ -602,7 +612,8 @@ def validate_config_file(path: str | os.PathLike, spec: OpSpec | None = None) ->
     (:data:`KNOWN_DEVICES`); the content against ``autotune/schema.json`` (when
     the source tree is present) and against the op's ``OpSpec``: schema version,
     ``_meta`` fields, dims, parsable ascending bucket keys, known backends for
-    the device, non-negative int configs. ``spec`` defaults to the OpSpec of the
+    the device, non-negative int configs that the entry's backend accepts
+    (``OpSpec.check_config``). ``spec`` defaults to the OpSpec of the
     op named by the parent directory.
     """
     path = Path(path)
@@ -893,8 +904,20 @@ def lookup(spec: OpSpec, device_name: str, static: Mapping[str, Any], dims: Mapp
     return dict(entry) if entry is not None else None
 
 
+_clear_hooks: list[Callable[[], None]] = []
+
+
+def on_clear_caches(hook: Callable[[], None]) -> None:
+    """Has :func:`clear_caches` also call ``hook``: for caches built on lookups (the front
+    doors' backend choice), which would otherwise keep answering from the old files."""
+    _clear_hooks.append(hook)
+
+
 def clear_caches() -> None:
-    """Forgets parsed files, looked-up entries and which warnings were given."""
+    """Forgets parsed files, looked-up entries, choices made from them and which warnings
+    were given."""
+    for hook in _clear_hooks:
+        hook()
     _lookup_cached.cache_clear()
     _table_for.cache_clear()
     _load_cached.cache_clear()

@@ -5,6 +5,8 @@ ops (RuntimeError from the C++ checks, ValueError from the Triton launcher)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -92,14 +94,50 @@ def test_device_mismatch():
 @pytest.mark.parametrize("kwargs,words", [
     ({"backend": "tpu"}, "backend: expected one of"),
     ({"config": {"num_split": 2}}, "config: unknown keys"),
-    ({"config": {"num_splits": -1}}, "config: expected values >= 0"),
-    ({"sm_scale": float("nan")}, "sm_scale: expected a finite number"),
-    ({"sm_scale": float("inf")}, "sm_scale: expected a finite number"),
+    ({"config": {"num_splits": -1}}, "config: num_splits: expected 0 (heuristic) or a value in [1, 65535], got -1"),
+    ({"config": {"block_n": 2**32}}, "config: block_n: expected 0 (heuristic) or a value in [1, 4096]"),
+    ({"config": {"num_warps": 2.5}}, "config: num_warps: expected an int"),
+    ({"sm_scale": float("nan")}, "sm_scale: expected a finite float32 number"),
+    ({"sm_scale": float("inf")}, "sm_scale: expected a finite float32 number"),
+    ({"sm_scale": 1e39}, "sm_scale: expected a finite float32 number"),
 ])
 def test_bad_options(kwargs, words):
     a = good()
-    with pytest.raises(ValueError, match=words.replace("(", r"\(")):
+    with pytest.raises((ValueError, TypeError), match=re.escape(words)):
         kvkern.decode_attention(a["q"], a["k_cache"], a["v_cache"], a["lengths"], a["log_w"], **kwargs)
+
+
+# Launch-config values are int64 in the schema and int in the kernels: past the bounds they
+# would wrap to 0 (a division by zero) or to a negative count (no work, garbage out).
+RAW_CONFIG_CASES = [
+    ((2**31, 0, 0, 0), "num_splits: expected 0 (heuristic) or a value in [1, 65535], got 2147483648"),
+    ((0, 2**32, 0, 0), "block_n: expected 0 (heuristic) or a value in [1, 4096], got 4294967296"),
+    ((0, 0, -1, 0), "num_warps: expected 0 (heuristic) or a value in [1, 32], got -1"),
+    ((0, 0, 0, 2**40), "num_stages: expected 0 (heuristic) or a value in [1, 16]"),
+]
+
+
+@pytest.mark.parametrize("config,words", RAW_CONFIG_CASES)
+def test_raw_op_bounds_the_launch_config(config, words):
+    a = good()
+    with pytest.raises(RuntimeError, match=re.escape(words)):
+        torch.ops.kvkern.decode_attention(a["q"], a["k_cache"], a["v_cache"], a["lengths"], a["log_w"], None, *config)
+    with pytest.raises(RuntimeError, match=re.escape("sm_scale: expected a finite float32 number")):
+        torch.ops.kvkern.decode_attention(a["q"], a["k_cache"], a["v_cache"], a["lengths"], a["log_w"], 1e39)
+
+
+def test_compressed_attention_bounds_num_splits():
+    q = torch.randn(1, 2, 64, dtype=torch.bfloat16)
+    fp8 = kvkern.FP8KVCache.empty(1, 1, 8, 64)
+    quant = kvkern.QuantizedKVCache.empty(1, 1, 256, 64, bits=4, group=32, residual=32)
+    for fn, cache in ((kvkern.fp8_decode_attention, fp8), (kvkern.quant_decode_attention, quant)):
+        with pytest.raises(ValueError, match=re.escape("num_splits: expected 0 (heuristic) or a value in [1, 65535]")):
+            fn(q, cache, num_splits=2**32)
+    with pytest.raises(RuntimeError, match=re.escape("num_splits: expected 0 (heuristic) or a value in [1, 65535]")):
+        torch.ops.kvkern.fp8_decode_attention(q, fp8.k_fp8, fp8.v_fp8, fp8.k_scale, fp8.v_scale, fp8.lengths, None,
+                                             2**32, 0, 0, 0)
+    with pytest.raises(RuntimeError, match=re.escape("num_splits: expected 0 (heuristic) or a value in [1, 65535]")):
+        torch.ops.kvkern.quant_decode_attention(q, *quant.tensors, quant.lengths, 4, 32, None, 2**31)
 
 
 def test_unavailable_backend_is_a_clear_error():

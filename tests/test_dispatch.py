@@ -126,6 +126,23 @@ def test_tuned_attention_config_follows_its_backend(monkeypatch, tmp_path):
     assert _dispatch._choose_cached(spec.op, "cuda", 0, "triton", *args) == (triton_twin(spec.op), 0)
 
 
+def test_clear_caches_reaches_the_backend_choice(monkeypatch, tmp_path):
+    # After files change in a long-lived process, tuning.clear_caches() is the documented way to
+    # see them: the front doors' cached choice must follow, not keep answering from before.
+    spec = quant_ops.QUANT_DECODE_ATTENTION_TUNING
+    _fake_cuda(monkeypatch, spec.op)
+    static = {"head_dim": 128, "dtype": "bf16", "group": 4, "bits": 4, "quant_group": 128}
+    dims = {"batch_heads": 8, "capacity": 4096}
+    monkeypatch.setenv(tuning.ENV_DIR, str(tmp_path))
+    device = torch.device("cuda", 0)
+    with pytest.warns(tuning.TuningWarning, match="no tuned"):
+        assert _dispatch.choose_kernel(spec.op, "t", device, "auto", static, dims)[1] == (0,)
+    _write(tmp_path, spec, static, {(8, 4096): {"backend": "cuda", "num_splits": 6, "us": 9.0}})
+    assert _dispatch.choose_kernel(spec.op, "t", device, "auto", static, dims)[1] == (0,)  # still cached
+    tuning.clear_caches()
+    assert _dispatch.choose_kernel(spec.op, "t", device, "auto", static, dims)[1] == (6,)
+
+
 def test_choice_errors_name_the_backend():
     cache = kvkern.FP8KVCache.empty(1, 1, 8, 64)
     with pytest.raises(ValueError, match=r"kvkern.append_fp8_kv_: backend: expected one of .*got 'gpu'"):

@@ -391,6 +391,12 @@ BAD_FILES = {
     "us negative": _doc_with(entries={"1,1024": make_entry(us=-1.0)}),
     "us string": _doc_with(entries={"1,1024": make_entry(us="1.0")}),
     "unknown backend": _doc_with(entries={"1,1024": make_entry("cudnn")}),
+    # configs the entry's own backend would refuse on every call (OpSpec.check_config)
+    "num_splits past the bound": _doc_with(entries={"1,1024": make_entry(num_splits=2**31)}),
+    "cuda variant not compiled": _doc_with(entries={"1,1024": make_entry("cuda", block_n=16, num_warps=8)}),
+    "cuda num_stages": _doc_with(entries={"1,1024": make_entry("cuda", num_stages=5)}),
+    "triton block_n not a power of two": _doc_with(entries={"1,1024": make_entry("triton", block_n=48)}),
+    "triton num_warps": _doc_with(entries={"1,1024": make_entry("triton", num_warps=3)}),
     "cpu backend in a gpu file": _doc_with(entries={"1,1024": make_entry("cpu")}),
     "key not ascending": _doc_with(entries={"8,1024": make_entry(), "1,1024": make_entry()}),
     "key with zero": _doc_with(entries={"0,1024": make_entry()}),

@@ -68,8 +68,7 @@ std::tuple<Tensor, Tensor> fp8_decode_attention_cpu(const Tensor& q, const Tenso
   const char* op = "kvkern::fp8_decode_attention";
   Fp8KVParams p = make_fp8_cache_params(op, k_fp8, v_fp8, k_scale, v_scale, lengths);
   add_fp8_attention_inputs(op, p, q, k_fp8, sm_scale, num_splits);
-  STD_TORCH_CHECK(block_n >= 0 && num_warps >= 0 && num_stages >= 0, op,
-                  ": block_n, num_warps, num_stages: expected >= 0 (0 = heuristic)");
+  check_launch_config(op, num_splits, block_n, num_warps, num_stages);
   STD_TORCH_CHECK(q.is_cpu(), op, ": expected CPU tensors here");
   check_fp8_values(op, p, p.capacity, "C");
   p.block_n = block_n > 0 ? static_cast<int>(block_n) : kCpuFp8BlockN;

@@ -42,7 +42,6 @@ constexpr int64_t kStageTargetBytes = 16 * 1024;  // K + V bytes of one tile
 constexpr int64_t kTargetWaves = 2;               // blocks >= waves * resident blocks
 constexpr int64_t kMinTilesPerSplit = 2;          // at full capacity
 constexpr int64_t kMaxHeuristicSplits = 128;
-constexpr int64_t kMaxSplits = 1 << 16;           // explicit num_splits above this is refused
 
 void check_cuda(cudaError_t err, const char* what) {
   STD_TORCH_CHECK(err == cudaSuccess, kOp, ": ", what, " failed: ", cudaGetErrorName(err), ": ",
@@ -198,12 +197,10 @@ std::tuple<Tensor, Tensor> decode_attention_cuda(const Tensor& q, const Tensor& 
   const KvDtype dt = kv_dtype(q.scalar_type());
   const int64_t elem = kv_dtype_size(dt);
 
-  // Launch configuration: the caller's values, 0 = heuristic. Compared as
-  // int64 before narrowing to the int fields of Params.
+  // Launch configuration: the caller's values (bounded by make_decode_attention_params), 0 = heuristic.
   const int64_t nw = num_warps > 0 ? num_warps : kDefaultNumWarps;
   const int64_t bn = block_n > 0 ? block_n : default_block_n(p.head_dim, dt, nw);
-  STD_TORCH_CHECK(bn <= INT_MAX && nw <= INT_MAX &&
-                      decode_attention_variant_supported(static_cast<int>(bn), static_cast<int>(nw)),
+  STD_TORCH_CHECK(decode_attention_variant_supported(static_cast<int>(bn), static_cast<int>(nw)),
                   kOp, ": block_n, num_warps: (", bn, ", ", nw, ")",
                   block_n == 0 || num_warps == 0 ? " (0 replaced by the default)" : "",
                   " is not a compiled CUDA variant; supported (block_n, num_warps): ", variants_str());
@@ -211,8 +208,6 @@ std::tuple<Tensor, Tensor> decode_attention_cuda(const Tensor& q, const Tensor& 
                       (num_stages >= kDecodeAttentionMinStages && num_stages <= kDecodeAttentionMaxStages),
                   kOp, ": num_stages: expected 0 (heuristic) or a value in [", kDecodeAttentionMinStages, ", ",
                   kDecodeAttentionMaxStages, "] for the CUDA kernel, got ", num_stages);
-  STD_TORCH_CHECK(num_splits <= kMaxSplits, kOp, ": num_splits: expected at most ", kMaxSplits, ", got ",
-                  num_splits);
   p.block_n = static_cast<int>(bn);
   p.num_warps = static_cast<int>(nw);
 

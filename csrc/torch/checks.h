@@ -106,8 +106,33 @@ inline void check_head_groups(const char* op, const char* q_name, int64_t Hq, co
 // The softmax scale: sm_scale, by default 1 / sqrt(D); finite either way.
 inline double resolve_sm_scale(const char* op, std::optional<double> sm_scale, int64_t D) {
   const double scale = sm_scale.has_value() ? *sm_scale : 1.0 / std::sqrt(static_cast<double>(D));
-  STD_TORCH_CHECK(std::isfinite(scale), op, ": sm_scale: expected a finite number, got ", scale);
+  // The kernels take it as a float: a double beyond FLT_MAX would become inf there and the
+  // softmax NaN, so finiteness is checked on the float.
+  STD_TORCH_CHECK(std::isfinite(static_cast<float>(scale)), op,
+                  ": sm_scale: expected a finite float32 number, got ", scale);
   return scale;
+}
+
+// Launch-config bounds. The schema's ints are int64 and the kernels' are int: without a bound
+// a value like 2**32 wraps to 0 (a division by zero) or a negative count (no work, garbage
+// out). The split limit is CUDA's grid y/z limit, which the Triton launchers share.
+constexpr int64_t kMaxNumSplits = 65535;
+constexpr int64_t kMaxBlockN = 4096;
+constexpr int64_t kMaxNumWarps = 32;
+constexpr int64_t kMaxNumStages = 16;
+
+// One launch-config value: 0 (= the heuristic) or in [1, most].
+inline void check_launch_value(const char* op, const char* name, int64_t value, int64_t most) {
+  STD_TORCH_CHECK(value >= 0 && value <= most, op, ": ", name, ": expected 0 (heuristic) or a value in [1, ",
+                  most, "], got ", value);
+}
+
+inline void check_launch_config(const char* op, int64_t num_splits, int64_t block_n, int64_t num_warps,
+                                int64_t num_stages) {
+  check_launch_value(op, "num_splits", num_splits, kMaxNumSplits);
+  check_launch_value(op, "block_n", block_n, kMaxBlockN);
+  check_launch_value(op, "num_warps", num_warps, kMaxNumWarps);
+  check_launch_value(op, "num_stages", num_stages, kMaxNumStages);
 }
 
 // "[2, 4]": sizes for a message.

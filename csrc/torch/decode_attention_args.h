@@ -50,9 +50,7 @@ inline DecodeAttentionParams make_decode_attention_params(
     check_slot_tensor(op, "log_w", *log_w, ScalarType::Float, B, Hkv, C, q, "q");
 
   const double scale = resolve_sm_scale(op, sm_scale, D);
-  STD_TORCH_CHECK(num_splits >= 0 && block_n >= 0 && num_warps >= 0 && num_stages >= 0, op,
-                  ": num_splits, block_n, num_warps, num_stages: expected >= 0 (0 = heuristic), got ",
-                  num_splits, ", ", block_n, ", ", num_warps, ", ", num_stages);
+  check_launch_config(op, num_splits, block_n, num_warps, num_stages);
 
   DecodeAttentionParams p;
   p.q = q.const_data_ptr();

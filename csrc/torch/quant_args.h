@@ -140,7 +140,7 @@ void add_compressed_query(const char* op, Params& p, const Tensor& q, ScalarType
   check_head_groups(op, "q", Hq, cache_name, cache);
   check_quant_tensor(op, "q", q, {p.batch, Hq, p.head_dim}, "[B, Hq, D]", dt, cache, cache_name);
   const double scale = resolve_sm_scale(op, sm_scale, p.head_dim);
-  STD_TORCH_CHECK(num_splits >= 0, op, ": num_splits: expected >= 0 (0 = heuristic), got ", num_splits);
+  check_launch_value(op, "num_splits", num_splits, kMaxNumSplits);
   p.q = q.const_data_ptr();
   p.q_stride_b = q.stride(0);
   p.q_stride_h = q.stride(1);

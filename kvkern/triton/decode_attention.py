@@ -26,7 +26,7 @@ import triton
 from .. import _validate
 from .kernels.decode_attention import decode_attention_split_kernel, merge_states_kernel
 
-__all__ = ["decode_attention_triton", "default_config", "search_space", "merge_states_triton", "head_block",
+__all__ = ["decode_attention_triton", "default_config", "search_space", "check_config", "merge_states_triton", "head_block",
            "attention_outputs", "split_count", "split_buffers", "merge_split_buffers"]
 
 OP = "kvkern::decode_attention_triton"
@@ -176,7 +176,8 @@ def search_space(head_dim: int, dtype: torch.dtype, group: int, batch_heads: int
     return configs
 
 
-def _check_config(num_splits, block_n, num_warps, num_stages) -> None:
+def check_config(num_splits, block_n, num_warps, num_stages) -> None:
+    """Raises TypeError / ValueError unless this launcher accepts the config (0 = heuristic)."""
     for name, value in (("num_splits", num_splits), ("block_n", block_n), ("num_warps", num_warps),
                         ("num_stages", num_stages)):
         if isinstance(value, bool) or not isinstance(value, int):
@@ -336,5 +337,5 @@ def decode_attention_triton(q, k_cache, v_cache, lengths, log_w=None, sm_scale=N
         Nothing is mutated.
     """
     sm_scale = _validate.check_decode_attention_args(OP, q, k_cache, v_cache, lengths, log_w, sm_scale)
-    _check_config(num_splits, block_n, num_warps, num_stages)
+    check_config(num_splits, block_n, num_warps, num_stages)
     return _launch(q, k_cache, v_cache, lengths, log_w, sm_scale, num_splits, block_n, num_warps, num_stages)

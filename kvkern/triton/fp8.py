@@ -17,7 +17,7 @@ import triton
 from .. import _validate
 from .decode_attention import merge_split_buffers, split_buffers, split_count
 from .kernels.fp8 import append_fp8_kernel, fp8_attention_split_kernel, quantize_fp8_kernel
-from .quant import _EXACT, INTERPRET, _attention_start, _check_query, _check_sm_scale, _guard
+from .quant import _EXACT, INTERPRET, _attention_start, _check_query, _guard
 
 __all__ = ["KERNELS", "quantize_fp8_kv_triton_", "append_fp8_kv_triton_", "fp8_decode_attention_triton"]
 
@@ -153,7 +153,7 @@ def fp8_decode_attention_triton(q, k_fp8, v_fp8, k_scale, v_scale, lengths, sm_s
     B, H, C, D = _check_cache(op, k_fp8, v_fp8, k_scale, v_scale, lengths)
     Hq = _check_query(op, q, B, H, D, _validate.FLOAT_DTYPES, k_fp8, "k_fp8",
                       f"k_fp8: expected head dim D in {{64, 128, 256}} (as decode_attention), got {D}")
-    sm_scale = _check_sm_scale(op, sm_scale)
+    sm_scale = _validate.check_sm_scale(op, sm_scale)
     for name, x in (("num_splits", num_splits), ("block_n", block_n), ("num_warps", num_warps),
                     ("num_stages", num_stages)):
         if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x <= 65535:

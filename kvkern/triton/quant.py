@@ -69,15 +69,6 @@ def _attention_start(op, q, lengths, C, D, sm_scale):
     return (D ** -0.5 if sm_scale is None else sm_scale), out, lse
 
 
-def _check_sm_scale(op, sm_scale):
-    """None (the default D ** -0.5) or a finite float."""
-    if sm_scale is not None:
-        sm_scale = float(sm_scale)
-        if sm_scale != sm_scale or sm_scale in (float("inf"), float("-inf")):
-            raise ValueError(f"{op}: sm_scale: expected a finite number, got {sm_scale}")
-    return sm_scale
-
-
 def _check_layout(op, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_res, v_res, k_mean, v_mean, lengths,
                   bits, group):
     """Checks the cache tensors; returns (B, H, C, R, D, dtype)."""
@@ -277,7 +268,7 @@ def quant_decode_attention_triton(q, k_codes, k_scale, k_min, v_codes, v_scale, 
     B, H, C, R, D, dt = _check_layout(op, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_res, v_res, k_mean,
                                       v_mean, lengths, bits, group)
     Hq = _check_query(op, q, B, H, D, (dt,), k_res, "k_res", f"q: expected head dim D in {{64, 128, 256}}, got {D}")
-    sm_scale = _check_sm_scale(op, sm_scale)
+    sm_scale = _validate.check_sm_scale(op, sm_scale)
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 0 <= num_splits <= 65535:
         raise ValueError(f"{op}: num_splits: expected an int in [0, 65535] (0 = heuristic), got {num_splits}")
     scale, out, lse = _attention_start(op, q, lengths, C, D, sm_scale)

@@ -141,7 +141,8 @@ def check_expected_attention_args(op, mean, cov, k_cache, v_cache, lengths, n_si
     if n_sink < 0:
         raise ValueError(f"{op}: n_sink: expected a value >= 0, got {n_sink}")
     epsilon = _check_finite(op, "epsilon", epsilon)
-    sm_scale = _check_finite(op, "sm_scale", D ** -0.5 if sm_scale is None else sm_scale)
+    sm_scale = _validate.check_sm_scale(op, sm_scale)
+    sm_scale = D ** -0.5 if sm_scale is None else sm_scale
     _check_values_in_range(op, "lengths", lengths, C)
     return sm_scale, epsilon
 
