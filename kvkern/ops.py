@@ -2,9 +2,10 @@
 """The public front door: one typed, documented function per op.
 
 Each function checks its arguments (one clear error per bad input), picks the
-backend and launch configuration for this device and shape from the tuning
-database, and calls ``torch.ops.kvkern.*``. Calling ``torch.ops.kvkern.<op>``
-directly works too: it runs the C++ kernel with its own heuristics.
+backend and launch configuration (for CUDA tensors from the tuning database for
+this GPU and shape; for CPU tensors the C++ kernel and its heuristics) and calls
+``torch.ops.kvkern.*``. Calling ``torch.ops.kvkern.<op>`` directly works too: it
+runs the C++ kernel with its own heuristics.
 """
 
 from __future__ import annotations
