@@ -750,9 +750,15 @@ def quantized_cache_shapes(B: int, Hkv: int, C: int, D: int, bits: int, group: i
     }
 
 
-def _head_mean(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # [B, Hkv, T, D] -> [B, T, D], the mean over kv heads rounded to the storage dtype.
-    return x.to(torch.float32).mean(1).to(dtype).to(torch.float32)
+def _head_mean(x: torch.Tensor, dtype: torch.dtype, dim: int = 1) -> torch.Tensor:
+    # The mean over kv heads (``dim``) rounded to the storage dtype, summed in fp32 in head order
+    # and divided by Hkv, as every kernel does: torch.mean sums in another order past 16 heads,
+    # and the means, hence the codes, must match exactly.
+    x = x.to(torch.float32)
+    total = x.select(dim, 0).clone()
+    for h in range(1, x.shape[dim]):
+        total = total + x.select(dim, h)
+    return (total / x.shape[dim]).to(dtype).to(torch.float32)
 
 
 def quantize_kv(k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, capacity: int, bits: int, group: int,
@@ -845,7 +851,12 @@ def append_quantized_kv_(cache: dict, lengths: torch.Tensor, k_new: torch.Tensor
     B, H, D = k_new.shape
     dt = cache["k_res"].dtype
     G, R, P = group, cache["k_res"].shape[2], 32 // bits
+    C = cache["v_codes"].shape[2]
     centred = cache.get("k_mean") is not None
+    full = [(b, h) for b in range(B) for h in range(H) if int(lengths[b, h]) >= C]
+    if full:  # checked before anything is written
+        raise ValueError(f"append_quantized_kv_: head {list(full[0])} holds {int(lengths[full[0]])} tokens, "
+                         f"capacity {C}")
     # Mean-centred: every head of b holds the same t and flushes together (the mean spans the
     # heads). Plain: each head steps from its own length.
     groups = [(b, list(range(H))) for b in range(B)] if centred else [(b, [h]) for b in range(B) for h in range(H)]
@@ -855,7 +866,7 @@ def append_quantized_kv_(cache: dict, lengths: torch.Tensor, k_new: torch.Tensor
             s = t - R
             x = cache["v_res"][b, heads, t % R].to(torch.float32)  # [heads, D]
             if centred:
-                m = x.mean(0).to(dt).to(torch.float32)
+                m = _head_mean(x, dt, dim=0)
                 cache["v_mean"][b, s] = m.to(dt)
                 x = x - m
             q, sc, lo = quantize_group(x.reshape(len(heads), D // G, G), bits, dt, dim=2)
@@ -868,7 +879,7 @@ def append_quantized_kv_(cache: dict, lengths: torch.Tensor, k_new: torch.Tensor
             s0 = t + 1 - R
             x = cache["k_res"][b, heads].to(torch.float32)  # [heads, R, D], ring slot j = token s0 + j
             if centred:
-                m = x.mean(0).to(dt).to(torch.float32)  # [R, D]
+                m = _head_mean(x, dt, dim=0)  # [R, D]
                 cache["k_mean"][b, s0:s0 + R] = m.to(dt)
                 x = x - m
             q, sc, lo = quantize_group(x.reshape(len(heads), R // G, G, D), bits, dt, dim=2)

@@ -223,6 +223,37 @@ def test_append_matches_reference_steps(backend):
         assert live_equal(got, want, lw, bits, group) == []
 
 
+@pytest.mark.parametrize("backend", APPEND_BACKENDS)
+def test_many_kv_heads_mean_centred(backend):
+    # 32 kv heads (an MHA model): the mean over heads is an fp32 sum in head order / Hkv
+    # everywhere; a sum in any other order (torch.mean's past 16 heads) changes fp32 means,
+    # hence mins, scales and codes.
+    bits, group, dtype, B, H, D, R = 4, 32, torch.float32, 1, 32, 64, 32
+    C = 2 * R
+    k, v = torch.randn(B, H, C, D) * 3, torch.randn(B, H, C, D) * 3
+    L0 = torch.full((B, H), R - 2, dtype=torch.int32)
+    want = ref.quantize_kv(k, v, L0, C, bits, group, R, True)
+    got = quantize(backend, k.to(DEVICE), v.to(DEVICE), L0.to(DEVICE), C, bits, group, R, True)
+    assert live_equal(got, want, L0, bits, group) == []
+    lw, lg = L0.clone(), L0.to(DEVICE)
+    for _ in range(3):  # one key flush (R keys of 32 heads) and the first value leaving the ring
+        kn, vn = torch.randn(B, H, D) * 3, torch.randn(B, H, D) * 3
+        ref.append_quantized_kv_(want, lw, kn, vn, bits, group)
+        call("append_quantized_kv_", backend, kn.to(DEVICE), vn.to(DEVICE), lg, *as_args(got), bits, group)
+    assert torch.equal(lg.cpu(), lw) and live_equal(got, want, lw, bits, group) == []
+
+
+def test_reference_append_refuses_a_full_cache():
+    bits, group, B, H, D, R, C = 4, 32, 1, 2, 64, 32, 64
+    k, v = torch.randn(B, H, C, D), torch.randn(B, H, C, D)
+    lengths = torch.tensor([[C - 1, C]], dtype=torch.int32)
+    cache = ref.quantize_kv(k, v, lengths, C, bits, group, R, False)
+    before = {n: t.clone() for n, t in cache.items() if t is not None}
+    with pytest.raises(ValueError, match=r"head \[0, 1\] holds 64 tokens, capacity 64"):
+        ref.append_quantized_kv_(cache, lengths, k[:, :, 0], v[:, :, 0], bits, group)
+    assert lengths.tolist() == [[C - 1, C]] and all(torch.equal(cache[n], t) for n, t in before.items())
+
+
 # ---- bad input -------------------------------------------------------------------------
 
 def _valid_case(mean_centred=False, dtype=torch.float32):
