@@ -98,13 +98,15 @@ def should_check_values(x: torch.Tensor) -> bool:
     return x.device.type == "cpu"
 
 
-def require_lengths_in_range(op: str, lengths: torch.Tensor, capacity: int) -> None:
+def require_lengths_in_range(op: str, lengths: torch.Tensor, capacity: int, bound: str = "C") -> None:
+    """Every length in ``[0, capacity]``; ``bound`` names the limit in the message (``"C"``, or
+    ``"T = k.size(2)"`` for a prefill of T tokens)."""
     if lengths.numel() == 0:
         return
     lo, hi = (int(x) for x in torch.aminmax(lengths))
     if lo < 0 or hi > capacity:
         bad = lo if lo < 0 else hi
-        raise ValueError(f"{op}: lengths: expected every value in [0, C] = [0, {capacity}], got {bad}")
+        raise ValueError(f"{op}: lengths: expected every value in [0, {bound}] = [0, {capacity}], got {bad}")
 
 
 def check_decode_attention_args(op, q, k_cache, v_cache, lengths, log_w, sm_scale):

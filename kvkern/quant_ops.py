@@ -64,6 +64,11 @@ class QuantizedKVCache:
         v_codes ``[B, Hkv, C, D / P]`` int32, v_scale / v_min ``[B, Hkv, C, D / group]`` T,
         k_res / v_res ``[B, Hkv, residual, D]`` T, k_mean / v_mean ``[B, C, D]`` T or None,
         lengths ``[B, Hkv]`` int32.
+
+    Range: group minima and scales are stored in T, so an fp16 cache needs every group's range
+    (of the deviations ``x - mean`` when mean-centred) within fp16's 65504; past it the scale is
+    inf and the group dequantizes to NaN. Real activations stay far below; bf16 and fp32 have
+    no such limit.
     """
 
     k_codes: torch.Tensor
@@ -158,11 +163,24 @@ def _check_cache(public: str, cache, cls: type | None = None) -> None:
         raise TypeError(f"{public}: cache: expected a kvkern.{cls.__name__}, got {type(cache).__name__}")
 
 
+def _check_dense(public: str, k, v, lengths) -> None:
+    # Ranks before the tuning key reads shapes; the kernels check the rest.
+    V.require_tensor(public, "k", k, 4, "[B, Hkv, T, D]")
+    V.require_tensor(public, "v", v, 4, "[B, Hkv, T, D]")
+    V.require_tensor(public, "lengths", lengths, 2, "[B, Hkv]")
+
+
+def _check_step(public: str, k_new, v_new) -> None:
+    V.require_tensor(public, "k_new", k_new, 3, "[B, Hkv, D]")
+    V.require_tensor(public, "v_new", v_new, 3, "[B, Hkv, D]")
+
+
 def quantize_kv_(k, v, lengths, cache: QuantizedKVCache, *, backend: str = "auto") -> QuantizedKVCache:
     """Quantizes a dense cache ``k, v [B, Hkv, T, D]`` (the cache's dtype, T <= capacity) with
     ``lengths [B, Hkv]`` int32 into ``cache``'s buffers (mutated; ``cache.lengths`` is not)."""
     public = "kvkern.quantize_kv_"
     _check_cache(public, cache)
+    _check_dense(public, k, v, lengths)
     fn, _ = choose_kernel("quantize_kv_", public, k.device, backend, _format_key(cache, k.dtype),
                           {"batch_heads": k.shape[0] * k.shape[1], "tokens": k.shape[2]})
     fn(k, v, lengths, *cache.tensors, cache.bits, cache.group)
@@ -183,6 +201,7 @@ def append_quantized_kv_(k_new, v_new, cache: QuantizedKVCache, *, backend: str 
     ``cache.lengths`` (incremented)."""
     public = "kvkern.append_quantized_kv_"
     _check_cache(public, cache)
+    _check_step(public, k_new, v_new)
     t = cache.tensors
     key = _format_key(cache, k_new.dtype)
     fn, _ = choose_kernel("append_quantized_kv_", public, k_new.device, backend,
@@ -200,6 +219,7 @@ def quant_decode_attention(q, cache: QuantizedKVCache, sm_scale: float | None = 
     float32 with ``return_lse``). Mutates nothing."""
     public = "kvkern.quant_decode_attention"
     _check_cache(public, cache)
+    V.require_tensor(public, "q", q, 3, "[B, Hq, D]")
     V.check_launch_config(public, {"num_splits": num_splits})
     B, Hkv, C = cache.k_codes.shape[0], cache.k_codes.shape[1], cache.capacity
     static = _dtype_key(q.shape[2], q.dtype)
@@ -354,10 +374,10 @@ def quantize_fp8_kv_(k, v, lengths, cache: FP8KVCache, *, backend: str = "auto")
     slots ``t < lengths[b, h]`` (mutated; ``cache.lengths`` is not), with the cache's scales."""
     public = "kvkern.quantize_fp8_kv_"
     _check_cache(public, cache, FP8KVCache)
+    _check_dense(public, k, v, lengths)
     fn, _ = choose_kernel("quantize_fp8_kv_", public, k.device, backend, _dtype_key(k.shape[-1], k.dtype),
                           {"batch_heads": k.shape[0] * k.shape[1], "tokens": k.shape[2]})
-    fn(k, v, lengths, cache.k_scale, cache.v_scale, cache.k_fp8,
-                                                        cache.v_fp8)
+    fn(k, v, lengths, cache.k_scale, cache.v_scale, cache.k_fp8, cache.v_fp8)
     return cache
 
 
@@ -367,10 +387,10 @@ def append_fp8_kv_(k_new, v_new, cache: FP8KVCache, *, backend: str = "auto") ->
     untouched (lengths included)."""
     public = "kvkern.append_fp8_kv_"
     _check_cache(public, cache, FP8KVCache)
+    _check_step(public, k_new, v_new)
     fn, _ = choose_kernel("append_fp8_kv_", public, k_new.device, backend, _dtype_key(k_new.shape[-1], k_new.dtype),
                           {"batch_heads": k_new.shape[0] * k_new.shape[1]})
-    fn(k_new, v_new, cache.lengths, cache.k_scale, cache.v_scale,
-                                                          cache.k_fp8, cache.v_fp8)
+    fn(k_new, v_new, cache.lengths, cache.k_scale, cache.v_scale, cache.k_fp8, cache.v_fp8)
     return cache
 
 
@@ -382,6 +402,7 @@ def fp8_decode_attention(q, cache: FP8KVCache, sm_scale: float | None = None, *,
     ``lse [B, Hq]`` float32 with ``return_lse``. Mutates nothing."""
     public = "kvkern.fp8_decode_attention"
     _check_cache(public, cache, FP8KVCache)
+    V.require_tensor(public, "q", q, 3, "[B, Hq, D]")
     V.check_launch_config(public, {"num_splits": num_splits})
     B, Hkv, C = cache.k_fp8.shape[0], cache.k_fp8.shape[1], cache.k_fp8.shape[2]
     static = _dtype_key(q.shape[2], q.dtype)

@@ -60,3 +60,41 @@ def test_shapes_follow_the_reference_layout():
 def test_not_a_cache():
     with pytest.raises(TypeError, match="cache"):
         kvkern.quant_decode_attention(torch.randn(1, 4, 64), object())
+
+
+def _caches():
+    quant = kvkern.QuantizedKVCache.empty(1, 2, 64, 64, group=32, residual=32, dtype=torch.float32)
+    return quant, kvkern.FP8KVCache.empty(1, 2, 64, 64)
+
+
+@pytest.mark.parametrize("call,arg,words", [
+    (lambda c, f: kvkern.quant_decode_attention(torch.randn(2, 64), c), "q", "expected a 3-D tensor [B, Hq, D]"),
+    (lambda c, f: kvkern.fp8_decode_attention(torch.randn(2, 64), f), "q", "expected a 3-D tensor [B, Hq, D]"),
+    (lambda c, f: kvkern.append_quantized_kv_(torch.randn(64), torch.randn(1, 2, 64), c), "k_new",
+     "expected a 3-D tensor [B, Hkv, D]"),
+    (lambda c, f: kvkern.append_fp8_kv_(torch.randn(1, 2, 64), [0.0], f), "v_new", "expected a torch.Tensor"),
+    (lambda c, f: kvkern.quantize_kv_([1.0], torch.randn(1, 2, 8, 64), torch.zeros(1, 2, dtype=torch.int32), c),
+     "k", "expected a torch.Tensor [B, Hkv, T, D]"),
+    (lambda c, f: kvkern.quantize_fp8_kv_(torch.randn(1, 2, 8, 64), torch.randn(1, 2, 8, 64),
+                                          torch.zeros(2, dtype=torch.int32), f), "lengths",
+     "expected a 2-D tensor [B, Hkv]"),
+])
+def test_front_doors_check_ranks_first(call, arg, words):
+    # The tuning key reads shapes: a wrong rank or a non-tensor must be a named error, not an IndexError.
+    quant, fp8 = _caches()
+    with pytest.raises((TypeError, ValueError)) as info:
+        call(quant, fp8)
+    assert f": {arg}: {words}" in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_centred_cache_with_unequal_head_lengths_is_refused_by_every_reader(backend):
+    if backend not in kvkern.ops.available_backends("quant_decode_attention", "cpu"):
+        pytest.skip(f"no {backend} backend here")
+    cache = kvkern.QuantizedKVCache.empty(1, 2, 64, 64, group=32, residual=32, mean_centred=True,
+                                          dtype=torch.float32)
+    cache.lengths.copy_(torch.tensor([[3, 4]], dtype=torch.int32))
+    for call in (lambda: kvkern.dequantize_kv(cache, backend=backend),
+                 lambda: kvkern.quant_decode_attention(torch.randn(1, 2, 64), cache, backend=backend)):
+        with pytest.raises((RuntimeError, ValueError), match="same number of tokens"):
+            call()

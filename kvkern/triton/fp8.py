@@ -92,7 +92,7 @@ def quantize_fp8_kv_triton_(k, v, lengths, k_scale, v_scale, k_fp8, v_fp8):
         raise ValueError(f"{op}: k: expected at most C = {C} tokens, got shape {list(k.shape)}")
     _check_dense(op, ("k", "v"), k, v, (B, H, T, D), "[B, Hkv, T, D]", k_fp8)
     if _validate.should_check_values(lengths):
-        _validate.require_lengths_in_range(op, lengths, T)
+        _validate.require_lengths_in_range(op, lengths, T, "T = k.size(2)")
     if B * H == 0 or T == 0:
         return
     kq, vq = _u8(k_fp8), _u8(v_fp8)
@@ -154,10 +154,8 @@ def fp8_decode_attention_triton(q, k_fp8, v_fp8, k_scale, v_scale, lengths, sm_s
     Hq = _check_query(op, q, B, H, D, _validate.FLOAT_DTYPES, k_fp8, "k_fp8",
                       f"k_fp8: expected head dim D in {{64, 128, 256}} (as decode_attention), got {D}")
     sm_scale = _validate.check_sm_scale(op, sm_scale)
-    for name, x in (("num_splits", num_splits), ("block_n", block_n), ("num_warps", num_warps),
-                    ("num_stages", num_stages)):
-        if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x <= 65535:
-            raise ValueError(f"{op}: {name}: expected an int in [0, 65535] (0 = heuristic), got {x}")
+    _validate.check_launch_config(op, {"num_splits": num_splits, "block_n": block_n, "num_warps": num_warps,
+                                       "num_stages": num_stages})
     if block_n and (block_n < 16 or block_n & (block_n - 1)):
         raise ValueError(f"{op}: block_n: expected 0 or a power of two >= 16, got {block_n}")
     scale, out, lse = _attention_start(op, q, lengths, C, D, sm_scale)

@@ -158,7 +158,7 @@ def quantize_kv_triton_(k, v, lengths, k_codes, k_scale, k_min, v_codes, v_scale
         raise ValueError(f"{op}: k: expected at most C = {C} tokens, got T = {T}")
     centred = k_mean is not None
     if _validate.should_check_values(lengths):
-        _validate.require_lengths_in_range(op, lengths, T)
+        _validate.require_lengths_in_range(op, lengths, T, "T = k.size(2)")
         if centred:
             _check_equal_lengths(op, lengths)
     if B * H == 0 or T == 0:
@@ -192,6 +192,8 @@ def dequantize_kv_triton(k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_res
                                       v_mean, lengths, bits, group)
     if _validate.should_check_values(lengths):
         _validate.require_lengths_in_range(op, lengths, C)
+        if k_mean is not None:
+            _check_equal_lengths(op, lengths)
     k = torch.empty((B, H, C, D), dtype=dt, device=k_res.device)
     v = torch.empty((B, H, C, D), dtype=dt, device=k_res.device)
     if k.numel() == 0:
@@ -269,8 +271,9 @@ def quant_decode_attention_triton(q, k_codes, k_scale, k_min, v_codes, v_scale, 
                                       v_mean, lengths, bits, group)
     Hq = _check_query(op, q, B, H, D, (dt,), k_res, "k_res", f"q: expected head dim D in {{64, 128, 256}}, got {D}")
     sm_scale = _validate.check_sm_scale(op, sm_scale)
-    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 0 <= num_splits <= 65535:
-        raise ValueError(f"{op}: num_splits: expected an int in [0, 65535] (0 = heuristic), got {num_splits}")
+    _validate.check_launch_config(op, {"num_splits": num_splits})
+    if k_mean is not None and _validate.should_check_values(lengths):
+        _check_equal_lengths(op, lengths)
     scale, out, lse = _attention_start(op, q, lengths, C, D, sm_scale)
     if out.numel() == 0:
         return out, lse
