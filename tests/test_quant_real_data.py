@@ -40,7 +40,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from eviction_utils import DEVICE, op_backends
+from kvkern import reference as ref
 from kvkern.policies import tada
+from quant_utils import as_args, call, empty_cache, live_equal
+from utils import LSE_TOLERANCES, TOLERANCES, assert_verbose_allclose
 
 DATA = Path(__file__).parent / "data" / "smollm2_wiki_T1024_decode.safetensors"
 TAIL = Path(__file__).parent / "data" / "smollm2_wiki_T1024_eviction.safetensors"
@@ -211,3 +215,30 @@ def test_report(capsys):
         lines.append(f"       {tag:9} {ke:7.4f} {ve:7.4f} {oe:10.4f}          {100 * mem:6.2f}%")
     with capsys.disabled():
         print("\n" + "\n".join(lines))
+
+
+@pytest.mark.parametrize("centred", [False, True], ids=["plain", "centred"])
+@pytest.mark.parametrize("backend", op_backends("quantize_kv_"))
+def test_kernels_equal_the_reference_on_real_layers(backend, centred):
+    # The figures above come from the reference quantizer; the kernels must store exactly its
+    # codes, metadata and means for these activations, and attend over them as it does.
+    bits, group = 4, 32
+    interpreted = backend == "triton" and DEVICE == "cpu"
+    for layer in LAYERS[:2] if interpreted else LAYERS:
+        q, k, v = layer_data(layer)
+        T = 256 if interpreted else k.shape[2]
+        k, v = k[:, :, :T].contiguous(), v[:, :, :T].contiguous()
+        B, H, _, D = k.shape
+        lengths = torch.tensor([[T, T, T]] if centred else [[T, T - 5, T - 77]], dtype=torch.int32)
+        want = ref.quantize_kv(k, v, lengths, T, bits, group, R, centred)
+        got = empty_cache(B, H, T, D, bits, group, R, centred, k.dtype, DEVICE)
+        call("quantize_kv_", backend, k.to(DEVICE), v.to(DEVICE), lengths.to(DEVICE), *as_args(got), bits, group)
+        assert live_equal(got, want, lengths, bits, group) == [], f"layer {layer}"
+        if backend not in op_backends("quant_decode_attention"):
+            continue
+        q = q.reshape(B, -1, D).to(k.dtype)
+        out, lse = call("quant_decode_attention", backend, q.to(DEVICE), *as_args(got), lengths.to(DEVICE), bits,
+                        group, None, 0)
+        r_out, r_lse = ref.quant_decode_attention(q, want, lengths, bits, group)
+        assert_verbose_allclose(out.cpu().double(), r_out, *TOLERANCES[k.dtype], what=f"out, layer {layer}")
+        assert_verbose_allclose(lse.cpu().double(), r_lse.double(), *LSE_TOLERANCES[k.dtype], what=f"lse, layer {layer}")
