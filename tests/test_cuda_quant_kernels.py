@@ -129,13 +129,13 @@ def _attention_case(case, dtype, G_q, T=None):
     return cache, lengths, q
 
 
-def _check_attention(cache, lengths, q, bits, G, want, variant, splits=(1, 3, 0), **kw):
+def _check_attention(cache, lengths, q, bits, G, want, variant, splits=(1, 3, 0), expect=None, **kw):
     want_out, want_lse = want
     dtype = q.dtype
     for S in splits:
         out, lse, launches = E.run("attention", cache, lengths, bits, G, q=q, num_splits=S, seed=_seed(),
                                    kernel_variant=variant, **kw)
-        assert KERNEL_NAME[variant] in launches[0], launches
+        assert (expect or KERNEL_NAME[variant]) in launches[0], launches
         assert len(launches) == (1 if S == 1 else 2) or (S == 0 and len(launches) == 1)
         # The tensor-core kernel feeds q * k_scale and p * v_scale to bf16 MMAs as hi + lo pairs
         # (x - hi - lo <= 2^-18 |x|), so a logit is off by <= 2^-18 * sum_d |code_d q_d k_scale_d|,
@@ -218,6 +218,24 @@ def test_attention_kernel_choice():
         E.run("attention", cache, lengths, 2, 32, q=q, num_splits=1, kernel_variant=2)
     with pytest.raises(E.Refused):
         E.run("attention", cache, lengths, 2, 32, q=q, num_splits=1, kernel_variant=3)
+
+
+def test_attention_auto_falls_back_where_the_tc_kernel_does_not_fit():
+    """8-bit D = 256 needs 165 KB of shared memory per CTA in the tensor-core kernel: on a GPU
+    with 99 KB (sm_86 / sm_89 / sm_120) auto runs the scalar kernel, forcing v2 is refused;
+    4-bit D = 256 (98 KB) still takes v2 there."""
+    sm89 = 99 * 1024
+    case = (1, 2, 64, 256, 8, 32, 32, False)
+    cache, lengths, q = _attention_case(case, torch.bfloat16, 2)
+    want = reference.quant_decode_attention(q, cache, lengths, 8, 32)
+    _check_attention(cache, lengths, q, 8, 32, want, 0, splits=(1,), smem_limit=sm89, expect=KERNEL_NAME[1])
+    _check_attention(cache, lengths, q, 8, 32, want, 0, splits=(1,), expect=KERNEL_NAME[2])  # an H100
+    with pytest.raises(E.Refused):
+        E.run("attention", cache, lengths, 8, 32, q=q, num_splits=1, kernel_variant=2, smem_limit=sm89)
+    case = (1, 2, 64, 256, 4, 32, 32, False)
+    cache, lengths, q = _attention_case(case, torch.float16, 2)
+    want = reference.quant_decode_attention(q, cache, lengths, 4, 32)
+    _check_attention(cache, lengths, q, 4, 32, want, 0, splits=(1,), smem_limit=sm89, expect=KERNEL_NAME[2])
 
 
 @pytest.mark.parametrize("kernel", [(torch.float32, 1), (torch.bfloat16, 2)], ids=["fp32-v1", "bf16-v2"])

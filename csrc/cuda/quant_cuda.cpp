@@ -98,6 +98,14 @@ std::tuple<Tensor, Tensor> quant_decode_attention_cuda(
   torch::stable::accelerator::DeviceGuard guard(device);
   QuantKVParams& c = p;
   c.kernel_variant = quant_decode_kernel_variant(op, p.dtype);
+  if (c.kernel_variant == 2) {
+    const size_t need = quant_decode_tc_smem_bytes(c), have = quant_decode_device_max_smem();
+    STD_TORCH_CHECK(need <= have, op, ": KVKERN_QUANT_DECODE_KERNEL=tc: the tensor-core kernel needs ", need,
+                    " bytes of shared memory per block for bits=", bits, ", D=", p.head_dim, "; this GPU allows ",
+                    have, " (unset it or use auto / scalar)");
+  }
+  // Resolved before the split heuristic, which differs between the two kernels.
+  c.kernel_variant = quant_decode_resolve_kernel(c);
   STD_TORCH_CHECK(quant_decode_attention_supported(c), op,
                   ": the CUDA kernel does not serve this shape (at most 8 query heads per kv head); "
                   "use backend=\"triton\"");

@@ -30,6 +30,8 @@ struct QuantCudaLauncher {
   cudaStream_t stream;
   size_t smem_limit;
 
+  size_t max_smem() const { return smem_limit; }
+
   template <typename P>
   cudaError_t operator()(void (*kernel)(P), int64_t blocks, int threads, size_t smem, const P& params) const {
     if (blocks <= 0) return cudaSuccess;
@@ -47,6 +49,14 @@ struct QuantCudaLauncher {
 bool quant_layout_supported(const QuantKVParams& p) { return quant_detail::layout_ok(p); }
 
 bool quant_decode_attention_supported(const QuantKVParams& p) { return quant_detail::attention_ok(p); }
+
+int quant_decode_resolve_kernel(const QuantKVParams& p) {
+  return quant_detail::resolve_kernel_variant(p, quant_device_max_smem());
+}
+
+size_t quant_decode_tc_smem_bytes(const QuantKVParams& p) { return quant_detail::tc_smem_bytes(p.bits, p.head_dim); }
+
+size_t quant_decode_device_max_smem() { return quant_device_max_smem(); }
 
 int quant_decode_default_splits(const QuantKVParams& p, int num_sms) {
   return quant_detail::default_splits(p, num_sms);

@@ -84,7 +84,7 @@ def _run(lib, h, op: str, dtype, kept: list, ws=None) -> list[str]:
 
 def run(op: str, cache: dict, lengths, bits: int, group: int, *, q=None, sm_scale=None, num_splits=0,
         k=None, v=None, k_new=None, v_new=None, seed=1, block_order=2, deferred=True, ws_fill=0x7f,
-        kernel_variant=0):
+        kernel_variant=0, smem_limit=None):
     """Runs ``op`` on CPU tensors (cache: the layout's dict, mutated in place for
     "quantize" / "append"). "attention" returns (out, lse, launches); the others
     return the launch lines."""
@@ -104,6 +104,8 @@ def run(op: str, cache: dict, lengths, bits: int, group: int, *, q=None, sm_scal
         fields.update(batch=B, num_kv_heads=H, capacity=cache["k_scale"].shape[2] * group, head_dim=D,
                       residual=cache["k_res"].shape[2], bits=bits, group=group, seed=seed, block_order=block_order,
                       deferred=deferred, dtype=kv_dtype(cache["k_res"].dtype))
+        if smem_limit is not None:  # the device's opt-in shared memory per block (default: an H100's)
+            fields["smem_limit"] = smem_limit
         out = lse = ws = None
         if op == "attention":
             more, out, lse = _attention_fields(q, D, sm_scale)

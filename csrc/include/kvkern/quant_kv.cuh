@@ -719,9 +719,8 @@ inline bool uses_tc(const QuantKVParams& p) {
   return p.kernel_variant == 2 || (p.kernel_variant == 0 && p.dtype != QuantDType::kFloat32);
 }
 
-// Resident CTAs per SM of the tensor-core kernel: ptxas gives it up to 255
-// registers (2 CTAs of 128 threads), fewer where shared memory binds (D = 256).
-inline int tc_ctas_per_sm(int bits, int64_t D) {
+// Shared memory per CTA of the tensor-core kernel for a format (0 for an unknown one).
+inline size_t tc_smem_bytes(int bits, int64_t D) {
   size_t smem = 0;
 #define KVKERN_TC_SMEM(B_, D_) \
   if (bits == B_ && D == D_) smem = TcCfg<B_, D_>::SMEM;
@@ -729,6 +728,22 @@ inline int tc_ctas_per_sm(int bits, int64_t D) {
   KVKERN_TC_SMEM(2, 128) KVKERN_TC_SMEM(4, 128) KVKERN_TC_SMEM(8, 128)
   KVKERN_TC_SMEM(2, 256) KVKERN_TC_SMEM(4, 256) KVKERN_TC_SMEM(8, 256)
 #undef KVKERN_TC_SMEM
+  return smem;
+}
+
+// What kernel_variant 0 (auto) stands for on a device with max_smem bytes of opt-in shared
+// memory per block: the tensor-core kernel (2) for fp16 / bf16 caches where it fits, else the
+// scalar one (1). 8-bit D=256 needs ~162 KB, which A100 and H100 have and sm_86 / sm_89 /
+// sm_120 (99 KB) do not. An explicit variant comes back as it is.
+inline int resolve_kernel_variant(const QuantKVParams& p, size_t max_smem) {
+  if (p.kernel_variant != 0) return p.kernel_variant;
+  return p.dtype != QuantDType::kFloat32 && tc_smem_bytes(p.bits, p.head_dim) <= max_smem ? 2 : 1;
+}
+
+// Resident CTAs per SM of the tensor-core kernel: ptxas gives it up to 255
+// registers (2 CTAs of 128 threads), fewer where shared memory binds (D = 256).
+inline int tc_ctas_per_sm(int bits, int64_t D) {
+  const size_t smem = tc_smem_bytes(bits, D);
   const size_t fit = smem > 0 ? (227u * 1024u) / (smem + 1024u) : 1;
   return fit >= 2 ? 2 : 1;
 }
@@ -801,13 +816,11 @@ cudaError_t run_attention_tc(const QuantKVParams& p, L& launch) {
   }
 }
 
-// kernel_variant: 0 = auto (the tensor-core kernel for fp16 / bf16, the scalar
-// one for fp32), 1 = scalar (v1), 2 = tensor core (fp16 / bf16 only: refused
-// for fp32).
+// kernel_variant: 0 = auto (resolve_kernel_variant), 1 = scalar (v1), 2 = tensor
+// core (fp16 / bf16 only: refused for fp32, or where its shared memory does not fit).
 template <typename T, int BITS, int D, typename L>
 cudaError_t run_attention_typed(const QuantKVParams& p, L& launch) {
-  const int v = p.kernel_variant;
-  if (v == 2 || (v == 0 && sizeof(T) == 2)) return run_attention_tc<T, BITS, D>(p, launch);
+  if (resolve_kernel_variant(p, launch.max_smem()) == 2) return run_attention_tc<T, BITS, D>(p, launch);
   AttnArgs a{p, p.num_splits, 0, false, false};
   const int64_t tiles = ceil_div<int64_t>(p.capacity, kTile);
   a.tiles_per_split = static_cast<int>(ceil_div<int64_t>(tiles, a.num_splits));

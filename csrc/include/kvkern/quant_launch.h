@@ -28,6 +28,14 @@ namespace kvkern {
 bool quant_layout_supported(const QuantKVParams& p);
 bool quant_decode_attention_supported(const QuantKVParams& p);
 
+// The attention kernel that p.kernel_variant 0 (auto) stands for on the current
+// device: 2 (tensor core) for fp16 / bf16 caches whose format's shared memory
+// fits the device's opt-in limit per block, else 1 (scalar). An explicit
+// variant comes back as it is. The next two give the numbers compared.
+int quant_decode_resolve_kernel(const QuantKVParams& p);
+size_t quant_decode_tc_smem_bytes(const QuantKVParams& p);
+size_t quant_decode_device_max_smem();
+
 // Splits for quant_decode_attention when p.num_splits == 0, for the kernel
 // that p.dtype and p.kernel_variant select: the scalar kernel (fp32) wants
 // enough CTAs (B * Hkv * S) for about 4 per SM, at most one 64-slot tile per
