@@ -407,7 +407,7 @@ def test_gkv_closed_form_over_rounds(backend):
 def test_gkv_decode_loop_oscillates(backend):
     B, Hkv, G, D, W, budget, period = 1, 2, 2, 16, 4, 24, 8
     pol = P.GKV(budget=budget, window=W, divide_length=period)
-    assert pol.mix_lambda == 0.5 and pol.alpha == 0.8 and pol.group_reduce == "max"
+    assert pol.mix_lambda == 0.5 and pol.alpha == 0.8 and pol.group_reduce == "max_per_query"
     cache, q = prefill(B=B, Hkv=Hkv, G=G, T=40, D=D, C=40)
     win = P.QueryWindow(W)
     win.push(q)
