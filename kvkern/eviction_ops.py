@@ -120,6 +120,61 @@ def _check_feasible(public, lengths, positions, budgets, budget, n_sink, n_recen
                          f"{int(K[b, j])}")
     if segment_cuts is not None and segment_cuts.numel() > 1 and bool((segment_cuts[1:] <= segment_cuts[:-1]).any()):
         raise ValueError(f"{public}: segment_cuts: expected strictly increasing positions, got {segment_cuts.tolist()}")
+    if segment_cuts is not None:
+        _check_segments(public, lengths, positions, K, n_sink, n_recent, protect_ranges, keep_mask, segment_cuts,
+                        segment_min, C)
+
+
+def _check_segments(public, lengths, positions, K, n_sink, n_recent, protect_ranges, keep_mask, segment_cuts,
+                    segment_min, C: int) -> None:
+    """The per-segment feasibility of reference.select_keep on every head with ``L > K``: without
+    ``segment_min`` each segment's protected slots fit its quota (reference.segment_quotas), with it
+    the protected slots plus the minima fit the budget. Arguments of the wrong form are left to the
+    op's own checks (one clear error there)."""
+    from .reference import _segment_of, protected_mask, segment_quotas
+
+    B, H = lengths.shape
+    int_types = (torch.int32, torch.int64)
+    if not (isinstance(segment_cuts, torch.Tensor) and segment_cuts.dim() == 1 and segment_cuts.dtype in int_types
+            and segment_cuts.device == lengths.device):
+        return
+    S = segment_cuts.numel() + 1
+    if segment_min is not None and not (isinstance(segment_min, torch.Tensor) and segment_min.dim() == 1
+                                        and segment_min.numel() == S and segment_min.dtype in int_types):
+        return
+    if positions is None:
+        positions = torch.arange(C, dtype=torch.int32, device=lengths.device).view(1, 1, C).expand(B, H, C)
+    elif not (isinstance(positions, torch.Tensor) and tuple(positions.shape) == (B, H, C)
+              and positions.device == lengths.device):
+        return
+    L = lengths.to(torch.int64)
+    active = L > K
+    if not bool(active.any()):
+        return
+    valid = torch.arange(C, device=lengths.device).view(1, 1, C) < L.unsqueeze(-1)
+    prot = protected_mask(lengths, positions, n_sink, n_recent, protect_ranges, keep_mask)
+    seg = _segment_of(positions, segment_cuts)
+    in_seg = [(seg == s) & valid for s in range(S)]
+    counts = torch.stack([m.sum(-1) for m in in_seg], -1).tolist()  # [B][H][S]
+    prot_s = torch.stack([(m & prot).sum(-1) for m in in_seg], -1).tolist()
+    mins = None if segment_min is None else segment_min.to(torch.int64).tolist()
+    Kl, act = K.tolist(), active.tolist()
+    for b in range(B):
+        for j in range(H):
+            if not act[b][j]:
+                continue
+            n, ps, k = counts[b][j], prot_s[b][j], Kl[b][j]
+            if mins is None:
+                quota = segment_quotas(k, n)
+                for s in range(S):
+                    if ps[s] > quota[s]:
+                        raise ValueError(f"{public}: head [{b}, {j}]: segment {s} has {ps[s]} protected slots but "
+                                         f"a quota of {quota[s]} (budget {k})")
+            else:
+                need = sum(max(ps[s], min(max(mins[s], 0), n[s])) for s in range(S))
+                if need > k:
+                    raise ValueError(f"{public}: head [{b}, {j}]: protected slots and segment minima need {need} "
+                                     f"slots, more than the budget {k}")
 
 
 def _window_args(public, q_win, k_cache, lengths, query_reduce, group_reduce, pool) -> None:

@@ -33,9 +33,10 @@ def _assert_same_cache(got, want, lengths, what):
 
 
 CONFIGS = {
-    "gkv": dict(group_reduce="max", normalize=True, hist_mode="max", decay=0.8, with_hist=True),
-    "gkv_redundancy": dict(group_reduce="max", normalize=True, hist_mode="max", decay=0.8, with_hist=True,
+    "gkv": dict(group_reduce="max_per_query", normalize=True, hist_mode="max", decay=0.8, with_hist=True),
+    "gkv_redundancy": dict(group_reduce="max_per_query", normalize=True, hist_mode="max", decay=0.8, with_hist=True,
                            mix_lambda=0.5),
+    "adakv_group_max": dict(group_reduce="max", normalize=True, with_hist=False),  # max_h mean_t
     "snapkv": dict(group_reduce="mean", normalize=False, pool="avg", pool_kernel=5, with_hist=False),
     "h2o_sum": dict(group_reduce="mean", normalize=False, hist_mode="sum", decay=1.0, with_hist=True, pool="max",
                     pool_kernel=3),
@@ -44,8 +45,10 @@ CONFIGS = {
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("config", sorted(CONFIGS))
-@pytest.mark.parametrize("G", [1, 3, 4])
+@pytest.mark.parametrize("G", [1, 3, 4, 8])
 def test_matches_reference(backend, config, G):
+    if G == 8 and config != "gkv":
+        pytest.skip("G = 8 runs the G-KV config only (runtime)")
     cfg = dict(CONFIGS[config])
     with_hist = cfg.pop("with_hist")
     B, Hkv, C, D, W, budget = 2, 2, 53, 32 if backend == "triton" else 64, 5, 20
