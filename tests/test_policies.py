@@ -424,6 +424,24 @@ def test_gkv_decode_loop_oscillates(backend):
         assert_order_increasing(cache)
 
 
+def test_gkv_local_score_order_and_normalize_default(backend):
+    # Spec §2(b): s_loc = mean_t max_{h in group} a (step 1), divided by its per-head max only
+    # with the score cache (step 2): normalize defaults to use_history.
+    B, Hkv, G, D, W = 1, 2, 4, 16, 4
+    cache, q = prefill(B=B, Hkv=Hkv, G=G, T=30, D=D, C=40)
+    q_win = q[:, :, -W:]
+    k, lengths = cache.k.cpu(), cache.lengths.cpu()
+    assert P.GKV(budget=20, window=W).normalize is True
+    assert P.GKV(budget=20, window=W, use_history=False).normalize is False
+    assert P.GKV(budget=20, window=W, use_history=False, normalize=True).normalize is True
+    for use_history in (True, False):
+        got = P.GKV(budget=20, window=W, use_history=use_history).scores(cache, q_win=q_win).cpu()
+        want = R.window_scores(q_win.cpu().to(k.dtype), k, lengths, None, "mean", "max_per_query", use_history)
+        assert_verbose_allclose(got, want, 1e-5, 1e-4, what=f"use_history={use_history}")
+        other = R.window_scores(q_win.cpu().to(k.dtype), k, lengths, None, "mean", "max", use_history)
+        assert (other - want).abs().max() > 1e-4  # max_h mean_t is another score
+
+
 def test_gkv_rejects_budget_within_window():
     with pytest.raises(ValueError, match="window"):
         P.GKV(budget=16, window=16)
