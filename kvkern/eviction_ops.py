@@ -445,9 +445,9 @@ def allocate_head_budgets(scores, lengths, budget, *, safeguard=0.2, n_sink=0, n
 
 
 def score_evict_(q_win, k_cache, v_cache, lengths, budget, *, positions=None, n_sink=0, n_recent=0, sm_scale=None,
-                 query_reduce="mean", group_reduce="max_per_query", normalize=True, pool="none", pool_kernel=1, hist=None,
-                 hist_lengths=None, decay=0.8, hist_mode="max", mix_lambda=1.0, redundancy_threshold=0.5,
-                 protect_ranges=None, keep_mask=None, log_w=None, backend="auto"):
+                 query_reduce="mean", group_reduce="max_per_query", normalize=True, pool="none", pool_kernel=1,
+                 hist=None, hist_lengths=None, decay=0.8, hist_mode="max", mix_lambda=1.0,
+                 redundancy_threshold=0.5, protect_ranges=None, keep_mask=None, log_w=None, backend="auto"):
     """The whole decode-time eviction in one call, as G-KV runs it every 128 decode steps.
 
     Per head with ``L > budget`` (others are left completely untouched): window scores of

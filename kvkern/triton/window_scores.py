@@ -242,7 +242,8 @@ def window_scores_triton(q_win, k_cache, lengths, sm_scale=None, query_reduce="m
             lengths.stride(0), lengths.stride(1),
             raw.stride(0), raw.stride(1),
             HG=hg, BW=bw, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(splits)),
-            GROUP_MAX=group_reduce == "max", QUERY_MAX=group_reduce == "max_per_query", TILE_MAX=need_tmax and not mean_all, WRITE_NAN=not finish,
+            GROUP_MAX=group_reduce == "max", QUERY_MAX=group_reduce == "max_per_query",
+            TILE_MAX=need_tmax and not mean_all, WRITE_NAN=not finish,
             DOT_FP32=dot_fp32, DOT_CHUNK=chunk, num_warps=num_warps,
         )
         if mean_all:

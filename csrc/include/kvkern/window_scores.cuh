@@ -873,7 +873,8 @@ inline WindowPlan plan_window(const WindowShape& s, const EvictionTuning& tune) 
     pl.num_strips = (s.window * (int64_t{1} << pl.gp_shift) + 15) / 16;
     pl.num_warps = pl.num_strips <= 4 * pl.strips_per_warp ? 4 : 8;
     pl.strips_per_cta = pl.num_warps * pl.strips_per_warp;
-    if (pl.gp_shift > 4 && (int64_t{1} << (pl.gp_shift - 4)) > pl.strips_per_cta) return pl;  // a query's rows span blocks
+    // A query's rows must not span blocks.
+    if (pl.gp_shift > 4 && (int64_t{1} << (pl.gp_shift - 4)) > pl.strips_per_cta) return pl;
     const int64_t groups = (pl.num_strips + pl.strips_per_cta - 1) / pl.strips_per_cta;
     if (groups > INT_MAX) return pl;
     pl.num_row_groups = static_cast<int>(groups);

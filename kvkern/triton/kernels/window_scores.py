@@ -170,8 +170,8 @@ def window_scores_kernel(
     Writes ``factor * reduce_g sum_t p[g, t, i]`` for the tile's slots to dst
     [B, Hkv, C] (0 past L; NaN for a length outside [0, C] with WRITE_NAN), with
     reduce = max (GROUP_MAX) or sum; with QUERY_MAX ``factor * sum_t max_g p[g, t, i]``
-    instead. Rows go HG heads x BW window queries per dot. With TILE_MAX, also the tile's max over the candidate slots i < L - W
-    (-inf if none) to tmax [B * Hkv, num_tiles].
+    instead. Rows go HG heads x BW window queries per dot. With TILE_MAX, also the tile's
+    max over the candidate slots i < L - W (-inf if none) to tmax [B * Hkv, num_tiles].
     """
     bj = tl.program_id(0)
     tile = tl.program_id(1)
