@@ -35,7 +35,9 @@ STABLE_TORCH_LIBRARY(kvkern, m) {
   // Each op X has a twin X_triton with the same schema (kernel registered from Python).
   const char* eviction_schemas[] = {
       // q_win [B, Hq, W, D], k_cache [B, Hkv, C, D], lengths [B, Hkv] int32.
-      // query_reduce: mean|sum; group_reduce: mean|max|mean_all; pool: none|avg|max.
+      // query_reduce: mean|sum; group_reduce: mean|max|mean_all|max_per_query (max: max over
+      // the group of the window-reduced rows, AdaKV; max_per_query: max over the group per
+      // window query, then the window reduce, G-KV); pool: none|avg|max.
       "window_scores{T}(Tensor q_win, Tensor k_cache, Tensor lengths, float? sm_scale=None, "
       "str query_reduce=\"mean\", str group_reduce=\"mean\", bool normalize=False, str pool=\"none\", "
       "int pool_kernel=1) -> Tensor",
@@ -64,7 +66,7 @@ STABLE_TORCH_LIBRARY(kvkern, m) {
       "int n_sink=0, int n_recent=0) -> Tensor",
       "score_evict{T}_(Tensor q_win, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) lengths, "
       "Tensor(d!)? positions, Tensor? budgets, int budget, int n_sink=0, int n_recent=0, "
-      "float? sm_scale=None, str query_reduce=\"mean\", str group_reduce=\"max\", bool normalize=True, "
+      "float? sm_scale=None, str query_reduce=\"mean\", str group_reduce=\"max_per_query\", bool normalize=True, "
       "str pool=\"none\", int pool_kernel=1, Tensor(e!)? hist=None, Tensor(g!)? hist_lengths=None, "
       "float decay=0.8, str hist_mode=\"max\", float mix_lambda=1., float redundancy_threshold=0.5, "
       "Tensor? protect_ranges=None, Tensor? keep_mask=None, Tensor(f!)? log_w=None) -> Tensor",

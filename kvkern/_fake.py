@@ -72,7 +72,7 @@ def _allocate_head_budgets_fake(scores, lengths, budget, safeguard=0.2, n_sink=0
 
 
 def _score_evict_fake(q_win, k_cache, v_cache, lengths, positions, budgets, budget, n_sink=0, n_recent=0,
-                      sm_scale=None, query_reduce="mean", group_reduce="max", normalize=True, pool="none",
+                      sm_scale=None, query_reduce="mean", group_reduce="max_per_query", normalize=True, pool="none",
                       pool_kernel=1, hist=None, hist_lengths=None, decay=0.8, hist_mode="max", mix_lambda=1.0,
                       redundancy_threshold=0.5, protect_ranges=None, keep_mask=None, log_w=None):
     B, H, C, _ = k_cache.shape

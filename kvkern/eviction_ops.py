@@ -120,6 +120,61 @@ def _check_feasible(public, lengths, positions, budgets, budget, n_sink, n_recen
                          f"{int(K[b, j])}")
     if segment_cuts is not None and segment_cuts.numel() > 1 and bool((segment_cuts[1:] <= segment_cuts[:-1]).any()):
         raise ValueError(f"{public}: segment_cuts: expected strictly increasing positions, got {segment_cuts.tolist()}")
+    if segment_cuts is not None:
+        _check_segments(public, lengths, positions, K, n_sink, n_recent, protect_ranges, keep_mask, segment_cuts,
+                        segment_min, C)
+
+
+def _check_segments(public, lengths, positions, K, n_sink, n_recent, protect_ranges, keep_mask, segment_cuts,
+                    segment_min, C: int) -> None:
+    """The per-segment feasibility of reference.select_keep on every head with ``L > K``: without
+    ``segment_min`` each segment's protected slots fit its quota (reference.segment_quotas), with it
+    the protected slots plus the minima fit the budget. Arguments of the wrong form are left to the
+    op's own checks (one clear error there)."""
+    from .reference import _segment_of, protected_mask, segment_quotas
+
+    B, H = lengths.shape
+    int_types = (torch.int32, torch.int64)
+    if not (isinstance(segment_cuts, torch.Tensor) and segment_cuts.dim() == 1 and segment_cuts.dtype in int_types
+            and segment_cuts.device == lengths.device):
+        return
+    S = segment_cuts.numel() + 1
+    if segment_min is not None and not (isinstance(segment_min, torch.Tensor) and segment_min.dim() == 1
+                                        and segment_min.numel() == S and segment_min.dtype in int_types):
+        return
+    if positions is None:
+        positions = torch.arange(C, dtype=torch.int32, device=lengths.device).view(1, 1, C).expand(B, H, C)
+    elif not (isinstance(positions, torch.Tensor) and tuple(positions.shape) == (B, H, C)
+              and positions.device == lengths.device):
+        return
+    L = lengths.to(torch.int64)
+    active = L > K
+    if not bool(active.any()):
+        return
+    valid = torch.arange(C, device=lengths.device).view(1, 1, C) < L.unsqueeze(-1)
+    prot = protected_mask(lengths, positions, n_sink, n_recent, protect_ranges, keep_mask)
+    seg = _segment_of(positions, segment_cuts)
+    in_seg = [(seg == s) & valid for s in range(S)]
+    counts = torch.stack([m.sum(-1) for m in in_seg], -1).tolist()  # [B][H][S]
+    prot_s = torch.stack([(m & prot).sum(-1) for m in in_seg], -1).tolist()
+    mins = None if segment_min is None else segment_min.to(torch.int64).tolist()
+    Kl, act = K.tolist(), active.tolist()
+    for b in range(B):
+        for j in range(H):
+            if not act[b][j]:
+                continue
+            n, ps, k = counts[b][j], prot_s[b][j], Kl[b][j]
+            if mins is None:
+                quota = segment_quotas(k, n)
+                for s in range(S):
+                    if ps[s] > quota[s]:
+                        raise ValueError(f"{public}: head [{b}, {j}]: segment {s} has {ps[s]} protected slots but "
+                                         f"a quota of {quota[s]} (budget {k})")
+            else:
+                need = sum(max(ps[s], min(max(mins[s], 0), n[s])) for s in range(S))
+                if need > k:
+                    raise ValueError(f"{public}: head [{b}, {j}]: protected slots and segment minima need {need} "
+                                     f"slots, more than the budget {k}")
 
 
 def _window_args(public, q_win, k_cache, lengths, query_reduce, group_reduce, pool) -> None:
@@ -128,7 +183,7 @@ def _window_args(public, q_win, k_cache, lengths, query_reduce, group_reduce, po
     _tensor(public, "k_cache", k_cache, 4, "[B, Hkv, C, D]")
     _tensor(public, "lengths", lengths, 2, "[B, Hkv]")
     _choice(public, "query_reduce", query_reduce, ("mean", "sum"))
-    _choice(public, "group_reduce", group_reduce, ("mean", "max", "mean_all"))
+    _choice(public, "group_reduce", group_reduce, ("mean", "max", "mean_all", "max_per_query"))
     _choice(public, "pool", pool, ("none", "avg", "max"))
 
 
@@ -138,8 +193,11 @@ def window_scores(q_win, k_cache, lengths, sm_scale=None, *, query_reduce="mean"
 
     Window query ``t`` is the token in slot ``L - W + t`` (``L = lengths[b, j]``) and sees the slots
     up to it (causal inside the window). Softmax over valid slots in fp32, then ``query_reduce``
-    over the window (``"mean"`` | ``"sum"``), ``group_reduce`` over the GQA group (``"mean"`` |
-    ``"max"`` | ``"mean_all"``: all query heads, TOVA), optional per-head max ``normalize`` over the
+    over the window (``"mean"`` | ``"sum"``), then ``group_reduce`` over the GQA group (``"mean"`` |
+    ``"max"``: ``max_h mean_t``, SnapKV / AdaKV | ``"mean_all"``: all query heads, TOVA); or
+    ``group_reduce="max_per_query"``: the max over the group for each window query first, then the
+    ``query_reduce`` over the window (``mean_t max_h``, G-KV's local score; the same as ``"max"``
+    when G == 1 or W == 1). Optional per-head max ``normalize`` over the
     candidate slots ``[0, L - W)`` (G-KV), optional pooling along those slots (``pool`` ``"avg"``
     with KVPress's count-include-pad, or ``"max"``; odd ``pool_kernel``). The ``W x C`` probability
     matrix never goes to memory.
@@ -387,9 +445,9 @@ def allocate_head_budgets(scores, lengths, budget, *, safeguard=0.2, n_sink=0, n
 
 
 def score_evict_(q_win, k_cache, v_cache, lengths, budget, *, positions=None, n_sink=0, n_recent=0, sm_scale=None,
-                 query_reduce="mean", group_reduce="max", normalize=True, pool="none", pool_kernel=1, hist=None,
-                 hist_lengths=None, decay=0.8, hist_mode="max", mix_lambda=1.0, redundancy_threshold=0.5,
-                 protect_ranges=None, keep_mask=None, log_w=None, backend="auto"):
+                 query_reduce="mean", group_reduce="max_per_query", normalize=True, pool="none", pool_kernel=1,
+                 hist=None, hist_lengths=None, decay=0.8, hist_mode="max", mix_lambda=1.0,
+                 redundancy_threshold=0.5, protect_ranges=None, keep_mask=None, log_w=None, backend="auto"):
     """The whole decode-time eviction in one call, as G-KV runs it every 128 decode steps.
 
     Per head with ``L > budget`` (others are left completely untouched): window scores of
@@ -398,7 +456,8 @@ def score_evict_(q_win, k_cache, v_cache, lengths, budget, *, positions=None, n_
     ``mix_lambda * score - (1 - mix_lambda) * redundancy`` when ``mix_lambda < 1``, protection (the
     window's ``W`` slots always, plus ``n_sink``, ``n_recent``, ``protect_ranges``, ``keep_mask``),
     selection of exactly ``budget`` slots and in-place compaction; then ``hist_lengths = L' - W``.
-    The defaults are G-KV's (group max, normalised, decay 0.8, max); pass ``mix_lambda=0.5`` for
+    The defaults are G-KV's (``group_reduce="max_per_query"``: the group max of each window query,
+    then the window mean; normalised, decay 0.8, max); pass ``mix_lambda=0.5`` for
     G-KV's redundancy term, ``hist=None`` for SnapKV-style one-shot scoring.
 
     Mutates: k_cache, v_cache, lengths, positions, hist, hist_lengths, log_w.
@@ -414,10 +473,11 @@ def score_evict_(q_win, k_cache, v_cache, lengths, budget, *, positions=None, n_
     mix_lambda = float(mix_lambda)
     if not 0.0 <= mix_lambda <= 1.0:
         raise ValueError(f"{public}: mix_lambda: expected a value in [0, 1], got {mix_lambda}")
+    pool_kernel = _int(public, "pool_kernel", pool_kernel, 1)
     W = q_win.shape[2]
     budgets, b = _selection_args(public, None, lengths, budget, positions, n_sink, max(n_recent, W), protect_ranges,
                                  keep_mask, None, None, k_cache.shape[2])
     return _run("score_evict_", public, k_cache, k_cache, backend, q_win, k_cache, v_cache, lengths, positions, budgets,
                 b, n_sink, n_recent, None if sm_scale is None else float(sm_scale), query_reduce, group_reduce,
-                bool(normalize), pool, int(pool_kernel), hist, hist_lengths, float(decay), hist_mode, mix_lambda,
+                bool(normalize), pool, pool_kernel, hist, hist_lengths, float(decay), hist_mode, mix_lambda,
                 float(redundancy_threshold), protect_ranges, keep_mask, log_w)

@@ -78,7 +78,7 @@ def decode_attention(
 # ---------------------------------------------------------------------------
 
 QUERY_REDUCE = ("mean", "sum")
-GROUP_REDUCE = ("mean", "max", "mean_all")
+GROUP_REDUCE = ("mean", "max", "mean_all", "max_per_query")
 POOL = ("none", "avg", "max")
 SLOT_SCORE_KINDS = ("key_norm", "value_norm", "keydiff", "recency", "random")
 UPDATE_MODES = ("max", "ema", "sum")
@@ -133,8 +133,12 @@ def window_scores(
     (a row with no visible slot is all zero):
 
     1. ``query_reduce`` over t: ``mean`` (divide by W) or ``sum``;
-    2. ``group_reduce`` over the G query heads of kv head j: ``mean`` or ``max``; ``mean_all``
-       averages over all Hq heads (TOVA) and gives every kv head the same row;
+    2. ``group_reduce`` over the G query heads of kv head j: ``mean`` or ``max`` of the
+       window-reduced rows (``max_h mean_t a``: SnapKV / AdaKV-original's GQA reduce);
+       ``mean_all`` averages over all Hq heads (TOVA) and gives every kv head the same row;
+       ``max_per_query`` swaps steps 1 and 2: the max over the group for each window query,
+       then the ``query_reduce`` over t (``mean_t max_h a``: G-KV's local score, spec §2(b));
+       the two orders agree when G == 1 or W == 1;
     3. ``normalize``: divide the head's row by its max over the candidate slots
        ``i < M = max(L - W, 0)`` when that max is positive (G-KV);
     4. ``pool``/``pool_kernel``: :func:`pool_scores` over the candidate slots ``[0, M)``.
@@ -158,9 +162,15 @@ def window_scores(
     probs = torch.exp(logits - torch.where(torch.isinf(row_max), 0.0, row_max))
     denom = probs.sum(-1, keepdim=True)
     probs = torch.where(denom > 0, probs / torch.where(denom > 0, denom, 1.0), 0.0)
-    s = probs.sum(2) if query_reduce == "sum" else probs.mean(2)  # [B, Hq, C]
-    s = s.view(B, Hkv, G, C)
-    if group_reduce == "max":
+    if group_reduce == "max_per_query":
+        per_t = probs.view(B, Hkv, G, W, C).amax(2)  # [B, Hkv, W, C]
+        s = per_t.sum(2) if query_reduce == "sum" else per_t.mean(2)
+    else:
+        s = probs.sum(2) if query_reduce == "sum" else probs.mean(2)  # [B, Hq, C]
+        s = s.view(B, Hkv, G, C)
+    if group_reduce == "max_per_query":
+        pass  # reduced over the group above
+    elif group_reduce == "max":
         s = s.amax(2)
     elif group_reduce == "mean":
         s = s.mean(2)
@@ -606,7 +616,7 @@ def allocate_head_budgets(scores, lengths, budget: int, safeguard: float = 0.2, 
 
 
 def score_evict_(q_win, k_cache, v_cache, lengths, positions, budget, n_sink=0, n_recent=0, sm_scale=None,
-                 query_reduce="mean", group_reduce="max", normalize=True, pool="none", pool_kernel=1,
+                 query_reduce="mean", group_reduce="max_per_query", normalize=True, pool="none", pool_kernel=1,
                  hist=None, hist_lengths=None, decay=0.8, hist_mode="max", mix_lambda=1.0,
                  redundancy_threshold=0.5, protect_ranges=None, keep_mask=None, log_w=None) -> torch.Tensor:
     """The fused decode-time path (G-KV every ``divide_length`` steps), one head at a time:

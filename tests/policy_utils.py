@@ -78,9 +78,9 @@ def allocate_head_budgets(scores, lengths, budget, *, safeguard=0.2, n_sink=0, n
 
 
 def score_evict_(q_win, k_cache, v_cache, lengths, budget, *, positions=None, n_sink=0, n_recent=0, sm_scale=None,
-                 query_reduce="mean", group_reduce="max", normalize=True, pool="none", pool_kernel=1, hist=None,
-                 hist_lengths=None, decay=0.8, hist_mode="max", mix_lambda=1.0, redundancy_threshold=0.5,
-                 protect_ranges=None, keep_mask=None, log_w=None, backend="auto"):
+                 query_reduce="mean", group_reduce="max_per_query", normalize=True, pool="none", pool_kernel=1,
+                 hist=None, hist_lengths=None, decay=0.8, hist_mode="max", mix_lambda=1.0,
+                 redundancy_threshold=0.5, protect_ranges=None, keep_mask=None, log_w=None, backend="auto"):
     return R.score_evict_(q_win, k_cache, v_cache, lengths, positions, budget, n_sink, n_recent, sm_scale,
                           query_reduce, group_reduce, normalize, pool, pool_kernel, hist, hist_lengths, float(decay),
                           hist_mode, float(mix_lambda), float(redundancy_threshold), protect_ranges, keep_mask, log_w)

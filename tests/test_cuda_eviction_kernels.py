@@ -137,6 +137,19 @@ WINDOW_CASES = [
      dict(window_target_blocks=64, window_chunk_tiles=1)),
     (torch.bfloat16, 128, 12, 3, 20, 131, "contiguous", "mean", "mean_all", True, "avg", 3,
      dict(window_target_blocks=64, window_chunk_tiles=1, force_simt=True)),
+    # max_per_query (G-KV): query-major rows, Gp = G rounded up to a power of two per query.
+    (torch.bfloat16, 128, 8, 2, 32, 131, "contiguous", "mean", "max_per_query", True, "none", 1, {}),  # Gp 4
+    (torch.float32, 64, 3, 1, 16, 131, "contiguous", "mean", "max_per_query", True, "avg", 7, {}),  # padding heads
+    (torch.float16, 64, 16, 2, 7, 37, "token_major", "sum", "max_per_query", False, "none", 1, {}),  # Gp 8
+    (torch.bfloat16, 64, 1, 1, 17, 67, "unaligned", "mean", "max_per_query", True, "max", 3, {}),  # G 1
+    # Gp 16 (both halves of a strip), several row groups splitting the window, many chunks.
+    (torch.bfloat16, 64, 16, 1, 40, 300, "contiguous", "mean", "max_per_query", True, "none", 1,
+     dict(window_target_blocks=64, window_chunk_tiles=1)),
+    (torch.float32, 128, 10, 1, 48, 150, "contiguous", "sum", "max_per_query", False, "none", 1,
+     dict(window_target_blocks=64, window_chunk_tiles=1)),
+    # Gp 32: a query's rows span two strips.
+    (torch.float16, 256, 32, 1, 5, 67, "contiguous", "mean", "max_per_query", True, "none", 1,
+     dict(window_target_blocks=64, window_chunk_tiles=1)),
 ]
 
 
@@ -473,6 +486,9 @@ SCORE_EVICT_CASES = [
     (torch.float16, 64, 24, 2, 40, 200, 90, "max", "avg", "max", 1.0,  # 2 row groups: normalize by a pass
      dict(window_target_blocks=64, window_chunk_tiles=1)),
     (torch.float32, 8, 2, 1, 4, 9000, 700, "max", "avg", "max", 1.0, {}),  # several fused tiles
+    (torch.bfloat16, 128, 8, 2, 16, 131, 48, "max", "none", "max_per_query", 0.5, {}),  # G-KV's defaults
+    (torch.float16, 64, 24, 2, 40, 200, 90, "max", "avg", "max_per_query", 1.0,  # 3 row groups over the window
+     dict(window_target_blocks=64, window_chunk_tiles=1)),
 ]
 
 

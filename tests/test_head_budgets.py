@@ -52,7 +52,7 @@ def test_matches_reference(backend, C, H, kind, safeguard):
 def test_edge_budgets(backend):
     scores = make_scores(2, 3, 37, "ties")
     lengths = torch.tensor([[0, 37, 5], [1, 0, 36]], dtype=torch.int32, device=DEVICE)
-    for budget, safeguard in ((0, 0.2), (1, 1.0), (37, 0.5), (100, 0.3), (20, 3.0)):
+    for budget, safeguard in ((0, 0.2), (1, 1.0), (37, 0.5), (100, 0.3), (20, 1.0)):
         check(backend, scores, lengths, budget, safeguard, n_sink=2, n_recent=1)
     zero = torch.zeros(2, 3, dtype=torch.int32, device=DEVICE)
     assert not check(backend, scores, zero, 10).any()
@@ -102,6 +102,7 @@ ERRORS = [
     ("budget_negative", dict(budget=-1), "budget"),
     ("safeguard_negative", dict(safeguard=-0.5), "safeguard"),
     ("safeguard_nan", dict(safeguard=float("nan")), "safeguard"),
+    ("safeguard_over_one", dict(safeguard=2.0), r"safeguard: expected a fraction in \[0, 1\]"),
     ("n_sink_negative", dict(n_sink=-1), "n_sink"),
     ("n_recent_negative", dict(n_recent=-1), "n_recent"),
     ("scores_dtype", dict(scores="half"), "scores"),

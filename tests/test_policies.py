@@ -407,7 +407,7 @@ def test_gkv_closed_form_over_rounds(backend):
 def test_gkv_decode_loop_oscillates(backend):
     B, Hkv, G, D, W, budget, period = 1, 2, 2, 16, 4, 24, 8
     pol = P.GKV(budget=budget, window=W, divide_length=period)
-    assert pol.mix_lambda == 0.5 and pol.alpha == 0.8 and pol.group_reduce == "max"
+    assert pol.mix_lambda == 0.5 and pol.alpha == 0.8 and pol.group_reduce == "max_per_query"
     cache, q = prefill(B=B, Hkv=Hkv, G=G, T=40, D=D, C=40)
     win = P.QueryWindow(W)
     win.push(q)
@@ -422,6 +422,24 @@ def test_gkv_decode_loop_oscillates(backend):
         if t % period == 0:
             assert L == budget
         assert_order_increasing(cache)
+
+
+def test_gkv_local_score_order_and_normalize_default(backend):
+    # Spec §2(b): s_loc = mean_t max_{h in group} a (step 1), divided by its per-head max only
+    # with the score cache (step 2): normalize defaults to use_history.
+    B, Hkv, G, D, W = 1, 2, 4, 16, 4
+    cache, q = prefill(B=B, Hkv=Hkv, G=G, T=30, D=D, C=40)
+    q_win = q[:, :, -W:]
+    k, lengths = cache.k.cpu(), cache.lengths.cpu()
+    assert P.GKV(budget=20, window=W).normalize is True
+    assert P.GKV(budget=20, window=W, use_history=False).normalize is False
+    assert P.GKV(budget=20, window=W, use_history=False, normalize=True).normalize is True
+    for use_history in (True, False):
+        got = P.GKV(budget=20, window=W, use_history=use_history).scores(cache, q_win=q_win).cpu()
+        want = R.window_scores(q_win.cpu().to(k.dtype), k, lengths, None, "mean", "max_per_query", use_history)
+        assert_verbose_allclose(got, want, 1e-5, 1e-4, what=f"use_history={use_history}")
+        other = R.window_scores(q_win.cpu().to(k.dtype), k, lengths, None, "mean", "max", use_history)
+        assert (other - want).abs().max() > 1e-4  # max_h mean_t is another score
 
 
 def test_gkv_rejects_budget_within_window():

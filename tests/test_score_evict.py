@@ -33,9 +33,10 @@ def _assert_same_cache(got, want, lengths, what):
 
 
 CONFIGS = {
-    "gkv": dict(group_reduce="max", normalize=True, hist_mode="max", decay=0.8, with_hist=True),
-    "gkv_redundancy": dict(group_reduce="max", normalize=True, hist_mode="max", decay=0.8, with_hist=True,
+    "gkv": dict(group_reduce="max_per_query", normalize=True, hist_mode="max", decay=0.8, with_hist=True),
+    "gkv_redundancy": dict(group_reduce="max_per_query", normalize=True, hist_mode="max", decay=0.8, with_hist=True,
                            mix_lambda=0.5),
+    "adakv_group_max": dict(group_reduce="max", normalize=True, with_hist=False),  # max_h mean_t
     "snapkv": dict(group_reduce="mean", normalize=False, pool="avg", pool_kernel=5, with_hist=False),
     "h2o_sum": dict(group_reduce="mean", normalize=False, hist_mode="sum", decay=1.0, with_hist=True, pool="max",
                     pool_kernel=3),
@@ -43,8 +44,7 @@ CONFIGS = {
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("config", sorted(CONFIGS))
-@pytest.mark.parametrize("G", [1, 3, 4])
+@pytest.mark.parametrize("config,G", [(c, G) for c in sorted(CONFIGS) for G in (1, 3, 4)] + [("gkv", 8)])
 def test_matches_reference(backend, config, G):
     cfg = dict(CONFIGS[config])
     with_hist = cfg.pop("with_hist")
@@ -161,3 +161,21 @@ def test_opcheck(backend, with_hist):
     torch.nan_to_num_(k)
     torch.nan_to_num_(v)
     torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("pool_kernel,err", [(3.7, TypeError), (5.0, TypeError), (True, TypeError), (0, ValueError)],
+                         ids=["float", "integral_float", "bool", "zero"])
+def test_pool_kernel_checked_like_window_scores(pool_kernel, err):
+    # Never truncated: the same error as window_scores, before anything is written.
+    B, Hkv, G, C, D, W = 1, 2, 2, 24, 16, 4
+    k, v, lengths, positions = make_cache(B, Hkv, C, D)
+    q_win = randn(B, G * Hkv, W, D, device=DEVICE)
+    before = _clone(k, v, lengths, positions)
+    with pytest.raises(err, match="kvkern.window_scores: pool_kernel: expected an int"):
+        kvkern.window_scores(q_win, k, lengths, pool="max", pool_kernel=pool_kernel)
+    with pytest.raises(err, match="kvkern.score_evict_: pool_kernel: expected an int"):
+        kvkern.score_evict_(q_win, k, v, lengths, 8, positions=positions, pool="max", pool_kernel=pool_kernel)
+    valid = valid_mask(before[2], C)
+    assert torch.equal(lengths, before[2]) and torch.equal(positions, before[3])
+    for a, b in ((k, before[0]), (v, before[1])):
+        assert torch.equal(torch.where(valid.unsqueeze(-1), a, 0), torch.where(valid.unsqueeze(-1), b, 0))

@@ -348,3 +348,32 @@ def test_torch_compile_fullgraph(backend):
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True)
     assert torch.equal(compiled(scores, lengths), step(scores, lengths))
+
+
+# (segment keywords, the message): a segment quota or the minima that the budget cannot meet.
+SEGMENT_INFEASIBLE = [
+    (dict(segment_cuts=[8], n_recent=2), r"head \[0, 0\]: segment 1 has 2 protected slots but a quota of 1"),
+    (dict(segment_cuts=[5], segment_min=[4, 0], n_recent=2),
+     r"head \[0, 0\]: protected slots and segment minima need 6 slots, more than the budget 5"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kw,words", SEGMENT_INFEASIBLE, ids=["quota", "minima"])
+def test_front_door_segment_infeasible_is_one_value_error(backend, kw, words):
+    # The front door checks the segments before any kernel runs: the same ValueError on every
+    # backend, and evict_ leaves the cache as it was.
+    be = {"cpp": DEVICE}.get(backend, backend)
+    budget = 3 if "segment_min" not in kw else 5
+    kw = {k: (_i32(v) if isinstance(v, list) else v) for k, v in kw.items()}
+    scores = torch.rand(1, 1, 10, device=DEVICE)
+    lengths = _i32([[10]])
+    with pytest.raises(ValueError, match=words):
+        kvkern.select_keep(scores, lengths, budget, backend=be, **kw)
+    k, v = torch.randn(2, 1, 1, 10, 8, device=DEVICE).unbind(0)
+    positions = torch.arange(10, dtype=torch.int32, device=DEVICE).view(1, 1, 10)
+    before = [t.clone() for t in (k, v, lengths, positions)]
+    with pytest.raises(ValueError, match=words):
+        kvkern.evict_(k, v, lengths, scores, budget, positions=positions, backend=be, **kw)
+    for got, want in zip((k, v, lengths, positions), before):
+        assert torch.equal(got, want)

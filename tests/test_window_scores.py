@@ -54,6 +54,10 @@ CASES = [
     (2, 2, 4, 33, 128, 1, "mean", "max", False, "avg", 7),
     (1, 2, 3, 40, 40, 32, "mean", "mean_all", False, "none", 1),
     (2, 3, 1, 45, 37, 7, "sum", "mean_all", True, "avg", 5),
+    # G-KV's order (max over the group per window query, then the window reduce).
+    (1, 2, 3, 50, 64, 7, "mean", "max_per_query", True, "none", 1),
+    (2, 1, 8, 41, 64, 5, "sum", "max_per_query", False, "avg", 5),
+    (2, 2, 1, 37, 40, 4, "mean", "max_per_query", True, "max", 3),
 ]
 
 
@@ -68,6 +72,55 @@ def test_matches_reference(backend, dtype, case):
     check(backend, q, k, lengths, dtype, None, qr, gr, norm, pool, pk, what=str(case))
 
 
+def _dense_gkv_local_score(q, k, lengths, sm_scale):
+    """Spec §2(b) step 1 written out densely, independent of kvkern.reference: per head the fp64
+    softmax rows of the W window queries (query t sees slots i < L with i <= L - W + t), then
+    ``.amax(group).mean(window)``: s_loc[j, i] = mean_t max_{h in group j} a[h, t, i]."""
+    B, Hq, W, D = q.shape
+    Hkv, C = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    out = torch.zeros(B, Hkv, C, dtype=torch.float64)
+    for b in range(B):
+        for j in range(Hkv):
+            n = int(lengths[b, j])
+            if n == 0:
+                continue
+            logits = torch.einsum("gtd,cd->gtc", q[b, j * G:(j + 1) * G].double().cpu(),
+                                  k[b, j, :n].double().cpu()) * sm_scale  # [G, W, n]
+            seen = torch.arange(n).view(1, n) <= (n - W + torch.arange(W)).view(W, 1)  # [W, n]
+            probs = torch.softmax(logits.masked_fill(~seen, float("-inf")), -1).nan_to_num(0.0)  # empty rows: 0
+            out[b, j, :n] = probs.amax(0).mean(0)
+    return out
+
+
+@pytest.mark.parametrize("G", [1, 3, 4, 8])
+def test_reference_max_per_query_is_the_dense_gkv_local_score(G):
+    B, Hkv, C, D, W = 2, 3, 37, 16, 6
+    lengths = torch.tensor([[0, C, 3], [W, 20, C - 1]], dtype=torch.int32)  # 3 < W: a partial window
+    k, _, lengths, _ = make_cache(B, Hkv, C, D, torch.float32, lengths)  # NaN past lengths
+    q = randn(B, Hkv * G, W, D, device=DEVICE)
+    dense = _dense_gkv_local_score(q, k, lengths, 0.3)
+    ours = reference.window_scores(q.cpu(), k.cpu(), lengths.cpu(), 0.3, "mean", "max_per_query")
+    torch.testing.assert_close(ours, dense, atol=1e-12, rtol=1e-10)
+    other = reference.window_scores(q.cpu(), k.cpu(), lengths.cpu(), 0.3, "mean", "max")  # max_h mean_t
+    if G > 1:  # the orders differ (the test above could fail), and max_h mean_t <= mean_t max_h
+        assert (other - dense).abs().max() > 1e-3
+        assert (other <= dense + 1e-12).all()
+    else:
+        torch.testing.assert_close(other, dense, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_max_per_query_differs_from_max(backend):
+    # The same input through the kernels: the two orders give different scores for G > 1, W > 1.
+    B, Hkv, G, C, D, W = 1, 2, 4, 29, 32, 5
+    k, _, lengths, _ = make_cache(B, Hkv, C, D, torch.float32, ragged_lengths(B, Hkv, C, W).clamp(min=W + 4))
+    q = randn(B, Hkv * G, W, D, device=DEVICE)
+    a = check(backend, q, k, lengths, torch.float32, None, "mean", "max_per_query", what="max_per_query")
+    b = check(backend, q, k, lengths, torch.float32, None, "mean", "max", what="max")
+    assert (a - b).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_every_option_combination(backend):
     # cpp: the full product; triton (slow under the interpreter): every
@@ -76,7 +129,8 @@ def test_every_option_combination(backend):
     k, _, lengths, _ = make_cache(B, Hkv, C, D, torch.float32, ragged_lengths(B, Hkv, C, W))
     q = randn(B, Hkv * G, W, D, device=DEVICE)
     kernels = (1, 5, 7)
-    combos = itertools.product(("mean", "sum"), ("mean", "max", "mean_all"), (False, True), ("none", "avg", "max"))
+    combos = itertools.product(("mean", "sum"), ("mean", "max", "mean_all", "max_per_query"), (False, True),
+                               ("none", "avg", "max"))
     for n, (qr, gr, norm, pool) in enumerate(combos):
         for pk in (kernels if backend == "cpp" else (kernels[n % 3],)):
             check(backend, q, k, lengths, torch.float32, 0.2, qr, gr, norm, pool, pk,
@@ -133,6 +187,7 @@ def test_cpp_many_tiles(dtype, threads):
             q = randn(B, Hkv * G, W, D, dtype=dtype, device=DEVICE)
             check("cpp", q, k, lengths, dtype, None, "mean", "mean", False, "avg", 7, what=f"C={C}")
             check("cpp", q, k, lengths, dtype, None, "sum", "max", True, "max", 5, what=f"C={C}")
+            check("cpp", q, k, lengths, dtype, None, "mean", "max_per_query", True, "none", 1, what=f"C={C}")
     finally:
         torch.set_num_threads(old)
 

@@ -494,6 +494,7 @@ void window_pass2_items(const WindowScoresParams& p, int64_t num_splits, const f
   std::vector<float> S(kTile * Rp), lse(Rp, inf);
   const T* k_base = static_cast<const T*>(p.k);
   const bool group_max = p.group_reduce == GroupReduce::kMax;
+  const bool query_max = p.group_reduce == GroupReduce::kMaxPerQuery;
   float factor = p.query_reduce == QueryReduce::kMean ? 1.f / static_cast<float>(W) : 1.f;
   if (p.group_reduce == GroupReduce::kMean) factor /= static_cast<float>(G);
   if (p.group_reduce == GroupReduce::kMeanAll) factor /= static_cast<float>(p.num_q_heads);
@@ -535,6 +536,13 @@ void window_pass2_items(const WindowScoresParams& p, int64_t num_splits, const f
         if (group_max) {
           v = 0.f;  // probabilities are >= 0
           for (int64_t g = 0; g < G; ++g) v = std::max(v, sum_floats(ps + g * W, W));
+        } else if (query_max) {
+          v = 0.f;
+          for (int64_t t = 0; t < W; ++t) {
+            float mx = 0.f;
+            for (int64_t g = 0; g < G; ++g) mx = std::max(mx, ps[g * W + t]);
+            v += mx;
+          }
         } else {
           v = sum_floats(ps, R);
         }

@@ -237,8 +237,8 @@ inline HeadBudgetParams make_head_budget_params(const char* op, const Tensor& sc
   const int64_t B = scores.size(0), H = scores.size(1), C = scores.size(2);
   check_head_ints(op, "lengths", lengths, B, H, scores, "scores");
   check_selection_counts(op, budget, n_sink, n_recent);
-  STD_TORCH_CHECK(std::isfinite(safeguard) && safeguard >= 0.0, op,
-                  ": safeguard: expected a finite value >= 0, got ", safeguard);
+  STD_TORCH_CHECK(safeguard >= 0.0 && safeguard <= 1.0, op,  // false for NaN
+                  ": safeguard: expected a fraction in [0, 1], got ", safeguard);
   STD_TORCH_CHECK(C <= INT32_MAX, op, ": scores: expected a capacity C below 2^31, got ", C);
 
   HeadBudgetParams p;

@@ -58,7 +58,7 @@ inline WindowScoresParams make_window_scores_params(
   check_last_dim_contiguous(op, "k_cache", k_cache);
 
   static const char* const kQueryReduce[] = {"mean", "sum"};
-  static const char* const kGroupReduce[] = {"mean", "max", "mean_all"};
+  static const char* const kGroupReduce[] = {"mean", "max", "mean_all", "max_per_query"};
   static const char* const kPool[] = {"none", "avg", "max"};
   WindowScoresParams p;
   p.query_reduce = window_args::parse_choice<QueryReduce>(op, "query_reduce", query_reduce, kQueryReduce);

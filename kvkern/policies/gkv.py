@@ -15,8 +15,9 @@ class GKV(EvictionPolicy):
     """G-KV (``microsoft/G-KV``'s recipe): every ``divide_length`` decoding steps, and at the
     prefill if the prompt is longer than the budget, one fused ``score_evict_``:
 
-    window attention of the last ``window`` queries (max over the GQA group, mean over the
-    window, max-normalised per head), merged into the per-slot global score
+    window attention of the last ``window`` queries (for each window query the max over its GQA
+    group, then the mean over the window: ``mean_t max_h``, spec §2(b) step 1; max-normalised
+    per head when the score cache is on), merged into the per-slot global score
     ``hist = max(alpha * hist, s)`` (``hist_mode``), mixed with the key-redundancy penalty
     ``mix_lambda * g - (1 - mix_lambda) * redundancy``; the window is always kept, then exactly
     ``budget`` slots survive. With the defaults the cache length oscillates between ``budget``
@@ -26,8 +27,11 @@ class GKV(EvictionPolicy):
         budget: 2048 (G-KV's recipe); or ``ratio``. ``budget`` must exceed ``window``.
         window: 16; divide_length: 128; alpha: 0.8 (the decay per compression event);
         hist_mode: "max" (G-KV), "ema" or "sum"; mix_lambda: 0.5 (1 disables redundancy);
-        normalize: True; group_reduce: "max"; use_history: False scores each round alone
-        (SnapKV-style, the paper's "no score cache" ablation); pool / pool_kernel: "none" / 1
+        use_history: False scores each round alone (SnapKV-style, the paper's "no score cache"
+        ablation); normalize: None = the same as ``use_history`` (spec §2(b) step 2 divides the
+        local score by its per-head max only with the score cache), or an explicit bool;
+        group_reduce: "max_per_query" (G-KV's ``mean_t max_h``); "max" is ``max_h mean_t``
+        (AdaKV / SnapKV's order), "mean" the group mean; pool / pool_kernel: "none" / 1
         (SnapKV and R-KV baselines use "max" / 5).
     State: ``cache.hist`` / ``cache.hist_lengths`` (allocated on first use).
     Observes: ``q_win`` ``[B, Hq, >= window, D]`` post-RoPE queries (last one = newest slot).
@@ -35,7 +39,7 @@ class GKV(EvictionPolicy):
 
     def __init__(self, budget: int | None = 2048, ratio: float | None = None, *, window: int = 16,
                  divide_length: int = 128, alpha: float = 0.8, hist_mode: str = "max", mix_lambda: float = 0.5,
-                 normalize: bool = True, group_reduce: str = "max", use_history: bool = True,
+                 normalize: bool | None = None, group_reduce: str = "max_per_query", use_history: bool = True,
                  redundancy_threshold: float = 0.5, pool: str = "none", pool_kernel: int = 1, n_sink: int = 0,
                  **kw):
         if ratio is not None and budget == 2048:
@@ -48,7 +52,7 @@ class GKV(EvictionPolicy):
         self.alpha = alpha
         self.hist_mode = hist_mode
         self.mix_lambda = mix_lambda
-        self.normalize = normalize
+        self.normalize = bool(use_history) if normalize is None else bool(normalize)
         self.group_reduce = group_reduce
         self.use_history = use_history
         self.redundancy_threshold = redundancy_threshold
@@ -78,7 +82,7 @@ class GKV(EvictionPolicy):
             backend=self.backend)
 
     def scores(self, cache: LayerCache, q_win: torch.Tensor | None = None, **obs) -> torch.Tensor:
-        """The normalised local score of this round (no history, no redundancy): what G-KV's
+        """The local score of this round (normalised when ``self.normalize``) (no history, no redundancy): what G-KV's
         global score merges in. For inspection; :meth:`compress` runs the fused op."""
         q = _check_window(type(self).__name__, q_win, self.window)
         return ops().window_scores(q.to(cache.k.dtype), cache.k, cache.lengths, query_reduce="mean",

@@ -356,8 +356,8 @@ def allocate_head_budgets_triton(scores, lengths, budget, safeguard=0.2, n_sink=
     op = "kvkern::allocate_head_budgets_triton"
     B, H, C = _check_scores_lengths_counts(op, scores, lengths, budget, n_sink, n_recent)
     safeguard = float(safeguard)
-    if not (safeguard >= 0.0 and safeguard != float("inf")):
-        raise ValueError(f"{op}: safeguard: expected a finite value >= 0, got {safeguard}")
+    if not 0.0 <= safeguard <= 1.0:  # false for NaN
+        raise ValueError(f"{op}: safeguard: expected a fraction in [0, 1], got {safeguard}")
     if V.should_check_values(lengths):
         _check_lengths_values(op, lengths, C)
     out = torch.zeros((B, H), dtype=torch.int32, device=scores.device)

@@ -34,7 +34,7 @@ def _pool(scores: torch.Tensor, region: torch.Tensor, pool: str, kernel: int) ->
 
 
 def score_evict_triton_(q_win, k_cache, v_cache, lengths, positions, budgets, budget, n_sink=0, n_recent=0,
-                        sm_scale=None, query_reduce="mean", group_reduce="max", normalize=True, pool="none",
+                        sm_scale=None, query_reduce="mean", group_reduce="max_per_query", normalize=True, pool="none",
                         pool_kernel=1, hist=None, hist_lengths=None, decay=0.8, hist_mode="max", mix_lambda=1.0,
                         redundancy_threshold=0.5, protect_ranges=None, keep_mask=None, log_w=None):
     op = "kvkern::score_evict_triton_"

@@ -36,7 +36,7 @@ WINDOW_OP = "kvkern::window_scores_triton"
 REDUNDANCY_OP = "kvkern::key_redundancy_triton"
 
 QUERY_REDUCE = ("mean", "sum")
-GROUP_REDUCE = ("mean", "max", "mean_all")
+GROUP_REDUCE = ("mean", "max", "mean_all", "max_per_query")
 POOL = ("none", "avg", "max")
 _MAX_SPLITS = 64
 
@@ -167,7 +167,9 @@ def window_scores_triton(q_win, k_cache, lengths, sm_scale=None, query_reduce="m
         lengths: ``[B, Hkv]`` int32 in [0, C] (on CUDA not checked: a bad value gives NaN for that head).
         sm_scale: logit scale, default ``D ** -0.5``.
         query_reduce: ``mean`` | ``sum`` over the window queries.
-        group_reduce: ``mean`` | ``max`` over a kv head's query heads, or ``mean_all`` over all Hq.
+        group_reduce: ``mean`` | ``max`` over a kv head's query heads of the window-reduced rows,
+            ``mean_all`` over all Hq, or ``max_per_query``: the max over the group for each window
+            query before the window reduce (G-KV's ``mean_t max_h``).
         normalize: divide the candidate slots ``[0, L - W)`` by their max when it is positive.
         pool, pool_kernel: ``none`` | ``avg`` | ``max`` over the candidate slots, odd kernel.
 
@@ -240,7 +242,8 @@ def window_scores_triton(q_win, k_cache, lengths, sm_scale=None, query_reduce="m
             lengths.stride(0), lengths.stride(1),
             raw.stride(0), raw.stride(1),
             HG=hg, BW=bw, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(splits)),
-            GROUP_MAX=group_reduce == "max", TILE_MAX=need_tmax and not mean_all, WRITE_NAN=not finish,
+            GROUP_MAX=group_reduce == "max", QUERY_MAX=group_reduce == "max_per_query",
+            TILE_MAX=need_tmax and not mean_all, WRITE_NAN=not finish,
             DOT_FP32=dot_fp32, DOT_CHUNK=chunk, num_warps=num_warps,
         )
         if mean_all:

@@ -26,7 +26,7 @@ from emu_build import EmulatorError, Refused, available, cuda_include_dir, kv_dt
 
 ENUMS = {
     "query_reduce": {"mean": 0, "sum": 1},
-    "group_reduce": {"mean": 0, "max": 1, "mean_all": 2},
+    "group_reduce": {"mean": 0, "max": 1, "mean_all": 2, "max_per_query": 3},
     "pool": {"none": 0, "avg": 1, "max": 2},
     "hist_mode": {"max": 0, "ema": 1, "sum": 2},
 }

@@ -139,7 +139,7 @@ struct ScoreEvictParams {
 
   float sm_scale = 1.0f;
   QueryReduce query_reduce = QueryReduce::kMean;
-  GroupReduce group_reduce = GroupReduce::kMax;
+  GroupReduce group_reduce = GroupReduce::kMaxPerQuery;
   bool normalize = true;
   Pool pool = Pool::kNone;
   int pool_kernel = 1;

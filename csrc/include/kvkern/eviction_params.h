@@ -10,7 +10,10 @@
 namespace kvkern {
 
 enum class QueryReduce : int { kMean = 0, kSum = 1 };
-enum class GroupReduce : int { kMean = 0, kMax = 1, kMeanAll = 2 };
+// kMax: max over the group of the window-reduced rows (max_h mean_t, AdaKV /
+// SnapKV); kMaxPerQuery: max over the group per window query, then the window
+// reduce (mean_t max_h, G-KV). kvkern/reference.py window_scores has the math.
+enum class GroupReduce : int { kMean = 0, kMax = 1, kMeanAll = 2, kMaxPerQuery = 3 };
 enum class Pool : int { kNone = 0, kAvg = 1, kMax = 2 };
 enum class SlotScoreKind : int { kKeyNorm = 0, kValueNorm = 1, kKeyDiff = 2, kRecency = 3, kRandom = 4 };
 enum class UpdateMode : int { kMax = 0, kEma = 1, kSum = 2 };

@@ -17,6 +17,11 @@
 //    lse (a warp per row), recomputes the logits tile by tile and reduces
 //    exp2(x - lse) over the window rows (in registers and warp shuffles) and
 //    over the block's query heads (shared memory) -> part [B, Hkv, groups, C];
+//    group_reduce max_per_query (G-KV: the group max of each window query,
+//    then the window reduce) lays a block's rows out query-major instead: row
+//    x = t * Gp + h (Gp = G rounded up to a power of two, rows h >= G are
+//    padding), so a query's Gp rows sit in one strip (Gp <= 16) or in Gp / 16
+//    consecutive strips; row groups then split the window, not the group;
 //  * finalize, one block per head: the row groups (and, for mean_all, every
 //    kv head of the batch) are combined, scaled, normalized by the max over
 //    the candidate slots [0, L - W) and pooled there -> out.
@@ -124,6 +129,11 @@ struct WindowPassParams {
   float scale2 = 0.f;  // sm_scale * log2(e): logits in base 2
   int heads_per_cta = 1, strips_per_head = 1, num_row_groups = 1, num_chunks = 1;
   int group_max = 0;        // 1: max over the block's query heads, 0: sum
+  // max_per_query: query-major rows (see the top of the file). gp_shift =
+  // log2(Gp); a block holds strips_per_cta strips of 16 rows, num_strips in all.
+  int per_query = 0, gp_shift = 0, strips_per_cta = 0;
+  int64_t num_strips = 0;
+  int64_t stats_rows = 0;   // stats rows of a block (per chunk)
   // [B, Hkv, num_row_groups, num_chunks, heads_per_cta * W]: (max, sum of exp2)
   // of each row of a block over each chunk (chunk-major, so pass B's
   // thread-per-row merge reads coalesced).
@@ -161,18 +171,37 @@ __device__ __forceinline__ PassBlock decode_pass_block(const WindowPassParams& p
 // Where a block's strips (16 query rows of one head: rows t = 16 * sh .. +15,
 // rows >= W are padding) come from: strip s -> head s / SH, rows 16 * (s % SH).
 struct StripInfo {
-  int nstrips;  // strips of this block (whole heads)
+  int nstrips;  // strips of this block (whole heads; max_per_query: whole queries)
   int64_t h0;   // first query head of the block (within the group)
+  int64_t row0;  // max_per_query: the block's first query-major row
 };
+
+// Window query of row rho (0..15) of strip s.
+__device__ __forceinline__ int64_t strip_row_t(const WindowPassParams& p, const StripInfo& si, int s, int rho) {
+  if (p.per_query) return (si.row0 + 16 * s + rho) >> p.gp_shift;
+  return 16 * (s % p.strips_per_head) + rho;
+}
+
+// Block-local stats row of row rho of strip s, or -1 for a padding row.
+__device__ __forceinline__ int64_t strip_stats_row(const WindowPassParams& p, const StripInfo& si, int s, int rho) {
+  if (s >= si.nstrips) return -1;
+  const int64_t t = strip_row_t(p, si, s, rho);
+  if (t >= p.window) return -1;
+  if (p.per_query) return ((si.row0 + 16 * s + rho) & ((int64_t{1} << p.gp_shift) - 1)) < p.group ? 16 * s + rho : -1;
+  return (s / p.strips_per_head) * p.window + t;
+}
 
 // The q row of strip s that lane group g holds as fragment row g (half 0) or
 // g + 8 (half 1); nullptr past the block's strips or the window (padding).
 template <typename T>
 __device__ __forceinline__ const T* strip_q_row(const WindowPassParams& p, const PassBlock& pb, const StripInfo& si,
                                                 int s, int g, int half) {
-  const int64_t hh = s / p.strips_per_head, t = 16 * (s % p.strips_per_head) + g + 8 * half;
-  if (s >= si.nstrips || t >= p.window) return nullptr;
-  return static_cast<const T*>(p.q) + pb.b * p.q_sb + (pb.j * p.group + si.h0 + hh) * p.q_sh + t * p.q_st;
+  const int rho = g + 8 * half;
+  if (strip_stats_row(p, si, s, rho) < 0) return nullptr;
+  const int64_t t = strip_row_t(p, si, s, rho);
+  const int64_t h = p.per_query ? ((si.row0 + 16 * s + rho) & ((int64_t{1} << p.gp_shift) - 1))
+                                : si.h0 + s / p.strips_per_head;
+  return static_cast<const T*>(p.q) + pb.b * p.q_sb + (pb.j * p.group + h) * p.q_sh + t * p.q_st;
 }
 
 // Slot 0 of the block's K head.
@@ -373,18 +402,29 @@ __device__ __forceinline__ void window_pass(const WindowPassParams& p) {
   const int64_t c0 = pb.chunk * cs;
   const int64_t c1 = c0 + cs < L ? c0 + cs : L;
   StripInfo si;
-  si.h0 = pb.rg * p.heads_per_cta;
-  const int64_t nheads = p.group - si.h0 < p.heads_per_cta ? p.group - si.h0 : p.heads_per_cta;
-  si.nstrips = static_cast<int>(nheads * p.strips_per_head);
-  // This block's (max, sum) of row hh * W + t, for chunk c.
-  float2* stats = p.stats + (((pb.b * p.num_kv_heads + pb.j) * p.num_row_groups + pb.rg) * p.num_chunks) *
-                                static_cast<int64_t>(p.heads_per_cta) * W;
-  const int64_t stats_rows = static_cast<int64_t>(p.heads_per_cta) * W;
+  int64_t nheads, block_rows;  // block_rows: the stats rows this block writes
+  if (p.per_query) {
+    si.h0 = 0;
+    si.row0 = static_cast<int64_t>(pb.rg) * p.strips_per_cta * 16;
+    const int64_t left = p.num_strips - static_cast<int64_t>(pb.rg) * p.strips_per_cta;
+    si.nstrips = static_cast<int>(left < p.strips_per_cta ? left : p.strips_per_cta);
+    nheads = 0;
+    block_rows = 16 * static_cast<int64_t>(si.nstrips);
+  } else {
+    si.h0 = pb.rg * p.heads_per_cta;
+    si.row0 = 0;
+    nheads = p.group - si.h0 < p.heads_per_cta ? p.group - si.h0 : p.heads_per_cta;
+    si.nstrips = static_cast<int>(nheads * p.strips_per_head);
+    block_rows = nheads * W;
+  }
+  // This block's (max, sum) of each stats row (strip_stats_row), for chunk c.
+  const int64_t stats_rows = p.stats_rows;
+  float2* stats = p.stats + (((pb.b * p.num_kv_heads + pb.j) * p.num_row_groups + pb.rg) * p.num_chunks) * stats_rows;
 
   const int64_t cmax_at = ((pb.b * p.num_kv_heads + pb.j) * p.num_row_groups + pb.rg) * p.num_chunks + pb.chunk;
   if (skip || c0 >= c1) {
     if (!PASS_B) {  // the merge in pass B reads every chunk's stats: neutral ones
-      for (int64_t r = tid; r < nheads * W; r += NTH) stats[pb.chunk * stats_rows + r] = make_float2(kNegInf, 0.f);
+      for (int64_t r = tid; r < block_rows; r += NTH) stats[pb.chunk * stats_rows + r] = make_float2(kNegInf, 0.f);
     } else if (tid == 0) {
       p.cmax[cmax_at] = 0.f;
     }
@@ -427,7 +467,10 @@ __device__ __forceinline__ void window_pass(const WindowPassParams& p) {
     // visible slot and padding rows get +inf, so exp2(x - lse) is 0.
     for (int r = tid; r < si.nstrips * 16; r += NTH) lse_s[r] = kInf;
     __syncthreads();
-    for (int64_t r = tid; r < nheads * W; r += NTH) {
+    for (int64_t r = tid; r < block_rows; r += NTH) {
+      // Query-major padding rows keep +inf (pass A left their stats unset).
+      if (p.per_query && strip_stats_row(p, si, static_cast<int>(r >> 4), static_cast<int>(r & 15)) < 0)
+        continue;
       const float2* st = stats + r;
       float m = kNegInf;
 #pragma unroll 8
@@ -441,8 +484,8 @@ __device__ __forceinline__ void window_pass(const WindowPassParams& p) {
         const float2 v = st[c * stats_rows];
         if (v.y > 0.f) l += v.y * exp2f(v.x - m);
       }
-      const int64_t hh = r / W, t = r % W;
-      if (l > 0.f) lse_s[hh * 16 * p.strips_per_head + t] = m + log2f(l);
+      const int64_t at = p.per_query ? r : r / W * 16 * p.strips_per_head + r % W;
+      if (l > 0.f) lse_s[at] = m + log2f(l);
     }
     __syncthreads();
 #pragma unroll
@@ -485,12 +528,11 @@ __device__ __forceinline__ void window_pass(const WindowPassParams& p) {
       for (int sl = 0; sl < SPW; ++sl) {
         if (sl >= nactive) continue;
         const int s = warp * SPW + sl;
-        const int64_t t0 = 16 * (s % p.strips_per_head) + g;
         float pr[4];
         float x[4];
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int64_t t = t0 + (e >= 2 ? 8 : 0);
+          const int64_t t = strip_row_t(p, si, s, g + (e >= 2 ? 8 : 0));
           const int64_t i = i0 + nt * 8 + 2 * qd + (e & 1);
           const bool vis = full || (i < c1 && i <= L - W + t);
           x[e] = vis ? acc[sl][e] * p.scale2 : kNegInf;
@@ -515,11 +557,27 @@ __device__ __forceinline__ void window_pass(const WindowPassParams& p) {
         }
         if constexpr (PASS_B) {
           // Column sums over the strip's 16 rows: rows g, g + 8 here, then over g.
-          float v0 = pr[0] + pr[2], v1 = pr[1] + pr[3];
+          // max_per_query: the max over each query's min(Gp, 16) rows first (the
+          // low bits of g, then the halves when Gp >= 16), the sum over queries after.
+          const int qbits = p.per_query ? (p.gp_shift < 3 ? p.gp_shift : 3) : 0;
+          float a0 = pr[0], a1 = pr[1], b0 = pr[2], b1 = pr[3];
 #pragma unroll
-          for (int off = 4; off < 32; off *= 2) {
-            v0 += __shfl_xor_sync(0xffffffffu, v0, off);
-            v1 += __shfl_xor_sync(0xffffffffu, v1, off);
+          for (int k = 0; k < 3; ++k) {
+            if (k < qbits) {
+              a0 = fmaxf(a0, __shfl_xor_sync(0xffffffffu, a0, 4 << k));
+              a1 = fmaxf(a1, __shfl_xor_sync(0xffffffffu, a1, 4 << k));
+              b0 = fmaxf(b0, __shfl_xor_sync(0xffffffffu, b0, 4 << k));
+              b1 = fmaxf(b1, __shfl_xor_sync(0xffffffffu, b1, 4 << k));
+            }
+          }
+          const bool halves_max = p.per_query && p.gp_shift >= 4;
+          float v0 = halves_max ? fmaxf(a0, b0) : a0 + b0, v1 = halves_max ? fmaxf(a1, b1) : a1 + b1;
+#pragma unroll
+          for (int k = 0; k < 3; ++k) {
+            if (k >= qbits) {
+              v0 += __shfl_xor_sync(0xffffffffu, v0, 4 << k);
+              v1 += __shfl_xor_sync(0xffffffffu, v1, 4 << k);
+            }
           }
           if (g == 0) {
             colpart[s * BN + nt * 8 + 2 * qd] = v0;
@@ -536,6 +594,14 @@ __device__ __forceinline__ void window_pass(const WindowPassParams& p) {
         const int64_t i = i0 + col;
         if (i >= c1) continue;
         float r = 0.f;
+        if (p.per_query) {  // the max over each query's strips, the sum over queries
+          const int spq = p.gp_shift > 4 ? 1 << (p.gp_shift - 4) : 1;
+          for (int s0 = 0; s0 < si.nstrips; s0 += spq) {
+            float qm = 0.f;  // probabilities are >= 0
+            for (int s = s0; s < s0 + spq && s < si.nstrips; ++s) qm = fmaxf(qm, colpart[s * BN + col]);
+            r += qm;
+          }
+        }
         for (int64_t hh = 0; hh < nheads; ++hh) {
           float qs = 0.f;
           for (int sh = 0; sh < p.strips_per_head; ++sh) qs += colpart[(hh * p.strips_per_head + sh) * BN + col];
@@ -569,9 +635,8 @@ __device__ __forceinline__ void window_pass(const WindowPassParams& p) {
           l = (l > 0.f ? l * exp2f(m - mn) : 0.f) + (lo > 0.f ? lo * exp2f(mo - mn) : 0.f);
           m = mn;
         }
-        const int64_t hh = s / p.strips_per_head;
-        const int64_t t = 16 * (s % p.strips_per_head) + g + 8 * h;
-        if (qd == 0 && t < W) stats[pb.chunk * stats_rows + hh * W + t] = make_float2(l > 0.f ? m : kNegInf, l);
+        const int64_t sr = strip_stats_row(p, si, s, g + 8 * h);
+        if (qd == 0 && sr >= 0) stats[pb.chunk * stats_rows + sr] = make_float2(l > 0.f ? m : kNegInf, l);
       }
     }
   }
@@ -597,7 +662,7 @@ struct ScoreSource {
   int64_t len_sb = 0, len_sh = 0;
   int64_t num_kv_heads = 0, capacity = 0, window = 0;
   int num_row_groups = 1;
-  int group_max = 0;   // combine the row groups by max (else sum)
+  int group_max = 0;   // combine the row groups by max (else sum; max_per_query's row groups split the window)
   int mean_all = 0;    // sum over every kv head of the batch
   float scale = 1.f;   // 1/W (query mean) x 1/G (group mean) or 1/Hq (mean_all)
   const float* cmax = nullptr;  // pass B's per-chunk maxima when they are the head's (one row group, not mean_all)
@@ -753,6 +818,7 @@ struct WindowShape {
   KvDtype dtype;
   int64_t batch, num_q_heads, num_kv_heads, window, capacity, head_dim;
   bool tc_aligned;  // q / k bases and strides are multiples of 16 bytes
+  bool per_query = false;  // group_reduce max_per_query: query-major rows
 };
 
 struct WindowPlan {
@@ -760,6 +826,8 @@ struct WindowPlan {
   bool tc = false;
   int num_warps = 4, strips_per_warp = 1, block_n = 32;
   int heads_per_cta = 1, strips_per_head = 1, num_row_groups = 1, num_chunks = 1;
+  int gp_shift = 0, strips_per_cta = 0;  // max_per_query only
+  int64_t num_strips = 0, stats_rows = 0;
   int64_t blocks = 0;
   size_t smem = 0;
   size_t stats_bytes = 0, part_bytes = 0, cmax_bytes = 0, snap_bytes = 0;
@@ -798,13 +866,30 @@ inline WindowPlan plan_window(const WindowShape& s, const EvictionTuning& tune) 
           (s.head_dim == 64 || s.head_dim == 128 || s.head_dim == 256) && s.tc_aligned;
   pl.strips_per_warp = pl.tc ? static_cast<int>(256 / s.head_dim) : 2;
   pl.block_n = pl.tc ? 64 : 32;
-  const int64_t sh = (s.window + 15) / 16;
-  pl.strips_per_head = static_cast<int>(sh < INT_MAX ? sh : INT_MAX);
-  pl.num_warps = G * sh <= 4 * pl.strips_per_warp ? 4 : 8;
-  const int64_t hpc = static_cast<int64_t>(pl.num_warps) * pl.strips_per_warp / sh;
-  if (hpc < 1) return pl;  // one head's window does not fit a block
-  pl.heads_per_cta = static_cast<int>(hpc < G ? hpc : G);
-  pl.num_row_groups = static_cast<int>((G + pl.heads_per_cta - 1) / pl.heads_per_cta);
+  if (s.per_query) {
+    // Query-major rows: a block takes whole queries (Gp rows each) of every head of the group.
+    while ((int64_t{1} << pl.gp_shift) < G) ++pl.gp_shift;
+    if (pl.gp_shift > 20 || s.window > (int64_t{1} << 40)) return pl;
+    pl.num_strips = (s.window * (int64_t{1} << pl.gp_shift) + 15) / 16;
+    pl.num_warps = pl.num_strips <= 4 * pl.strips_per_warp ? 4 : 8;
+    pl.strips_per_cta = pl.num_warps * pl.strips_per_warp;
+    // A query's rows must not span blocks.
+    if (pl.gp_shift > 4 && (int64_t{1} << (pl.gp_shift - 4)) > pl.strips_per_cta) return pl;
+    const int64_t groups = (pl.num_strips + pl.strips_per_cta - 1) / pl.strips_per_cta;
+    if (groups > INT_MAX) return pl;
+    pl.num_row_groups = static_cast<int>(groups);
+    pl.heads_per_cta = static_cast<int>(G);
+    pl.stats_rows = 16 * static_cast<int64_t>(pl.strips_per_cta);
+  } else {
+    const int64_t sh = (s.window + 15) / 16;
+    pl.strips_per_head = static_cast<int>(sh < INT_MAX ? sh : INT_MAX);
+    pl.num_warps = G * sh <= 4 * pl.strips_per_warp ? 4 : 8;
+    const int64_t hpc = static_cast<int64_t>(pl.num_warps) * pl.strips_per_warp / sh;
+    if (hpc < 1) return pl;  // one head's window does not fit a block
+    pl.heads_per_cta = static_cast<int>(hpc < G ? hpc : G);
+    pl.num_row_groups = static_cast<int>((G + pl.heads_per_cta - 1) / pl.heads_per_cta);
+    pl.stats_rows = static_cast<int64_t>(pl.heads_per_cta) * s.window;
+  }
   const int64_t heads = s.batch * s.num_kv_heads * pl.num_row_groups;
   int64_t nch = heads > 0 ? (tune.window_target_blocks + heads - 1) / heads : 1;
   const int64_t cap = (s.capacity + static_cast<int64_t>(tune.window_chunk_tiles) * pl.block_n - 1) /
@@ -815,7 +900,7 @@ inline WindowPlan plan_window(const WindowShape& s, const EvictionTuning& tune) 
   pl.blocks = heads * nch;
   if (pl.blocks > INT_MAX) return pl;
   pl.smem = window_pass_smem(pl.tc, s.head_dim, pl.num_warps);
-  pl.stats_bytes = ws_round(static_cast<size_t>(heads * nch * pl.heads_per_cta * s.window) * sizeof(float2));
+  pl.stats_bytes = ws_round(static_cast<size_t>(heads * nch * pl.stats_rows) * sizeof(float2));
   pl.part_bytes = ws_round(static_cast<size_t>(heads * s.capacity) * sizeof(float));
   pl.cmax_bytes = ws_round(static_cast<size_t>(heads * nch) * sizeof(float));
   pl.snap_bytes = ws_round(static_cast<size_t>(s.batch * s.num_kv_heads) * sizeof(int32_t));
@@ -829,6 +914,7 @@ inline bool is_aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(p
 template <class P>
 WindowShape window_shape(KvDtype dt, const P& p) {
   WindowShape s{dt, p.batch, p.num_q_heads, p.num_kv_heads, p.window, p.capacity, p.head_dim, false};
+  s.per_query = p.group_reduce == GroupReduce::kMaxPerQuery;
   const int64_t vec = dt == KvDtype::kFloat32 ? 4 : 8;
   s.tc_aligned = is_aligned16(p.q_win) && is_aligned16(p.k) && p.q_stride_b % vec == 0 &&
                  p.q_stride_h % vec == 0 && p.q_stride_t % vec == 0 && p.k_stride_b % vec == 0 &&
@@ -923,6 +1009,11 @@ WindowPassParams window_pass_params(const WindowPlan& pl, const P& p, void* work
   wp.num_row_groups = pl.num_row_groups;
   wp.num_chunks = pl.num_chunks;
   wp.group_max = p.group_reduce == GroupReduce::kMax ? 1 : 0;
+  wp.per_query = p.group_reduce == GroupReduce::kMaxPerQuery ? 1 : 0;
+  wp.gp_shift = pl.gp_shift;
+  wp.strips_per_cta = pl.strips_per_cta;
+  wp.num_strips = pl.num_strips;
+  wp.stats_rows = pl.stats_rows;
   wp.stats = static_cast<float2*>(workspace);
   wp.part = reinterpret_cast<float*>(static_cast<unsigned char*>(workspace) + pl.stats_bytes);
   wp.cmax = reinterpret_cast<float*>(static_cast<unsigned char*>(workspace) + pl.stats_bytes + pl.part_bytes);

@@ -10,7 +10,8 @@ window_scores never stores the W x C attention matrix:
 2. ``window_scores_kernel``: per (batch, kv head, slot tile), one K tile load
    shared by every row of the group: the partials merge into each row's
    log-sum-exp, the probabilities are recomputed and summed over t per query
-   head, then reduced over the group straight into a [B, Hkv, C] row;
+   head, then reduced over the group straight into a [B, Hkv, C] row
+   (max_per_query: the max over the group per window query, then the sum over t);
 3. ``window_combine_kernel`` (group_reduce mean_all): the sum over kv heads;
 4. ``window_finish_kernel``: normalize by the max over the candidate slots (from
    per-tile maxima) and pool them.
@@ -122,6 +123,36 @@ def window_lse_kernel(
 
 
 @triton.jit
+def _tile_probs(q_ptr, pm_ptr, pl_ptr, k_tile, slots, mask_n, ridx, offs_s, mask_s, b, j, bj,
+                g0, t0, length, sm_scale, group, window, head_dim, num_splits,
+                stride_qb, stride_qh, stride_qt, stride_kc,
+                HG: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                DOT_FP32: tl.constexpr, DOT_CHUNK: tl.constexpr):
+    """Probabilities [HG * BW, BLOCK_N] of rows (heads g0.., window queries t0..) over the
+    tile's slots (row-major over (head, query); 0 for padding rows and hidden slots)."""
+    R = group * window
+    g = g0 + ridx // BW
+    t = t0 + ridx % BW
+    mask_r = (g < group) & (t < window)
+    # This row's log-sum-exp from the splits' (max, sum) pairs.
+    prow = (bj * R + g * window + t).to(tl.int64) * num_splits
+    pm = tl.load(pm_ptr + prow[:, None] + offs_s[None, :], mask=mask_r[:, None] & mask_s[None, :],
+                 other=float("-inf"))
+    pl = tl.load(pl_ptr + prow[:, None] + offs_s[None, :], mask=mask_r[:, None] & mask_s[None, :], other=0.0)
+    mx = tl.max(pm, 1)
+    m_ref = tl.where(mx == float("-inf"), 0.0, mx)
+    lsum = tl.sum(pl * tl.exp(pm - m_ref[:, None]), 1)
+    lse = tl.where(lsum > 0.0, m_ref + tl.log(tl.where(lsum > 0.0, lsum, 1.0)), float("inf"))
+
+    q_rows = q_ptr + b * stride_qb + (j * group + g).to(tl.int64) * stride_qh + t.to(tl.int64) * stride_qt
+    s = _tile_logits(q_rows, mask_r, k_tile, stride_kc, mask_n, head_dim,
+                     HG * BW, BLOCK_N, BLOCK_D, DOT_FP32, DOT_CHUNK) * sm_scale
+    vis = length - window + t + 1
+    visible = mask_r[:, None] & mask_n[None, :] & (slots[None, :] < vis[:, None])
+    return tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
+
+
+@triton.jit
 def window_scores_kernel(
     q_ptr, k_ptr, lengths_ptr, pm_ptr, pl_ptr, dst_ptr, tmax_ptr,
     sm_scale, factor,
@@ -131,22 +162,21 @@ def window_scores_kernel(
     stride_lb, stride_lh,
     stride_db, stride_dh,
     HG: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-    GROUP_MAX: tl.constexpr, TILE_MAX: tl.constexpr, WRITE_NAN: tl.constexpr,
+    GROUP_MAX: tl.constexpr, QUERY_MAX: tl.constexpr, TILE_MAX: tl.constexpr, WRITE_NAN: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_CHUNK: tl.constexpr,
 ):
     """Pass 2. Grid (B * Hkv, cdiv(C, BLOCK_N)).
 
     Writes ``factor * reduce_g sum_t p[g, t, i]`` for the tile's slots to dst
     [B, Hkv, C] (0 past L; NaN for a length outside [0, C] with WRITE_NAN), with
-    reduce = max (GROUP_MAX) or sum; rows go HG heads x BW window queries per
-    dot. With TILE_MAX, also the tile's max over the candidate slots i < L - W
-    (-inf if none) to tmax [B * Hkv, num_tiles].
+    reduce = max (GROUP_MAX) or sum; with QUERY_MAX ``factor * sum_t max_g p[g, t, i]``
+    instead. Rows go HG heads x BW window queries per dot. With TILE_MAX, also the tile's
+    max over the candidate slots i < L - W (-inf if none) to tmax [B * Hkv, num_tiles].
     """
     bj = tl.program_id(0)
     tile = tl.program_id(1)
     j = (bj % num_kv_heads).to(tl.int64)
     b = (bj // num_kv_heads).to(tl.int64)
-    R = group * window
 
     length, bad = _head_length(lengths_ptr, b, j, stride_lb, stride_lh, capacity)
     slots = tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -158,35 +188,30 @@ def window_scores_kernel(
         ridx = tl.arange(0, HG * BW)
         offs_s = tl.arange(0, BLOCK_S)
         mask_s = offs_s < num_splits
-        for g0 in range(0, group, HG):
-            head_acc = tl.zeros([HG, BLOCK_N], tl.float32)
+        if QUERY_MAX:
+            # The group max needs every head of a window query: heads inner.
             for t0 in range(0, window, BW):
-                g = g0 + ridx // BW
-                t = t0 + ridx % BW
-                mask_r = (g < group) & (t < window)
-                # This row's log-sum-exp from the splits' (max, sum) pairs.
-                prow = (bj * R + g * window + t).to(tl.int64) * num_splits
-                pm = tl.load(pm_ptr + prow[:, None] + offs_s[None, :], mask=mask_r[:, None] & mask_s[None, :],
-                             other=float("-inf"))
-                pl = tl.load(pl_ptr + prow[:, None] + offs_s[None, :], mask=mask_r[:, None] & mask_s[None, :],
-                             other=0.0)
-                mx = tl.max(pm, 1)
-                m_ref = tl.where(mx == float("-inf"), 0.0, mx)
-                lsum = tl.sum(pl * tl.exp(pm - m_ref[:, None]), 1)
-                lse = tl.where(lsum > 0.0, m_ref + tl.log(tl.where(lsum > 0.0, lsum, 1.0)), float("inf"))
-
-                q_rows = q_ptr + b * stride_qb + (j * group + g).to(tl.int64) * stride_qh + \
-                    t.to(tl.int64) * stride_qt
-                s = _tile_logits(q_rows, mask_r, k_tile, stride_kc, mask_n, head_dim,
-                                 HG * BW, BLOCK_N, BLOCK_D, DOT_FP32, DOT_CHUNK) * sm_scale
-                vis = length - window + t + 1
-                visible = mask_r[:, None] & mask_n[None, :] & (slots[None, :] < vis[:, None])
-                p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
-                head_acc += tl.sum(tl.reshape(p, [HG, BW, BLOCK_N]), 1)
-            if GROUP_MAX:
-                grp = tl.maximum(grp, tl.max(head_acc, 0))  # probabilities are >= 0: padding heads add nothing
-            else:
-                grp += tl.sum(head_acc, 0)
+                q_acc = tl.zeros([BW, BLOCK_N], tl.float32)
+                for g0 in range(0, group, HG):
+                    p = _tile_probs(q_ptr, pm_ptr, pl_ptr, k_tile, slots, mask_n, ridx, offs_s, mask_s, b, j, bj,
+                                    g0, t0, length, sm_scale, group, window, head_dim, num_splits,
+                                    stride_qb, stride_qh, stride_qt, stride_kc,
+                                    HG, BW, BLOCK_N, BLOCK_D, DOT_FP32, DOT_CHUNK)
+                    q_acc = tl.maximum(q_acc, tl.max(tl.reshape(p, [HG, BW, BLOCK_N]), 0))  # p >= 0
+                grp += tl.sum(q_acc, 0)
+        else:
+            for g0 in range(0, group, HG):
+                head_acc = tl.zeros([HG, BLOCK_N], tl.float32)
+                for t0 in range(0, window, BW):
+                    p = _tile_probs(q_ptr, pm_ptr, pl_ptr, k_tile, slots, mask_n, ridx, offs_s, mask_s, b, j, bj,
+                                    g0, t0, length, sm_scale, group, window, head_dim, num_splits,
+                                    stride_qb, stride_qh, stride_qt, stride_kc,
+                                    HG, BW, BLOCK_N, BLOCK_D, DOT_FP32, DOT_CHUNK)
+                    head_acc += tl.sum(tl.reshape(p, [HG, BW, BLOCK_N]), 1)
+                if GROUP_MAX:
+                    grp = tl.maximum(grp, tl.max(head_acc, 0))  # probabilities are >= 0: padding heads add nothing
+                else:
+                    grp += tl.sum(head_acc, 0)
     val = grp * factor
     if WRITE_NAN:
         val = tl.where(bad, float("nan"), val)
