@@ -270,13 +270,18 @@ def _ws_inputs(static: dict, dims: dict, device: torch.device, gen: torch.Genera
     )
 
 
+# The decode-time mode (G-KV's, score_evict_'s default): its CUDA block layout differs from the
+# other reductions', and it is the one on the decoding path.
+_WS_GROUP_REDUCE = "max_per_query"
+
+
 def _ws_reference(x: _WindowInputs) -> tuple:
     from kvkern import reference
 
     # One kv head at a time keeps the fp64 [G, W, C] logits of the largest buckets small.
     G = x.q_win.shape[1] // x.k.shape[1]
     cols = [reference.window_scores(x.q_win[:, j * G:(j + 1) * G], x.k[:, j:j + 1], x.lengths[:, j:j + 1],
-                                    group_reduce="max", normalize=True)
+                                    group_reduce=_WS_GROUP_REDUCE, normalize=True)
             for j in range(x.k.shape[1])]
     return (torch.cat(cols, dim=1),)
 
@@ -303,7 +308,7 @@ def _window_scores_tuner() -> OpTuner:
         input_bytes=lambda static, dims: dims["batch_heads"] * dims["capacity"] * static["head_dim"]
         * _DTYPES[static["dtype"]].itemsize,
         run=lambda backend, x, cfg: (_eviction_op("window_scores", backend)(
-            x.q_win, x.k, x.lengths, None, "mean", "max", True, "none", 1),),
+            x.q_win, x.k, x.lengths, None, "mean", _WS_GROUP_REDUCE, True, "none", 1),),
         reference=_ws_reference,
         tolerance=lambda static: {"fp32": (1e-5, 1e-4), "fp16": (2e-3, 1e-2), "bf16": (1.6e-2, 3e-2)}[static["dtype"]],
     )

@@ -654,6 +654,28 @@ def test_policies_compile_fullgraph(backend):
     assert kept_positions(c) == kept_positions(expected)
 
 
+def test_compiled_append_after_eviction_keeps_absolute_positions():
+    """LayerCache.append_ traced by torch.compile: after an eviction the cache holds fewer slots
+    than tokens seen, and the next tokens' positions must still continue from next_position."""
+    k, v = torch.randn(1, 2, 20, 16), torch.randn(1, 2, 20, 16)
+
+    def step(c, k_new, v_new):
+        c.append_(k_new, v_new)
+        return c.lengths
+
+    torch._dynamo.reset()
+    caches = []
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        c = P.LayerCache.from_prefill(k, v, capacity=24)
+        P.KNorm(budget=5).compress(c)
+        for _ in range(3):
+            fn(c, torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16))
+        caches.append(c)
+    eager, compiled = caches
+    assert kept_positions(compiled) == kept_positions(eager)
+    assert compiled.next_position == eager.next_position == 23 and kept_positions(eager)[0][0][-3:] == [20, 21, 22]
+
+
 def test_adakv_snapkv_decode_loop_ragged_heads(backend):
     """Periodic head-wise eviction while decoding: heads drift apart in length, every head
     keeps its newest window, and each compression leaves the layer sum_j min(n_kept, L_j) slots."""

@@ -105,7 +105,8 @@ class LayerCache:
                 b, j = (int(x) for x in over.nonzero()[0])
                 raise ValueError(f"LayerCache.append_: head [{b}, {j}] holds {int(self.lengths[b, j])} of {C} slots; "
                                  f"appending {T} tokens would overflow the capacity")
-        if positions_new is None:
+        implicit = positions_new is None
+        if implicit:
             start = self.n_seen
             positions_new = torch.arange(start, start + T, dtype=torch.int32, device=self.k.device).expand(B, T)
         elif tuple(positions_new.shape) != (B, T):
@@ -118,7 +119,11 @@ class LayerCache:
         if self.log_w is not None:
             self.log_w.scatter_(2, idx, torch.zeros(B, H, T, dtype=self.log_w.dtype, device=self.k.device))
         self.lengths += T
-        if T:
+        if T and implicit:
+            self.next_position = start + T  # a host int: no read of the device, compiled or not
+        elif T:
+            # Caller-given positions live on the device: reading their max is a host sync, which
+            # torch.compile cannot trace, so there the position is forgotten (n_seen falls back).
             self.next_position = int(positions_new.max()) + 1 if not torch.compiler.is_compiling() else None
 
     def clone(self) -> "LayerCache":
