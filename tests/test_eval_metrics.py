@@ -284,6 +284,44 @@ def test_real_model_smoke():
         assert 0.0 <= rows[m]["top1_agreement"] <= 1.0 and math.isfinite(rows[m]["kl_mean"])
 
 
+@pytest.mark.parametrize("argv,words", [
+    (["demo", "--budget", "0"], "--budget: expected the fraction of the prompt kept, in (0, 1], got 0.0"),
+    (["demo", "--budget", "1.5"], "--budget: expected the fraction of the prompt kept, in (0, 1], got 1.5"),
+    (["demo", "--length", "10"], "--length: expected >= 64 tokens, got 10"),
+    (["demo", "--depths", "0.5,1.5"], "--depths: expected fractions in [0, 1], got [0.5, 1.5]"),
+    (["demo", "--new-tokens", "0"], "--new-tokens: expected >= 1, got 0"),
+    (["demo", "--out", "x.json"], "--out: expected a directory or a .png path, got x.json"),
+    (["demo", "--window", "0"], "--window: expected >= 1, got 0"),
+    (["demo", "--interval", "-1"], "--interval: expected a step count >= 0"),
+    (["demo", "--methods", "nope"], "unknown method(s) nope"),
+    (["eval", "--budgets", "0.5,0"], "--budgets: expected fractions of the prompt kept, in (0, 1]"),
+    (["eval", "--needle-lengths", "30"], "--needle-lengths: expected lengths >= 64 tokens"),
+    (["eval", "--continuation-tokens", "0"], "--continuation-tokens: expected >= 1, got 0"),
+])
+def test_cli_refuses_bad_options_before_loading_the_model(argv, words):
+    # The model must not load (it takes a while) for an option that cannot run: _load would
+    # fail the test if it were reached.
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    with pytest.raises(SystemExit) as e, pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cli, "_load", no_model)
+        cli.run(cli_args(argv), backend=DynamicOnly())
+    assert words in str(e.value), str(e.value)
+
+
+def test_cli_refuses_a_prompt_past_the_model_positions(tiny):
+    model, tok = tiny  # max_position_embeddings = 2048
+    with pytest.raises(SystemExit, match="--length: the prompt and its generated tokens \\(2064\\) exceed the "
+                                         "model's 2048 positions"):
+        cli.run(cli_args(["demo", "--length", "2048", "--methods", "same"]), model=model, tokenizer=tok,
+                texts=HAYSTACK, backend=DynamicOnly())
+
+
+def test_cli_runs_a_method_named_twice_once():
+    assert cli._methods(["same", "same", "dynamic"], (), DynamicOnly()) == ["same", "dynamic"]
+
+
 def test_main_has_demo_and_eval(capsys):
     from kvkern.__main__ import main
 

@@ -85,7 +85,51 @@ def _methods(requested, defaults, backend) -> list[str]:
     bad = [m for m in requested if m not in avail and m != "dynamic"]
     if bad:
         raise SystemExit(f"kvkern: unknown method(s) {', '.join(bad)}; available: {', '.join(avail) or 'none'}")
-    return list(requested)
+    return list(dict.fromkeys(requested))  # a method named twice runs (and counts) once
+
+
+MIN_PROMPT_TOKENS = 64  # the needle prompt's instruction, needle and question take ~50
+
+
+def check_args(args) -> None:
+    """Refuses out-of-range options with one message naming the flag, before the model loads
+    (which takes a while) instead of a traceback from deep inside the run."""
+    def need(ok: bool, flag: str, expected: str, got) -> None:
+        if not ok:
+            raise SystemExit(f"kvkern {args.command}: {flag}: expected {expected}, got {got}")
+
+    def fractions(values) -> bool:
+        return bool(values) and all(0.0 <= x <= 1.0 for x in values)
+
+    need(args.interval >= 0, "--interval", "a step count >= 0 (0: compress after the prefill only)", args.interval)
+    need(args.window >= 1, "--window", ">= 1", args.window)
+    need(args.threads is None or args.threads >= 1, "--threads", ">= 1", args.threads)
+    if args.command == "demo":
+        need(0.0 < args.budget <= 1.0, "--budget", "the fraction of the prompt kept, in (0, 1]", args.budget)
+        need(args.length >= MIN_PROMPT_TOKENS, "--length", f">= {MIN_PROMPT_TOKENS} tokens", args.length)
+        need(fractions(args.depths), "--depths", "fractions in [0, 1]", args.depths)
+        need(args.new_tokens >= 1, "--new-tokens", ">= 1", args.new_tokens)
+        need(Path(args.out).suffix in ("", ".png"), "--out", "a directory or a .png path", args.out)
+        return
+    need(args.budgets is None or (fractions(args.budgets) and min(args.budgets) > 0), "--budgets",
+         "fractions of the prompt kept, in (0, 1]", args.budgets)
+    need(args.windows is None or args.windows >= 1, "--windows", ">= 1", args.windows)
+    need(args.prompt_tokens is None or args.prompt_tokens >= 1, "--prompt-tokens", ">= 1", args.prompt_tokens)
+    need(args.continuation_tokens is None or args.continuation_tokens >= 1, "--continuation-tokens", ">= 1",
+         args.continuation_tokens)
+    need(args.needle_lengths is None or (args.needle_lengths and min(args.needle_lengths) >= MIN_PROMPT_TOKENS),
+         "--needle-lengths", f"lengths >= {MIN_PROMPT_TOKENS} tokens", args.needle_lengths)
+    need(args.needle_depths is None or fractions(args.needle_depths), "--needle-depths", "fractions in [0, 1]",
+         args.needle_depths)
+    need(args.new_tokens is None or args.new_tokens >= 1, "--new-tokens", ">= 1", args.new_tokens)
+
+
+def _check_context(args, model, longest: int, flag: str) -> None:
+    # A prompt past the model's positions would run (RoPE extrapolates) and mean nothing.
+    most = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if most is not None and longest > most:
+        raise SystemExit(f"kvkern {args.command}: {flag}: the prompt and its generated tokens ({longest}) exceed the "
+                         f"model's {most} positions")
 
 
 def _fmt_bytes(n: float) -> str:
@@ -136,13 +180,16 @@ def run(args, *, model=None, tokenizer=None, texts=None, backend=None, stream=No
     torch.set_grad_enabled(False)
     if args.threads:
         torch.set_num_threads(args.threads)
+    check_args(args)
     backend = backend or harness.Backend.default()
     if backend.hf is None:
         print("kvkern: kvkern.integrations.hf is unavailable: only the DynamicCache reference runs", file=sys.stderr)
+    methods = _methods(args.methods, DEMO_METHODS if args.command == "demo" else
+                       QUICK_METHODS if args.quick else EVAL_METHODS, backend)
     model, tokenizer = _load(args, model, tokenizer)
     progress = not args.no_progress
     if args.command == "demo":
-        methods = _methods(args.methods, DEMO_METHODS, backend)
+        _check_context(args, model, args.length + args.new_tokens, "--length")
         result = harness.run_demo(model, tokenizer, methods=methods, keep_fraction=args.budget, length=args.length,
                                   depths=args.depths, new_tokens=args.new_tokens, seed=args.seed, backend=backend,
                                   device=args.device, progress=progress, texts=texts, interval=args.interval,
@@ -157,14 +204,18 @@ def run(args, *, model=None, tokenizer=None, texts=None, backend=None, stream=No
         plots.plot_demo(result["summary"], png, title=title)
         png.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
         print(f"\n{title}; {s['new_tokens']} greedy tokens each; KL and agreement over the full cache's "
-              f"generated tokens (teacher-forced)\n", file=stream)
+              f"generated tokens (teacher-forced; the first comes from the prefill's full attention, before "
+              f"any compression, so it always agrees)\n", file=stream)
         print(demo_table(result), file=stream)
         print(f"\nplot: {png}\nnumbers: {png.with_suffix('.json')}\nwall time: {result['wall_s']:.1f} s", file=stream)
         return result
     # eval
     q = args.quick
     pick = lambda v, full, quick: v if v is not None else (quick if q else full)  # noqa: E731
-    methods = _methods(args.methods, QUICK_METHODS if q else EVAL_METHODS, backend)
+    _check_context(args, model, pick(args.prompt_tokens, 1024, 256) + pick(args.continuation_tokens, 64, 16),
+                   "--prompt-tokens")
+    _check_context(args, model, max(pick(args.needle_lengths, [1024, 2048], [512])) + pick(args.new_tokens, 12, 8),
+                   "--needle-lengths")
     result = harness.run_eval(
         model, tokenizer, methods=methods, budgets=pick(args.budgets, [0.1, 0.25, 0.5], [0.25]),
         sources=pick(args.sources, ["essays", "wiki"], ["essays", "wiki"]), windows=pick(args.windows, 2, 1),

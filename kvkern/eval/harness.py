@@ -347,7 +347,9 @@ def run_demo(model, tokenizer, *, methods: Sequence[str], keep_fraction: float =
     """The demo: needle prompts at ``depths``, the reference and each method at ``keep_fraction``.
 
     Returns ``{"settings", "summary": [per method], "runs": [per method and depth]}``; the first
-    summary row is the DynamicCache reference.
+    summary row is the DynamicCache reference. Each method compresses after the prefill (as
+    KVPress does), so the first generated token comes from full attention and always agrees
+    (KL 0): agreement and KL over ``new_tokens`` tokens include that one.
     """
     from .prompts import needle_prompt
 
