@@ -103,9 +103,8 @@ def check_window_scores_args(op, q_win, k_cache, lengths, sm_scale, query_reduce
     pool_kernel = _require_int(op, "pool_kernel", pool_kernel)
     if pool_kernel < 1 or pool_kernel % 2 == 0 or pool_kernel > 2**30:
         raise ValueError(f"{op}: pool_kernel: expected an odd number >= 1, got {pool_kernel}")
-    scale = D ** -0.5 if sm_scale is None else float(sm_scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"{op}: sm_scale: expected a finite number, got {scale}")
+    scale = _validate.check_sm_scale(op, sm_scale)
+    scale = D ** -0.5 if scale is None else scale
     if _validate.should_check_values(lengths):
         _validate.require_lengths_in_range(op, lengths, C)
     return scale
