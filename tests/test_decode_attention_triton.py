@@ -260,3 +260,33 @@ def test_merge_states_kernel_strided_views():
     assert_verbose_allclose(lse_big[:, 1], ref_lse, 2e-5, 2e-5)
     assert torch.equal(out_big[:, :D], torch.zeros(rows, D, device=DEVICE))
     assert torch.equal(lse_big[:, 0], torch.zeros(rows, device=DEVICE))
+
+
+def test_pipeline_stages_takes_the_deepest_that_fits(monkeypatch):
+    # On a GPU the launcher compiles (without launching) each candidate depth until one fits
+    # the device's shared memory per block, remembers it per specialization, and refuses
+    # clearly when none fits. A stand-in kernel reports what each depth would need.
+    import types
+
+    compiled = []
+
+    class Kernel:
+        fn = types.SimpleNamespace(__name__="fake_kernel")
+
+        def warmup(self, *args, grid, num_stages, **constexprs):
+            compiled.append(num_stages)
+            return types.SimpleNamespace(metadata=types.SimpleNamespace(shared=40_000 * num_stages))
+
+    monkeypatch.setattr(T, "interpreted", lambda device: False)
+    monkeypatch.setattr(T, "_max_shared", lambda index: 99 * 1024)
+    monkeypatch.setattr(T, "_STAGES_CHOSEN", {})
+    gpu = torch.device("cuda", 0)
+    args = (torch.empty(1, dtype=torch.float16), 3)
+    assert T.pipeline_stages(Kernel(), (1,), args, {"TILE": 64}, gpu) == 2 and compiled == [3, 2]
+    assert T.pipeline_stages(Kernel(), (1,), args, {"TILE": 64}, gpu) == 2 and compiled == [3, 2]  # remembered
+    assert T.pipeline_stages(Kernel(), (1,), args, {"TILE": 32}, gpu) == 2 and compiled == [3, 2, 3, 2]
+    monkeypatch.setattr(T, "_max_shared", lambda index: 30_000)
+    with pytest.raises(RuntimeError, match="fake_kernel: needs more shared memory per block than the device's 30000"):
+        T.pipeline_stages(Kernel(), (1,), args, {"TILE": 64}, gpu)
+    monkeypatch.setattr(T, "interpreted", lambda device: True)
+    assert T.pipeline_stages(Kernel(), (1,), args, {"TILE": 64}, torch.device("cpu")) == 3

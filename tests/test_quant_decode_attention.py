@@ -83,6 +83,22 @@ def test_bits_and_groups(backend, bits, group, mean_centred):
     check(backend, q, cache, want, lengths, bits, group)
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="no Triton backend here")
+@pytest.mark.parametrize("tile", [32, 64])
+@pytest.mark.parametrize("bits", ref.QUANT_BITS)
+def test_triton_tiles_inside_a_key_group(monkeypatch, bits, tile):
+    # On a GPU the Triton kernel steps through 32 or 64 tokens at a time, inside the 128-token
+    # key groups (the interpreter takes whole groups): each step then reads one group's scales.
+    from kvkern.triton import quant as triton_quant
+
+    monkeypatch.setattr(triton_quant, "attention_tile", lambda group, head_dim, device: tile)
+    group, R, D = 128, 128, 128
+    B, H, C = 1, 2, 3 * R
+    lengths = torch.tensor([[C, 2 * R + 37]], dtype=torch.int32)
+    cache, want = build("triton", B, H, C, D, bits, group, R, False, torch.float16, lengths)
+    check("triton", torch.randn(B, 3 * H, D).half(), cache, want, lengths, bits, group, num_splits=3)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 7])
 def test_split_k(backend, num_splits):

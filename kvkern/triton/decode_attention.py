@@ -84,6 +84,51 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def _max_shared(device_index: int) -> int:
+    # What a kernel may use per block once it opts in (Triton does): 227 KB on H100, 163 KB on
+    # A100, 99 KB on sm_86 / sm_89 / sm_120.
+    props = torch.cuda.get_device_properties(device_index)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_block)
+
+
+_STAGES_CHOSEN: dict = {}
+
+
+def pipeline_stages(kernel, grid, args: tuple, constexprs: dict, device: torch.device, candidates=(3, 2, 1)) -> int:
+    """The deepest software pipeline (``num_stages`` among ``candidates``, deepest first) whose
+    compiled ``kernel`` fits the device's shared memory per block. Depth costs shared memory
+    (per stage, the tiles in flight), and a launch past the limit fails with OutOfResources:
+    D = 256, fp32 and large tiles get fewer stages, most on 99 KB GPUs.
+
+    Compiles without launching (Triton keeps the binaries, so the launch that follows reuses
+    one), once per kernel, device and ``constexprs`` (the launch's constexpr keyword arguments,
+    with num_warps); the argument dtypes are part of the key. Under the interpreter: the first.
+    Raises RuntimeError when even the shallowest does not fit."""
+    if interpreted(device):
+        return candidates[0]
+    limit = _max_shared(device.index)
+    key = (kernel.fn.__name__, limit, tuple(sorted(constexprs.items())),
+           tuple(a.dtype for a in args if isinstance(a, torch.Tensor)), tuple(candidates))
+    stages = _STAGES_CHOSEN.get(key)
+    if stages is None:
+        for stages in candidates:
+            if kernel.warmup(*args, grid=grid, num_stages=stages, **constexprs).metadata.shared <= limit:
+                break
+        else:
+            raise RuntimeError(f"{kernel.fn.__name__}: needs more shared memory per block than the device's "
+                               f"{limit} bytes even with {candidates[-1]} pipeline stage(s) ({constexprs})")
+        _STAGES_CHOSEN[key] = stages
+    return stages
+
+
+def interpreted(device: torch.device) -> bool:
+    """True where launches for tensors on ``device`` run in Triton's interpreter (CPU tensors):
+    programs run one after another there and want few, large tiles. False on a GPU.
+    (tools/triton_aot_check.py replaces it to compile the GPU configurations without one.)"""
+    return device.type != "cuda"
+
+
 def _resolve_device(device) -> torch.device:
     if device is None:
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -107,7 +152,7 @@ def split_count(device: torch.device, programs: int, capacity: int, tile: int) -
     """The default split count of a twin with ``programs`` programs per split and
     ``tile``-slot tiles: ``_default_num_splits`` on a GPU, 1 under the interpreter
     (where programs run one after another)."""
-    if device.type != "cuda":
+    if interpreted(device):
         return 1
     return _default_num_splits(programs, capacity, tile, 2 * _sm_count(device.index))
 
@@ -132,7 +177,7 @@ def default_config(head_dim: int, dtype: torch.dtype, group: int, batch_heads: i
     device = _resolve_device(device)
     bh = head_block(group, head_dim, dtype)
     programs = batch_heads * -(-group // bh)
-    if device.type != "cuda":
+    if interpreted(device):
         # The interpreter runs programs one after another in numpy: few programs
         # and few, large tiles are fastest.
         block_n = block_n or 128

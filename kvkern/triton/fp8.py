@@ -15,7 +15,7 @@ import torch
 import triton
 
 from .. import _validate
-from .decode_attention import merge_split_buffers, split_buffers, split_count
+from .decode_attention import merge_split_buffers, pipeline_stages, split_buffers, split_count
 from .kernels.fp8 import append_fp8_kernel, fp8_attention_split_kernel, quantize_fp8_kernel
 from .quant import _EXACT, INTERPRET, _attention_start, _check_query, _guard
 
@@ -162,21 +162,22 @@ def fp8_decode_attention_triton(q, k_fp8, v_fp8, k_scale, v_scale, lengths, sm_s
     if out.numel() == 0:
         return out, lse
     G = Hq // H
-    tile = block_n or (32 if INTERPRET else 64)
+    # 64-token tiles, 32 at D = 256: a [TILE, D] tile's decoded copies dominate shared memory.
+    tile = block_n or (32 if INTERPRET or D > 128 else 64)
     splits = num_splits or split_count(q.device, B * H, C, tile)
     block_h = max(16, triton.next_power_of_2(G))
     dst_out, dst_lse = split_buffers(out, lse, splits)
     kq, vq = _u8(k_fp8), _u8(v_fp8)
-    extra = {"num_warps": num_warps or (4 if D <= 128 else 8)}
-    if num_stages:
-        extra["num_stages"] = num_stages
-    with _guard(q):
-        fp8_attention_split_kernel[(B * H, splits)](
-            q, kq, vq, k_scale, v_scale, lengths, dst_out, dst_lse,
+    grid = (B * H, splits)
+    args = (q, kq, vq, k_scale, v_scale, lengths, dst_out, dst_lse,
             scale, H, G, C, splits, q.stride(0), q.stride(1),
             kq.stride(0), kq.stride(1), kq.stride(2), vq.stride(0), vq.stride(1), vq.stride(2),
-            lengths.stride(0), lengths.stride(1), k_scale.stride(0), v_scale.stride(0),
-            HEAD_DIM=D, BLOCK_H=block_h, TILE=tile, WRITE_PARTIAL=splits > 1, **extra)
+            lengths.stride(0), lengths.stride(1), k_scale.stride(0), v_scale.stride(0))
+    constexprs = dict(HEAD_DIM=D, BLOCK_H=block_h, TILE=tile, WRITE_PARTIAL=splits > 1,
+                      num_warps=num_warps or (4 if D <= 128 else 8))
+    with _guard(q):
+        stages = num_stages or pipeline_stages(fp8_attention_split_kernel, grid, args, constexprs, q.device)
+        fp8_attention_split_kernel[grid](*args, num_stages=stages, **constexprs)
     merge_split_buffers(dst_out, dst_lse, out, lse)
     return out, lse
 

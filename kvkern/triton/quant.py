@@ -21,7 +21,8 @@ import torch
 import triton
 
 from .. import _validate
-from .decode_attention import attention_outputs, merge_split_buffers, split_buffers, split_count
+from .decode_attention import (attention_outputs, interpreted, merge_split_buffers, pipeline_stages, split_buffers,
+                               split_count)
 from .kernels.quant import (append_kernel, dequantize_kernel, quant_attention_split_kernel, quantize_keys_kernel,
                             quantize_values_kernel)
 
@@ -252,6 +253,16 @@ def append_quantized_kv_triton_(k_new, v_new, lengths, k_codes, k_scale, k_min, 
             HEADS=heads, GROUP=group, BLOCK_D=_block_d(D), BITS=bits, DT=_DT[dt], CENTRED=centred, **_EXACT)
 
 
+def attention_tile(group: int, head_dim: int, device: torch.device) -> int:
+    """Tokens per step of the attention loop. The interpreter runs few, large steps (whole key
+    groups). A GPU keeps the tile's decoded [TILE, D] fp32 keys and values, and their pipeline
+    stages, in shared memory: 64 tokens (32 at D = 256), inside a key group where the group is
+    larger, so that the default G = 128 fits 99 KB GPUs."""
+    if interpreted(device):
+        return max(group, 32)
+    return 64 if head_dim <= 128 else 32
+
+
 def quant_decode_attention_triton(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_res, v_res, k_mean, v_mean,
                                   lengths, bits, group, sm_scale=None, num_splits=0):
     """Triton kernel of ``kvkern::quant_decode_attention_triton``.
@@ -278,18 +289,20 @@ def quant_decode_attention_triton(q, k_codes, k_scale, k_min, v_codes, v_scale, 
     if out.numel() == 0:
         return out, lse
     G = Hq // H
-    tile = max(group, 32)
+    tile = attention_tile(group, D, q.device)
     splits = num_splits or split_count(q.device, B * H, C, tile)
     block_h = max(16, triton.next_power_of_2(G))
     centred = k_mean is not None
     dst_out, dst_lse = split_buffers(out, lse, splits)
-    with _guard(q):
-        quant_attention_split_kernel[(B * H, splits)](
-            q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_res, v_res,
+    grid = (B * H, splits)
+    args = (q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_res, v_res,
             k_mean if centred else k_res, v_mean if centred else k_res, lengths, dst_out, dst_lse,
-            scale, H, G, C, R, splits, q.stride(0), q.stride(1), lengths.stride(0), lengths.stride(1),
-            HEAD_DIM=D, BLOCK_H=block_h, TILE=tile, GROUP=group, BITS=bits, CENTRED=centred,
-            WRITE_PARTIAL=splits > 1, num_warps=4 if D <= 128 else 8)
+            scale, H, G, C, R, splits, q.stride(0), q.stride(1), lengths.stride(0), lengths.stride(1))
+    constexprs = dict(HEAD_DIM=D, BLOCK_H=block_h, TILE=tile, GROUP=group, BITS=bits, CENTRED=centred,
+                      WRITE_PARTIAL=splits > 1, num_warps=4 if D <= 128 else 8)
+    with _guard(q):
+        stages = pipeline_stages(quant_attention_split_kernel, grid, args, constexprs, q.device)
+        quant_attention_split_kernel[grid](*args, num_stages=stages, **constexprs)
     merge_split_buffers(dst_out, dst_lse, out, lse)
     return out, lse
 

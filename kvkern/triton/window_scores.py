@@ -10,7 +10,6 @@ as opaque ops under ``torch.compile(fullgraph=True)``.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import os
 
@@ -19,6 +18,7 @@ import torch
 import triton
 
 from .. import _validate
+from .decode_attention import _sm_count, interpreted
 from .kernels.window_scores import (
     redundancy_corr_kernel,
     redundancy_finish_kernel,
@@ -44,11 +44,6 @@ _MAX_SPLITS = 64
 def _device_guard(t: torch.Tensor):
     # Triton launches on the *current* device; make it the tensors' device.
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _choice(op: str, name: str, value, allowed) -> str:
@@ -191,7 +186,7 @@ def window_scores_triton(q_win, k_cache, lengths, sm_scale=None, query_reduce="m
     pool_code = 0 if pool == "none" or pool_kernel == 1 else (1 if pool == "avg" else 2)
     finish = mean_all or normalize or pool_code != 0
     block_d, dot_fp32, chunk = _dot_config(q_win.dtype, D)
-    if dev.type == "cuda":
+    if not interpreted(dev):
         wide = q_win.dtype != torch.float32
         block_m = 64 if wide else 32
         block_n = 64 if wide else 32
@@ -282,7 +277,7 @@ def key_redundancy_triton(k_cache, lengths, n_window, threshold=0.5):
     if out.numel() == 0:
         return out
     block_d, dot_fp32, chunk = _dot_config(k_cache.dtype, D)
-    if dev.type == "cuda":
+    if not interpreted(dev):
         block_m, block_n = (64, 64) if k_cache.dtype != torch.float32 else (32, 32)
     else:
         block_m, block_n = 128, 128

@@ -273,18 +273,21 @@ def _dequant_keys(kc_ptr, ks_ptr, km_ptr, kmean_ptr, b, head, t0, offs_d, mask_d
                   TILE: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.constexpr, BITS: tl.constexpr,
                   CENTRED: tl.constexpr):
     """Dequantized keys of tokens [t0, t0 + TILE) of one head, [TILE, BLOCK_D] fp32; rows at
-    or past nk read nothing and hold 0 (t0 is a multiple of TILE, itself of GROUP)."""
+    or past nk read nothing and hold 0. t0 is a multiple of TILE; TILE and GROUP are powers of
+    two, so a tile holds whole groups (TILE >= GROUP) or lies inside one (TILE < GROUP)."""
     P: tl.constexpr = 32 // BITS
+    NG: tl.constexpr = TILE // GROUP if TILE >= GROUP else 1  # groups the tile touches
+    SPAN: tl.constexpr = GROUP if TILE >= GROUP else TILE  # its tokens in each
     offs_w = t0 // P + tl.arange(0, TILE // P)
     words = tl.load(kc_ptr + head * (C // P) * D + offs_w[:, None] * D + offs_d[None, :],
                     mask=(offs_w * P < nk)[:, None] & mask_d[None, :], other=0)
     codes = _unpack_rows(words, TILE // P, BLOCK_D, BITS)
-    offs_g = t0 // GROUP + tl.arange(0, TILE // GROUP)
+    offs_g = t0 // GROUP + tl.arange(0, NG)
     gmask = (offs_g * GROUP < nk)[:, None] & mask_d[None, :]
     meta = head * (C // GROUP) * D + offs_g[:, None] * D + offs_d[None, :]
     scale = tl.load(ks_ptr + meta, mask=gmask, other=0.0).to(tl.float32)
     lo = tl.load(km_ptr + meta, mask=gmask, other=0.0).to(tl.float32)
-    x = codes * _expand_rows(scale, TILE // GROUP, GROUP, BLOCK_D) + _expand_rows(lo, TILE // GROUP, GROUP, BLOCK_D)
+    x = codes * _expand_rows(scale, NG, SPAN, BLOCK_D) + _expand_rows(lo, NG, SPAN, BLOCK_D)
     if CENTRED:
         offs_t = t0 + tl.arange(0, TILE)
         x += tl.load(kmean_ptr + b * C * D + offs_t[:, None] * D + offs_d[None, :],
