@@ -26,21 +26,21 @@ __all__ = ["decode_attention", "BACKENDS", *_EVICTION_ALL, *_QUANT_ALL]
 _CONFIG_KEYS = ("num_splits", "block_n", "num_warps", "num_stages")
 
 
-
 def _check_tuned_config(backend: str, config: dict) -> None:
     # What the backend's launcher or glue would refuse at the call (tuning files are checked
     # with it, so a bad entry is a skipped file rather than an error on every call).
+    if backend == "triton":
+        try:
+            from .triton.decode_attention import check_config
+        except ImportError:  # no Triton here: the entry is never chosen
+            return
+        check_config(**config)  # the shared bounds, then the launcher's own choices
+        return
     V.check_launch_config("decode_attention", config)
     if backend == "cuda":
         from . import cuda_variants
 
         cuda_variants.check_config(**config)
-    elif backend == "triton":
-        try:
-            from .triton.decode_attention import check_config
-        except ImportError:  # no Triton here: the entry is never chosen
-            return
-        check_config(**config)
 
 
 DECODE_ATTENTION_TUNING = tuning.OpSpec(

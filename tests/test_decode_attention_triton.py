@@ -38,15 +38,15 @@ def check(q, k, v, lengths, log_w=None, sm_scale=None, what="", **config):
 
 
 @pytest.mark.parametrize("name,value,match", [
-    ("num_splits", -1, "num_splits: expected a value >= 0"),
-    ("num_splits", 70000, "num_splits: expected at most 65535"),
-    ("block_n", -16, "block_n: expected a value >= 0"),
+    ("num_splits", -1, r"num_splits: expected 0 \(heuristic\) or a value in \[1, 65535\], got -1"),
+    ("num_splits", 70000, r"num_splits: expected 0 \(heuristic\) or a value in \[1, 65535\], got 70000"),
+    ("block_n", -16, r"block_n: expected 0 \(heuristic\) or a value in \[1, 4096\], got -16"),
     ("block_n", 48, "block_n: expected 0 .* power of two"),
     ("block_n", 8, "block_n: expected 0 .* power of two"),
     ("block_n", 512, "block_n: expected 0 .* power of two"),
     ("num_warps", 3, "num_warps: expected 0"),
-    ("num_warps", -4, "num_warps: expected a value >= 0"),
-    ("num_stages", -1, "num_stages: expected a value >= 0"),
+    ("num_warps", -4, r"num_warps: expected 0 \(heuristic\) or a value in \[1, 32\], got -4"),
+    ("num_stages", -1, r"num_stages: expected 0 \(heuristic\) or a value in \[1, 16\], got -1"),
     ("num_stages", 9, "num_stages: expected 0"),
 ])
 def test_bad_config_is_a_clear_error(name, value, match):

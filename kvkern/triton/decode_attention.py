@@ -26,8 +26,8 @@ import triton
 from .. import _validate
 from .kernels.decode_attention import decode_attention_split_kernel, merge_states_kernel
 
-__all__ = ["decode_attention_triton", "default_config", "search_space", "check_config", "merge_states_triton", "head_block",
-           "attention_outputs", "split_count", "split_buffers", "merge_split_buffers"]
+__all__ = ["decode_attention_triton", "default_config", "search_space", "check_config", "merge_states_triton",
+           "head_block", "attention_outputs", "split_count", "split_buffers", "merge_split_buffers"]
 
 OP = "kvkern::decode_attention_triton"
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -36,7 +36,6 @@ _ELEMENT_SIZE = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
 BLOCK_N_CHOICES = (16, 32, 64, 128, 256)  # accepted block_n values (powers of two)
 NUM_WARPS_CHOICES = (1, 2, 4, 8, 16)
 MAX_NUM_STAGES = 8
-MAX_NUM_SPLITS = 65535  # CUDA limit of grid dimension 1
 # NOTE: limits of the tuner's sweep, so that every config it gets compiles and
 # runs without heavy register spills on sm_80 and sm_90 (checked by compiling each
 # one with Triton 3.6 for both targets; see search_space):
@@ -222,15 +221,10 @@ def search_space(head_dim: int, dtype: torch.dtype, group: int, batch_heads: int
 
 
 def check_config(num_splits, block_n, num_warps, num_stages) -> None:
-    """Raises TypeError / ValueError unless this launcher accepts the config (0 = heuristic)."""
-    for name, value in (("num_splits", num_splits), ("block_n", block_n), ("num_warps", num_warps),
-                        ("num_stages", num_stages)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{OP}: {name}: expected an int (0 = heuristic), got {type(value).__name__}")
-        if value < 0:
-            raise ValueError(f"{OP}: {name}: expected a value >= 0 (0 = heuristic), got {value}")
-    if num_splits > MAX_NUM_SPLITS:
-        raise ValueError(f"{OP}: num_splits: expected at most {MAX_NUM_SPLITS}, got {num_splits}")
+    """Raises TypeError / ValueError unless this launcher accepts the config (0 = heuristic):
+    the bounds every backend shares, then this kernel's own choices."""
+    _validate.check_launch_config(OP, {"num_splits": num_splits, "block_n": block_n, "num_warps": num_warps,
+                                       "num_stages": num_stages})
     if block_n and block_n not in BLOCK_N_CHOICES:
         raise ValueError(f"{OP}: block_n: expected 0 (heuristic) or a power of two in "
                          f"[{BLOCK_N_CHOICES[0]}, {BLOCK_N_CHOICES[-1]}], got {block_n}")
